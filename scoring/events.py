@@ -1,0 +1,189 @@
+"""The event record every part of imdswatch shares, and its reading from ECS.
+
+Live events (the tracer) and replayed events (ECS NDJSON) both become `Event`s through
+`event_from_ecs`, so the two paths score identically. The original ECS document rides
+along in `doc` so alerts can copy its fields without a second serialisation.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+
+class MalformedEvent(ValueError):
+    """A document that is JSON but not a usable event; the message says why."""
+
+
+class Event:
+    """One connection attempt to (possibly) a metadata endpoint, at event time `ts`."""
+
+    __slots__ = (
+        "ts", "dst_ip", "dst_port", "name", "pid", "exe", "command_line", "ppid",
+        "parent_name", "parent_exe", "user", "uid", "host", "container_id", "image",
+        "namespace", "pod", "cloud", "event_id", "doc",
+    )
+
+    def __init__(
+        self,
+        ts: float,
+        dst_ip: str,
+        name: str,
+        *,
+        dst_port: int | None = None,
+        pid: int | None = None,
+        exe: str | None = None,
+        command_line: str | None = None,
+        ppid: int | None = None,
+        parent_name: str | None = None,
+        parent_exe: str | None = None,
+        user: str | None = None,
+        uid: str | None = None,
+        host: str | None = None,
+        container_id: str | None = None,
+        image: str | None = None,
+        namespace: str | None = None,
+        pod: str | None = None,
+        cloud: str | None = None,
+        event_id: str | None = None,
+        doc: dict | None = None,
+    ) -> None:
+        self.ts = ts
+        self.dst_ip = dst_ip
+        self.dst_port = dst_port
+        self.name = name
+        self.pid = pid
+        self.exe = exe
+        self.command_line = command_line
+        self.ppid = ppid
+        self.parent_name = parent_name
+        self.parent_exe = parent_exe
+        self.user = user
+        self.uid = uid
+        self.host = host
+        self.container_id = container_id
+        self.image = image
+        self.namespace = namespace
+        self.pod = pod
+        self.cloud = cloud
+        self.event_id = event_id
+        self.doc = doc
+
+    def __repr__(self) -> str:
+        return (
+            f"Event(ts={self.ts}, name={self.name!r}, exe={self.exe!r}, user={self.user!r}, "
+            f"dst={self.dst_ip}:{self.dst_port}, host={self.host!r})"
+        )
+
+
+def parse_timestamp(value: Any) -> float:
+    """RFC 3339 string, or epoch seconds or milliseconds, to epoch seconds."""
+    if isinstance(value, bool):
+        raise MalformedEvent("@timestamp is a boolean")
+    if isinstance(value, int | float):
+        # Epoch milliseconds are 13 digits until the year 2286; seconds are 10.
+        return value / 1000.0 if abs(value) >= 1e11 else float(value)
+    if isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value)
+        except ValueError:
+            try:
+                return parse_timestamp(float(value))
+            except ValueError:
+                raise MalformedEvent(f"@timestamp {value[:40]!r} is not RFC 3339") from None
+        if dt.tzinfo is None:
+            raise MalformedEvent(f"@timestamp {value[:40]!r} has no time zone")
+        return dt.timestamp()
+    raise MalformedEvent("@timestamp is missing or not a string or number")
+
+
+def unflatten(doc: dict) -> dict:
+    """Turn dotted keys ("process.name": x) into nested objects; Kibana CSV-to-JSON and
+    some exporters write ECS that way."""
+    out: dict = {}
+    for key, value in doc.items():
+        node = out
+        parts = key.split(".") if key != "@timestamp" else [key]
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = node[part] = {}
+            node = nxt
+        last = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            node[last].update(value)
+        else:
+            node[last] = value
+    return out
+
+
+def _obj(doc: dict, key: str) -> dict:
+    v = doc.get(key)
+    return v if isinstance(v, dict) else _EMPTY
+
+
+_EMPTY: dict = {}
+
+
+def _str(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return v or None
+    if isinstance(v, list):  # ECS allows arrays; the first value is the primary one
+        return _str(v[0]) if v else None
+    return str(v)
+
+
+def _int(v: Any, what: str) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.isdigit():
+        return int(v)
+    raise MalformedEvent(f"{what} {v!r} is not an integer")
+
+
+def event_from_ecs(doc: Any) -> Event:
+    """Read the contract's ECS fields from a decoded JSON document."""
+    if not isinstance(doc, dict):
+        raise MalformedEvent("line is not a JSON object")
+    if "process" not in doc and any("." in k for k in doc):
+        doc = unflatten(doc)
+    ts = parse_timestamp(doc.get("@timestamp"))
+    destination = _obj(doc, "destination")
+    dst_ip = _str(destination.get("ip"))
+    if not dst_ip:
+        raise MalformedEvent("destination.ip is missing")
+    process = _obj(doc, "process")
+    name = _str(process.get("name"))
+    if not name:
+        raise MalformedEvent("process.name is missing")
+    parent = _obj(process, "parent")
+    user = _obj(doc, "user")
+    host = _obj(doc, "host")
+    container = _obj(doc, "container")
+    orchestrator = _obj(doc, "orchestrator")
+    return Event(
+        ts,
+        dst_ip,
+        name,
+        dst_port=_int(destination.get("port"), "destination.port"),
+        pid=_int(process.get("pid"), "process.pid"),
+        exe=_str(process.get("executable")),
+        command_line=_str(process.get("command_line")),
+        ppid=_int(parent.get("pid"), "process.parent.pid"),
+        parent_name=_str(parent.get("name")),
+        parent_exe=_str(parent.get("executable")),
+        user=_str(user.get("name")),
+        uid=_str(user.get("id")),
+        host=_str(host.get("name")) or _str(host.get("id")),
+        container_id=_str(container.get("id")),
+        image=_str(_obj(container, "image").get("name")),
+        namespace=_str(orchestrator.get("namespace")),
+        pod=_str(_obj(orchestrator, "resource").get("name")),
+        cloud=_str(_obj(doc, "cloud").get("provider")),
+        event_id=_str(_obj(doc, "event").get("id")),
+        doc=doc,
+    )
