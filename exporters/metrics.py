@@ -1,0 +1,338 @@
+"""Prometheus metrics of the agent (and of a replay, when one is served).
+
+Naming follows Prometheus conventions: every name starts with `imdswatch_`, counters end
+in `_total`, units are base units. Label values that come from the traced machine (process,
+user, namespace, ...) are capped per label, because a fork bomb of random process names must
+not turn into a series explosion on the Prometheus server. Command lines are never labels:
+they are unbounded and may carry secrets; they travel only in the (redacted) alerts NDJSON.
+
+Metric catalog (the alert rules and the Grafana dashboard rely on these names):
+
+- `imdswatch_metadata_connections_total{host,endpoint,process,user,k8s_namespace}`
+- `imdswatch_anomalies_total{detector,severity}` - alerts written
+- `imdswatch_anomaly_score{detector,severity,rule,host,process,executable,user,k8s_namespace,
+  k8s_pod,entity,reason}` - latest score of each currently anomalous entity; a series
+  disappears `anomaly_ttl` seconds after its last update so Prometheus alerts resolve
+- `imdswatch_events_seen_total`, `imdswatch_events_skipped_total`,
+  `imdswatch_events_malformed_total`
+- `imdswatch_model_entities{detector}`, `imdswatch_model_hosts`, `imdswatch_learning`
+- `imdswatch_build_info{version,python_version,host}`, `imdswatch_probe_info{mode}`,
+  `imdswatch_probe_fallback`, `imdswatch_ready`
+- `imdswatch_kernel_connections_total`, `imdswatch_kernel_events_dropped_total`
+- `imdswatch_label_overflow_total{label}`
+- `process_*`, `python_*` from prometheus-client's default collectors
+"""
+
+from __future__ import annotations
+
+import platform
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
+from importlib import metadata
+from typing import Any
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Info,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from exporters.httpserver import HealthState, start_server
+from exporters.redact import redact
+
+OVERFLOW = "__other__"
+# Label values are names and paths; anything longer is noise that bloats every scrape.
+MAX_LABEL_LENGTH = 200
+MAX_REASON_LENGTH = 400
+
+ANOMALY_LABELS = ("detector", "severity", "rule", "host", "process", "executable", "user",
+                  "k8s_namespace", "k8s_pod", "entity", "reason")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("imdswatch")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _text(value: Any, limit: int = MAX_LABEL_LENGTH) -> str:
+    if value is None:
+        return ""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class LabelCap:
+    """Admits at most `max_values` distinct values per label name; later newcomers become
+    `__other__` and count in `imdswatch_label_overflow_total{label}`.
+
+    Values already admitted stay admitted, so a flood of new names never evicts the
+    established callers an alert rule or dashboard is watching.
+    """
+
+    def __init__(self, max_values: int, overflow: Counter) -> None:
+        if max_values < 1:
+            raise ValueError("max_label_values must be at least 1")
+        self.max_values = max_values
+        self._overflow = overflow
+        self._seen: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, label: str, value: Any) -> str:
+        text = _text(value)
+        with self._lock:
+            seen = self._seen.setdefault(label, set())
+            if text in seen:
+                return text
+            if len(seen) < self.max_values:
+                seen.add(text)
+                return text
+        self._overflow.labels(label=label).inc()
+        return OVERFLOW
+
+    def distinct(self, label: str) -> int:
+        with self._lock:
+            return len(self._seen.get(label, ()))
+
+
+@dataclass
+class _Anomaly:
+    labels: tuple[str, ...]
+    score: float
+    updated: float
+
+
+class AnomalyScoreCollector(Collector):
+    """`imdswatch_anomaly_score`: one series per currently anomalous entity.
+
+    A plain Gauge would keep the last score forever, so a Prometheus alert on it would never
+    resolve. Here every series carries its wall-clock update time and vanishes `ttl` seconds
+    later (evaluated at scrape time); Prometheus then marks it stale and the alert resolves.
+    At most `max_series` entities are kept; the least recently updated one makes room.
+    """
+
+    def __init__(self, ttl: float, max_series: int, on_evict: Callable[[], None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.ttl = ttl
+        self.max_series = max_series
+        self._on_evict = on_evict
+        self._clock = clock
+        self._entries: dict[tuple[str, str, str], _Anomaly] = {}
+        self._lock = threading.Lock()
+
+    def update(self, key: tuple[str, str, str], labels: tuple[str, ...], score: float,
+               keep_labels: bool) -> None:
+        """Record `score` for `key`. With `keep_labels` an existing series keeps its label
+        set (only its value and age change), so a repeated anomaly does not churn series."""
+        now = self._clock()
+        with self._lock:
+            self._expire(now)
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.score = score
+                entry.updated = now
+                if not keep_labels:
+                    entry.labels = labels
+                return
+            if len(self._entries) >= self.max_series:
+                oldest = min(self._entries, key=lambda k: self._entries[k].updated)
+                del self._entries[oldest]
+                self._on_evict()
+            self._entries[key] = _Anomaly(labels, score, now)
+
+    def _expire(self, now: float) -> None:
+        dead = [k for k, e in self._entries.items() if now - e.updated > self.ttl]
+        for k in dead:
+            del self._entries[k]
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._expire(self._clock())
+            return len(self._entries)
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "imdswatch_anomaly_score",
+            "Latest anomaly score (0-100) of each currently anomalous entity; a series "
+            "expires when the entity has not been anomalous for the anomaly TTL.",
+            labels=ANOMALY_LABELS,
+        )
+        with self._lock:
+            self._expire(self._clock())
+            rows = [(e.labels, e.score) for e in self._entries.values()]
+        for labels, score in rows:
+            family.add_metric(list(labels), score)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        # Without describe() the registry would call collect() at registration time.
+        yield GaugeMetricFamily("imdswatch_anomaly_score", "", labels=ANOMALY_LABELS)
+
+
+class MetricsExporter:
+    """Turns scorer Outcomes and agent state into Prometheus metrics."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, max_label_values: int = 200,
+                 anomaly_ttl: float = 900.0, *, host: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        if registry is None:
+            # A private registry (not prometheus_client's global one) so that several
+            # exporters can coexist in one process (tests, replay + serve), with the
+            # agent's own process/GC/platform metrics added explicitly.
+            registry = CollectorRegistry()
+            for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                registry.register(collector)
+        self.registry = registry
+        self.health = HealthState()
+        self.host = host or socket.gethostname()
+        r = registry
+
+        self._overflow = Counter(
+            "imdswatch_label_overflow", "Label values replaced by __other__ because the label "
+            "reached its cap of distinct values.", ["label"], registry=r)
+        self.cap = LabelCap(max_label_values, self._overflow)
+
+        self._connections = Counter(
+            "imdswatch_metadata_connections",
+            "Connections to a cloud metadata endpoint, by endpoint and calling process.",
+            ["host", "endpoint", "process", "user", "k8s_namespace"], registry=r)
+        self._anomalies = Counter(
+            "imdswatch_anomalies", "Anomaly alerts written, by detector and severity.",
+            ["detector", "severity"], registry=r)
+        self._seen = Counter("imdswatch_events_seen", "Events read (scored or skipped).",
+                             registry=r)
+        self._skipped = Counter(
+            "imdswatch_events_skipped",
+            "Events skipped because their destination is not a metadata endpoint.", registry=r)
+        self._malformed = Counter(
+            "imdswatch_events_malformed", "Input lines or records that were not usable events.",
+            registry=r)
+        self._model_entities = Gauge(
+            "imdswatch_model_entities", "Entities tracked by the rarity model, per detector.",
+            ["detector"], registry=r)
+        self._model_hosts = Gauge("imdswatch_model_hosts",
+                                  "Hosts seen by the rarity model.", registry=r)
+        self._learning = Gauge(
+            "imdswatch_learning", "1 while the model is in its learning period (no alerts).",
+            registry=r)
+        self._build = Info("imdswatch_build", "Version of the running imdswatch.", registry=r)
+        self._build.info({"version": _version(), "python_version": platform.python_version(),
+                          "host": self.host})
+        self._probe = Info("imdswatch_probe", "Kernel probe attachment in use.", registry=r)
+        self._probe_fallback = Gauge(
+            "imdswatch_probe_fallback",
+            "1 when the agent fell back from the preferred probe to a less precise one.",
+            registry=r)
+        self._ready = Gauge("imdswatch_ready", "1 once the kernel probe is attached.",
+                            registry=r)
+        self._kernel_connections = Counter(
+            "imdswatch_kernel_connections",
+            "Metadata connections counted in the kernel (includes those later dropped).",
+            registry=r)
+        self._kernel_dropped = Counter(
+            "imdswatch_kernel_events_dropped",
+            "Events lost in the kernel because the ring buffer was full.", registry=r)
+        self._kernel_last = {"connections": 0, "dropped": 0}
+
+        self.anomaly_scores = AnomalyScoreCollector(
+            anomaly_ttl, max_label_values,
+            on_evict=lambda: self._overflow.labels(label="entity").inc(), clock=clock)
+        r.register(self.anomaly_scores)
+
+    # -- events -------------------------------------------------------------------------
+
+    def observe(self, outcome: Any) -> None:
+        """Count one scored metadata connection and, if it alerts, the anomaly."""
+        event = outcome.event
+        cap = self.cap
+        self._seen.inc()
+        endpoint = getattr(outcome.endpoint, "id", outcome.endpoint)
+        self._connections.labels(
+            host=cap("host", event.host or self.host),
+            endpoint=cap("endpoint", endpoint),
+            process=cap("process", event.name),
+            user=cap("user", event.user if event.user is not None else event.uid),
+            k8s_namespace=cap("k8s_namespace", event.namespace),
+        ).inc()
+        alerting = bool(getattr(outcome, "alert", False))
+        if alerting:
+            self._anomalies.labels(detector=cap("detector", outcome.detector),
+                                   severity=cap("severity", outcome.severity)).inc()
+        # A suppressed outcome would have alerted: it keeps the entity's series alive (and
+        # the Prometheus alert firing) for as long as the anomaly goes on.
+        if alerting or getattr(outcome, "suppressed", False):
+            self._update_anomaly(outcome, keep_labels=not alerting)
+
+    def _update_anomaly(self, outcome: Any, keep_labels: bool) -> None:
+        event = outcome.event
+        host = _text(event.host or self.host)
+        entity = redact(_text(outcome.entity))
+        labels = (
+            _text(outcome.detector), _text(outcome.severity), _text(outcome.rule_name), host,
+            _text(event.name), _text(event.exe), _text(event.user or event.uid),
+            _text(event.namespace), _text(event.pod), entity,
+            redact(_text(outcome.reason, MAX_REASON_LENGTH)),
+        )
+        key = (labels[0], entity, host)
+        self.anomaly_scores.update(key, labels, round(float(outcome.score), 1), keep_labels)
+
+    def observe_skipped(self, n: int = 1) -> None:
+        self._seen.inc(n)
+        self._skipped.inc(n)
+
+    def observe_malformed(self, n: int = 1) -> None:
+        self._malformed.inc(n)
+
+    # -- agent state --------------------------------------------------------------------
+
+    def update_model(self, scorer: Any) -> None:
+        """Copy model size and learning state from the scorer (call after a batch)."""
+        for detector, size in scorer.model_size().items():
+            self._model_entities.labels(detector=detector).set(size)
+        self._learning.set(1 if scorer.learning else 0)
+        hosts = getattr(scorer, "hosts_seen", None)
+        if hosts is not None:
+            self._model_hosts.set(hosts if isinstance(hosts, int | float) else len(hosts))
+
+    def set_probe(self, mode: str, fallback: bool) -> None:
+        """Record the attached probe; an attached probe makes the agent ready."""
+        self._probe.info({"mode": mode})
+        self._probe_fallback.set(1 if fallback else 0)
+        self.set_ready(True, f"probe {mode} attached")
+
+    def set_ready(self, ready: bool, reason: str = "") -> None:
+        self.health.set_ready(ready, reason)
+        self._ready.set(1 if ready else 0)
+
+    def set_kernel_counts(self, connections_total: int, dropped_total: int) -> None:
+        """Advance the kernel counters to the absolute totals read from the BPF maps.
+
+        A total smaller than the last one means the maps were recreated (probe re-attached):
+        the new total then counts entirely, as Prometheus' own counter-reset handling would.
+        """
+        for name, total, counter in (
+            ("connections", connections_total, self._kernel_connections),
+            ("dropped", dropped_total, self._kernel_dropped),
+        ):
+            last = self._kernel_last[name]
+            delta = total - last if total >= last else total
+            if delta > 0:
+                counter.inc(delta)
+            self._kernel_last[name] = total
+
+    # -- serving ------------------------------------------------------------------------
+
+    def serve(self, address: str) -> ThreadingHTTPServer:
+        """Serve `/metrics`, `/healthz` and `/readyz` on `HOST:PORT` from a daemon thread."""
+        return start_server(address, self.registry, self.health)
