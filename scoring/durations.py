@@ -41,6 +41,6 @@ def format_duration(seconds: float) -> str:
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if seconds >= size:
             n = seconds / size
-            text = f"{n:.0f}" if n >= 10 or n == int(n) else f"{n:.1f}"
+            text = f"{n:.0f}" if n >= 10 else f"{n:.1f}".removesuffix(".0")
             return f"{text} {unit}{'' if text == '1' else 's'}"
     return f"{seconds:.0f} second{'' if round(seconds) == 1 else 's'}"

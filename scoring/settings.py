@@ -1,0 +1,33 @@
+"""The scorer's tunables, with defaults meant for production fleets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DAY = 86400.0
+
+# Elastic's companion rule "Unusual Linux User Calling the Metadata Service" alerts at 75;
+# every other detector follows the global threshold (50, the seed rule's).
+DEFAULT_DETECTOR_THRESHOLDS = {"rare_user": 75.0}
+
+
+@dataclass
+class ScorerSettings:
+    threshold: float = 50.0
+    detector_thresholds: dict[str, float] = field(
+        default_factory=lambda: dict(DEFAULT_DETECTOR_THRESHOLDS)
+    )
+    # A day covers the daily cycle of cron jobs and agents before anything may alert;
+    # weekly jobs still alert once, which a fleet owner can except in the config.
+    learning_period: float = 1 * DAY
+    # History fades with this half-life, so a fleet's old habits stop vouching for a name.
+    half_life: float = 14 * DAY
+    # One alert per (detector, entity) per window.
+    suppression_window: float = 3600.0
+    # Known legitimate callers (name and executable both match the catalog) have the scores
+    # of the detectors that judge *what* runs multiplied by this; who runs it and how it was
+    # started are still judged in full.
+    known_caller_factor: float = 0.3
+
+    def threshold_for(self, detector: str) -> float:
+        return max(self.threshold, self.detector_thresholds.get(detector, self.threshold))
