@@ -43,6 +43,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Info,
+    disable_created_metrics,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -186,6 +187,9 @@ class MetricsExporter:
     def __init__(self, registry: CollectorRegistry | None = None, max_label_values: int = 200,
                  anomaly_ttl: float = 900.0, *, host: str | None = None,
                  clock: Callable[[], float] = time.time) -> None:
+        # `*_created` series double the series count of every counter and no rule or panel
+        # here reads them; the switch is process-wide, which is what the agent wants anyway.
+        disable_created_metrics()
         if registry is None:
             # A private registry (not prometheus_client's global one) so that several
             # exporters can coexist in one process (tests, replay + serve), with the
