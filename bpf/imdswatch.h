@@ -1,0 +1,182 @@
+/* Shared by every attach mode: the event layout, the maps, the endpoint filter and the
+ * output path. Each bpf/<mode>.bpf.c includes this file and only adds its probe functions,
+ * so the three modes cannot drift apart. tracer/layout.py mirrors `struct imds_event`. */
+#ifndef IMDSWATCH_H
+#define IMDSWATCH_H
+
+#include <uapi/linux/ptrace.h>
+
+/* Numeric constants instead of kernel enums: BCC's headers here need not match the running
+ * kernel, and these values are ABI (socket families, TCP states, protocol numbers). */
+#define IMDS_AF_INET 2
+#define IMDS_AF_INET6 10
+#define IMDS_IPPROTO_TCP 6
+#define IMDS_TCP_SYN_SENT 2
+#define IMDS_TCP_CLOSE 7
+
+#define IMDS_PROBE_TRACEPOINT 1
+#define IMDS_PROBE_KPROBE 2
+#define IMDS_PROBE_FENTRY 3
+
+/* The probe's result field when it cannot see connect()'s return value. */
+#define IMDS_RESULT_UNKNOWN 1
+
+#define IMDS_COMM_LEN 16
+
+struct imds_event {
+    __u64 ts_ns;       /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, converted in userspace */
+    __u64 cgroup_id;   /* cgroup v2 id of the caller */
+    __u32 pid;         /* thread id (kernel pid) */
+    __u32 tgid;        /* process id (userspace pid) */
+    __u32 uid;
+    __u32 gid;
+    __s32 result;      /* connect() return value; IMDS_RESULT_UNKNOWN when unseen */
+    __u16 family;      /* IMDS_AF_INET or IMDS_AF_INET6 as the socket saw it */
+    __u16 dport;       /* host byte order */
+    __u8 daddr[16];    /* v4: first 4 bytes; v6 (including v4-mapped): all 16 */
+    char comm[IMDS_COMM_LEN];
+    __u8 probe;        /* IMDS_PROBE_* */
+    __u8 pad[7];
+};
+
+/* LPM keys: prefix length in bits, then the address in network byte order. */
+struct imds_key4 {
+    __u32 prefixlen;
+    __u8 addr[4];
+};
+struct imds_key6 {
+    __u32 prefixlen;
+    __u8 addr[16];
+};
+
+/* The port set of an endpoint prefix: every port, or a 65536-bit bitmap. A bitmap keeps the
+ * lookup O(1) with no loop for the verifier, and 8 KiB per prefix is nothing for a catalog
+ * of a few dozen entries. Userspace folds the ports of every broader prefix into each entry,
+ * so the longest-prefix match alone gives the catalog's answer. */
+struct imds_ports {
+    __u32 any_port;
+    __u32 pad;
+    __u64 bits[1024];
+};
+
+/* Per (comm, uid, cgroup) connection counts. Counted before the event is reserved, so a
+ * flood that overruns the output buffer still counts every connection. */
+struct imds_count_key {
+    char comm[IMDS_COMM_LEN];
+    __u32 uid;
+    __u32 pad;
+    __u64 cgroup_id;
+};
+
+enum imds_stat {
+    IMDS_STAT_MATCHED = 0,   /* connections to an endpoint */
+    IMDS_STAT_EMITTED = 1,   /* events handed to the output buffer */
+    IMDS_STAT_DROPPED = 2,   /* events the output buffer had no room for */
+    IMDS_STAT_COUNT_FULL = 3,/* matches whose (comm, uid, cgroup) key did not fit the map */
+    IMDS_STAT_PENDING_FULL = 4, /* entry/return probes: in-flight table full */
+    IMDS_STAT_MAX = 5,
+};
+
+BPF_LPM_TRIE(endpoints4, struct imds_key4, struct imds_ports, 1024);
+BPF_LPM_TRIE(endpoints6, struct imds_key6, struct imds_ports, 1024);
+BPF_HASH(conn_counts, struct imds_count_key, __u64, IMDS_COUNT_ENTRIES);
+BPF_PERCPU_ARRAY(stats, __u64, IMDS_STAT_MAX);
+
+#ifdef IMDS_USE_RINGBUF
+BPF_RINGBUF_OUTPUT(events, IMDS_RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(events);
+#endif
+
+static __always_inline void imds_stat_inc(int idx)
+{
+    __u64 *v = stats.lookup(&idx);
+    if (v)
+        *v += 1;    /* per-CPU slot: no atomic needed */
+}
+
+static __always_inline int imds_port_in(struct imds_ports *p, __u16 port)
+{
+    if (p->any_port)
+        return 1;
+    __u32 idx = (port >> 6) & 1023;   /* mask: keeps the verifier's bound explicit */
+    return (p->bits[idx] >> (port & 63)) & 1;
+}
+
+/* True when daddr (16 bytes, v6 or v4-mapped v6) / 4 bytes (v4) is a catalog endpoint. */
+static __always_inline int imds_match(__u16 family, const __u8 *daddr, __u16 port)
+{
+    struct imds_ports *p;
+    if (family == IMDS_AF_INET) {
+        struct imds_key4 k = {.prefixlen = 32};
+        __builtin_memcpy(k.addr, daddr, 4);
+        p = endpoints4.lookup(&k);
+    } else {
+        /* ::ffff:a.b.c.d reaches the IPv4 endpoint a.b.c.d */
+        const __u32 *w = (const __u32 *)daddr;
+        if (w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0x0000ffff)) {
+            struct imds_key4 k = {.prefixlen = 32};
+            __builtin_memcpy(k.addr, daddr + 12, 4);
+            p = endpoints4.lookup(&k);
+        } else {
+            struct imds_key6 k = {.prefixlen = 128};
+            __builtin_memcpy(k.addr, daddr, 16);
+            p = endpoints6.lookup(&k);
+        }
+    }
+    return p && imds_port_in(p, port);
+}
+
+static __always_inline void imds_count(struct imds_event *ev)
+{
+    struct imds_count_key key = {};
+    __builtin_memcpy(key.comm, ev->comm, IMDS_COMM_LEN);
+    key.uid = ev->uid;
+    key.cgroup_id = ev->cgroup_id;
+    __u64 one = 1, *n = conn_counts.lookup(&key);
+    if (n) {
+        __sync_fetch_and_add(n, 1);
+        return;
+    }
+    if (conn_counts.update(&key, &one) != 0)   /* only fails when the map is full */
+        imds_stat_inc(IMDS_STAT_COUNT_FULL);
+}
+
+/* Fill the process fields the kernel knows for sure. */
+static __always_inline void imds_fill_task(struct imds_event *ev, __u8 probe)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    __u64 ug = bpf_get_current_uid_gid();
+    ev->ts_ns = bpf_ktime_get_ns();
+    ev->pid = (__u32)id;
+    ev->tgid = id >> 32;
+    ev->uid = (__u32)ug;
+    ev->gid = ug >> 32;
+    ev->cgroup_id = bpf_get_current_cgroup_id();
+    ev->probe = probe;
+    bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+}
+
+/* Count, then hand the event to userspace; a full buffer is counted, never silent. */
+static __always_inline void imds_emit(void *ctx, struct imds_event *ev)
+{
+    imds_stat_inc(IMDS_STAT_MATCHED);
+    imds_count(ev);
+#ifdef IMDS_USE_RINGBUF
+    struct imds_event *out = events.ringbuf_reserve(sizeof(*out));
+    if (!out) {
+        imds_stat_inc(IMDS_STAT_DROPPED);
+        return;
+    }
+    __builtin_memcpy(out, ev, sizeof(*out));
+    events.ringbuf_submit(out, 0);
+    imds_stat_inc(IMDS_STAT_EMITTED);
+#else
+    if (events.perf_submit(ctx, ev, sizeof(*ev)) != 0)
+        imds_stat_inc(IMDS_STAT_DROPPED);
+    else
+        imds_stat_inc(IMDS_STAT_EMITTED);
+#endif
+}
+
+#endif /* IMDSWATCH_H */

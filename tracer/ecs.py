@@ -1,0 +1,84 @@
+"""A traced connection as the contract's ECS document (contract §1), the same shape the
+replay reads, so `scoring.events.event_from_ecs` treats live and replayed events alike.
+Extra fields are optional additions: `event.outcome`, `network.*`, `process.thread.id`,
+`process.args`, `group.id`, `container.runtime`, `orchestrator.resource.id` (pod UID) and
+the `imdswatch.*` object (probe, cgroup id, kernel uid, connect result, enrichment flag)."""
+
+from __future__ import annotations
+
+import errno
+
+from tracer.clock import rfc3339
+from tracer.enrich import ProcessInfo
+from tracer.layout import AF_INET, KernelEvent
+
+
+def outcome(result: int | None) -> str | None:
+    """connect() returning 0 or -EINPROGRESS (non-blocking) started the handshake."""
+    if result is None:
+        return None
+    return "success" if result in (0, -errno.EINPROGRESS) else "failure"
+
+
+def to_ecs(
+    ev: KernelEvent,
+    info: ProcessInfo,
+    *,
+    wall_ns: int,
+    host_name: str | None,
+    event_id: str,
+    user_name: str | None,
+) -> dict:
+    uid = info.euid if info.euid is not None else ev.uid
+    gid = info.egid if info.egid is not None else ev.gid
+    process: dict = {"name": ev.comm, "pid": ev.tgid, "thread": {"id": ev.tid}}
+    if info.exe:
+        process["executable"] = info.exe
+    if info.command_line:
+        process["command_line"] = info.command_line
+        process["args"] = info.args
+    if info.ppid:
+        parent: dict = {"pid": info.ppid}
+        if info.parent_name:
+            parent["name"] = info.parent_name
+        if info.parent_exe:
+            parent["executable"] = info.parent_exe
+        process["parent"] = parent
+    user: dict = {"id": str(uid)}
+    if user_name:
+        user["name"] = user_name
+    event: dict = {
+        "id": event_id,
+        "kind": "event",
+        "category": ["network"],
+        "type": ["connection", "start"],
+        "action": "connection_attempted",
+        "module": "imdswatch",
+        "dataset": "imdswatch.connect",
+    }
+    result = outcome(ev.result)
+    if result:
+        event["outcome"] = result
+    imds: dict = {"probe": ev.probe, "cgroup_id": ev.cgroup_id, "kernel_uid": ev.uid}
+    if ev.result is not None:
+        imds["connect_result"] = ev.result
+    if info.exited:
+        imds["exited_before_enrichment"] = True
+    doc: dict = {
+        "@timestamp": rfc3339(wall_ns),
+        "event": event,
+        "destination": {"ip": ev.dst_ip, "port": ev.dst_port},
+        "network": {"transport": "tcp", "type": "ipv4" if ev.family == AF_INET else "ipv6"},
+        "process": process,
+        "user": user,
+        "group": {"id": str(gid)},
+        "imdswatch": imds,
+    }
+    if host_name:
+        doc["host"] = {"name": host_name}
+    cg = info.cgroup
+    if cg is not None and cg.container_id:
+        doc["container"] = {"id": cg.container_id, "runtime": cg.runtime}
+    if cg is not None and cg.pod_uid:
+        doc["orchestrator"] = {"type": "kubernetes", "resource": {"type": "pod", "id": cg.pod_uid}}
+    return doc

@@ -1,0 +1,113 @@
+"""What /proc says about the process behind a kernel event.
+
+The root is configurable (`/host/proc` in a container with hostPID). Reads race with the
+process: one that has exited (or exec'd another program) before we look keeps only its
+kernel fields and is flagged, never dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from tracer.cgroups import CgroupIdentity, identify
+from tracer.passwd import PasswdNames
+
+
+@dataclass(slots=True)
+class ProcessInfo:
+    exited: bool = False
+    exe: str | None = None
+    command_line: str | None = None
+    args: list[str] | None = None
+    ppid: int | None = None
+    parent_name: str | None = None
+    parent_exe: str | None = None
+    euid: int | None = None
+    egid: int | None = None
+    cgroup: CgroupIdentity | None = None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return None
+    # A replaced or deleted binary reads as "/path (deleted)"; keep the path, which is what
+    # ran, and let the flag-free path be compared with exceptions.
+    return target.removesuffix(" (deleted)")
+
+
+class Enricher:
+    """Reads exe, command line, parent, effective ids and cgroup identity for a tgid.
+
+    Results are cached briefly per (tgid, comm): a process calling the metadata service in a
+    loop is read once, not per connection, while an exec (new comm) is read afresh.
+    """
+
+    def __init__(
+        self, proc_root: str = "/proc", passwd_path: str = "/etc/passwd", cache_ttl: float = 2.0
+    ) -> None:
+        self.proc_root = proc_root.rstrip("/") or "/proc"
+        self.users = PasswdNames(passwd_path)
+        self.cache_ttl = cache_ttl
+        self._cache: dict[tuple[int, str], tuple[float, ProcessInfo]] = {}
+
+    def user_name(self, uid: int) -> str | None:
+        return self.users.name(uid)
+
+    def lookup(self, tgid: int, tid: int, comm: str) -> ProcessInfo:
+        now = time.monotonic()
+        key = (tgid, comm)
+        hit = self._cache.get(key)
+        if hit is not None and now - hit[0] < self.cache_ttl:
+            return hit[1]
+        info = self._read(tgid, tid, comm)
+        if not info.exited:
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[key] = (now, info)
+        return info
+
+    def _read(self, tgid: int, tid: int, comm: str) -> ProcessInfo:
+        base = f"{self.proc_root}/{tgid}"
+        # The thread's comm must still be the kernel's: otherwise the thread is gone, or the
+        # pid now belongs to another program, and nothing read below would be about our caller.
+        now_comm = _read(f"{base}/task/{tid}/comm")
+        if now_comm is None or now_comm.rstrip("\n") != comm:
+            return ProcessInfo(exited=True)
+        info = ProcessInfo()
+        info.exe = _readlink(f"{base}/exe")
+        cmdline = _read(f"{base}/cmdline")
+        if cmdline:
+            args = cmdline.rstrip("\0").split("\0")
+            info.args = args
+            info.command_line = " ".join(args)
+        status = _read(f"{base}/status")
+        if status is None:
+            return ProcessInfo(exited=True)
+        for line in status.splitlines():
+            if line.startswith("PPid:"):
+                info.ppid = int(line.split()[1])
+            elif line.startswith("Uid:"):
+                info.euid = int(line.split()[2])
+            elif line.startswith("Gid:"):
+                info.egid = int(line.split()[2])
+        cg = _read(f"{base}/cgroup")
+        if cg is not None:
+            info.cgroup = identify(cg)
+        if info.ppid:
+            pbase = f"{self.proc_root}/{info.ppid}"
+            pcomm = _read(f"{pbase}/comm")
+            info.parent_name = pcomm.rstrip("\n") if pcomm else None
+            info.parent_exe = _readlink(f"{pbase}/exe")
+        return info

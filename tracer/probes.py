@@ -1,0 +1,151 @@
+"""Compiling an attach mode's BPF program with BCC and attaching it, with the `auto` order
+fentry -> kprobe -> tracepoint. Each attach is checked (BCC raises when the kernel refuses
+the link); a mode that fails is detached completely before the next one is tried."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from tracer import kernel, sources
+
+log = logging.getLogger("imdswatch.tracer")
+
+MODES = ("fentry", "kprobe", "tracepoint")
+AUTO_ORDER = MODES
+CONNECT_FUNCTIONS = ("tcp_v4_connect", "tcp_v6_connect")
+
+# Program names per mode, with their BCC program type names.
+PROGRAMS: dict[str, tuple[tuple[str, str], ...]] = {
+    "tracepoint": (("tracepoint__sock__inet_sock_set_state", "TRACEPOINT"),),
+    "kprobe": (
+        ("imds_kprobe_v4", "KPROBE"), ("imds_kprobe_v6", "KPROBE"),
+        ("imds_kretprobe_v4", "KPROBE"), ("imds_kretprobe_v6", "KPROBE"),
+    ),
+    "fentry": (
+        ("kfunc__tcp_v4_connect", "TRACING"), ("kfunc__tcp_v6_connect", "TRACING"),
+        ("kretfunc__tcp_v4_connect", "TRACING"), ("kretfunc__tcp_v6_connect", "TRACING"),
+    ),
+}
+
+
+class ProbeError(RuntimeError):
+    """A mode could not be compiled, loaded or attached; the message says why."""
+
+
+def _loader_class() -> type:
+    bcc = kernel.import_bcc()
+
+    class Loader(bcc.BPF):  # type: ignore[name-defined,misc]
+        """BPF without BCC's name-prefix auto-attach: we attach explicitly so every attach
+        is checked and a failing mode can fall back."""
+
+        def _trace_autoload(self) -> None:
+            return None
+
+    return Loader
+
+
+def compile_mode(
+    mode: str,
+    *,
+    ringbuf: bool | None = None,
+    ringbuf_pages: int = 256,
+    count_entries: int = 16384,
+    directory: Path | None = None,
+) -> object:
+    """Compile `mode` to BPF bytecode (no load, no attach). Returns the BCC object."""
+    if ringbuf is None:
+        ringbuf = kernel.ringbuf_supported()
+    text = sources.program_text(mode, directory)
+    flags = sources.cflags(ringbuf=ringbuf, ringbuf_pages=ringbuf_pages,
+                           count_entries=count_entries)
+    try:
+        return _loader_class()(text=text, cflags=flags)
+    except Exception as exc:  # BCC raises bare Exception
+        raise ProbeError(f"{mode}: BPF compilation failed: {exc}") from exc
+
+
+def load_mode(b: object, mode: str) -> list[str]:
+    """Load every program of `mode` through the verifier without attaching."""
+    import bcc
+
+    names = []
+    for name, ptype in PROGRAMS[mode]:
+        try:
+            b.load_func(name, getattr(bcc.BPF, ptype))
+        except Exception as exc:
+            raise ProbeError(f"{mode}: loading {name} failed: {exc}") from exc
+        names.append(name)
+    return names
+
+
+def attach_mode(b: object, mode: str) -> None:
+    """Attach `mode`'s programs; return probes before entry probes, so no entry is ever
+    recorded without its return."""
+    try:
+        if mode == "tracepoint":
+            b.attach_tracepoint(tp="sock:inet_sock_set_state",
+                                fn_name="tracepoint__sock__inet_sock_set_state")
+        elif mode == "kprobe":
+            for fn, suffix in zip(CONNECT_FUNCTIONS, ("v4", "v6"), strict=True):
+                b.attach_kretprobe(event=fn, fn_name=f"imds_kretprobe_{suffix}")
+            for fn, suffix in zip(CONNECT_FUNCTIONS, ("v4", "v6"), strict=True):
+                b.attach_kprobe(event=fn, fn_name=f"imds_kprobe_{suffix}")
+        elif mode == "fentry":
+            for fn in CONNECT_FUNCTIONS:
+                b.attach_kretfunc(fn_name=f"kretfunc__{fn}")
+            for fn in CONNECT_FUNCTIONS:
+                b.attach_kfunc(fn_name=f"kfunc__{fn}")
+        else:
+            raise ProbeError(f"unknown probe mode {mode!r}")
+    except ProbeError:
+        raise
+    except Exception as exc:
+        raise ProbeError(f"{mode}: attach failed: {exc}{_why(mode)}") from exc
+
+
+def _why(mode: str) -> str:
+    """The likely cause of an attach failure, from what the kernel offers."""
+    if mode == "kprobe" and not kernel.kprobes_available():
+        return " (this kernel has no kprobe support: CONFIG_KPROBES is off)"
+    if mode == "fentry":
+        if not kernel.btf_available():
+            return " (no kernel BTF at /sys/kernel/btf/vmlinux)"
+        return " (the kernel refused the BPF trampoline program)"
+    return ""
+
+
+def open_mode(
+    mode: str,
+    prepare: Callable[[object], None] | None = None,
+    **compile_args: object,
+) -> tuple[object, str]:
+    """Compile and attach `mode` (or try each in AUTO_ORDER for "auto"). `prepare` runs on
+    the compiled object before attaching (to fill the endpoint maps first, so the filter is
+    complete from the first event). Returns (bpf, chosen mode)."""
+    for note in kernel.ensure_tracefs():
+        log.info(note)
+    order = AUTO_ORDER if mode == "auto" else (mode,)
+    failures: list[str] = []
+    for m in order:
+        b = None
+        try:
+            b = compile_mode(m, **compile_args)
+            if prepare is not None:
+                prepare(b)
+            attach_mode(b, m)
+        except ProbeError as exc:
+            failures.append(str(exc))
+            if b is not None:
+                b.cleanup()
+            if mode == "auto":
+                log.info("probe %s unavailable: %s", m, exc)
+            continue
+        if mode == "auto":
+            log.info("probe auto chose %s", m)
+        else:
+            log.info("probe %s attached", m)
+        return b, m
+    raise ProbeError("; ".join(failures))

@@ -1,0 +1,177 @@
+"""A running tracer: BPF attached, endpoint maps filled, events read, enriched and turned
+into ECS documents, kernel counters readable."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from scoring.endpoints import Endpoint
+from tracer import kernel, maps, probes
+from tracer.clock import MonotonicClock
+from tracer.ecs import to_ecs
+from tracer.enrich import Enricher
+from tracer.layout import STAT_NAMES, decode
+
+log = logging.getLogger("imdswatch.tracer")
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12]
+    except OSError:
+        return "0"
+
+
+class Tracer:
+    """Usage: `t = Tracer(catalog); t.start(); while ...: for doc in t.poll(100): ...;
+    t.close()`. Not thread-safe: poll from one thread."""
+
+    def __init__(
+        self,
+        catalog: Iterable[Endpoint],
+        *,
+        probe: str = "auto",
+        proc_root: str = "/proc",
+        passwd_path: str = "/etc/passwd",
+        host_name: str | None = None,
+        ringbuf: bool | None = None,
+        ringbuf_pages: int = 256,
+        count_entries: int = 16384,
+        bpf_directory: Path | None = None,
+    ) -> None:
+        if probe != "auto" and probe not in probes.MODES:
+            raise ValueError(f"probe must be auto or one of {', '.join(probes.MODES)}")
+        self.catalog = tuple(catalog)
+        self.requested = probe
+        self.probe: str | None = None
+        self.ringbuf = kernel.ringbuf_supported() if ringbuf is None else ringbuf
+        self._compile_args = {
+            "ringbuf": self.ringbuf,
+            "ringbuf_pages": ringbuf_pages,
+            "count_entries": count_entries,
+            "directory": bpf_directory,
+        }
+        self.enricher = Enricher(proc_root, passwd_path)
+        self.host_name = host_name if host_name is not None else socket.gethostname()
+        self.clock = MonotonicClock()
+        self._boot = _boot_id()
+        self._bpf: object | None = None
+        self._out: list[dict] = []
+        self.events_read = 0
+        self.attach_seconds: float | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Compile, fill the maps, attach; returns the attached mode. Raises ProbeError."""
+        t0 = time.monotonic()
+        self._bpf, self.probe = probes.open_mode(
+            self.requested, prepare=self._fill_maps, **self._compile_args
+        )
+        b = self._bpf
+        if self.ringbuf:
+            b["events"].open_ring_buffer(self._on_event)
+        else:
+            b["events"].open_perf_buffer(self._on_event, page_cnt=64,
+                                         lost_cb=self._on_lost)
+        self.attach_seconds = time.monotonic() - t0
+        log.info("tracing TCP connects to %d metadata endpoints with %s (%s), attached in %.2fs",
+                 len(self.catalog), self.probe, "ring buffer" if self.ringbuf else "perf buffer",
+                 self.attach_seconds)
+        return self.probe
+
+    def _fill_maps(self, b: object) -> None:
+        maps.write(b["endpoints4"], b["endpoints6"], self.catalog)
+
+    def set_catalog(self, catalog: Iterable[Endpoint]) -> int:
+        """Replace the endpoints the kernel filters on, live. Returns the number of entries."""
+        self.catalog = tuple(catalog)
+        if self._bpf is None:
+            return len(maps.entries(self.catalog))
+        n = maps.write(self._bpf["endpoints4"], self._bpf["endpoints6"], self.catalog)
+        log.info("endpoint maps reloaded: %d entries", n)
+        return n
+
+    def close(self) -> None:
+        """Detach every probe and free the maps. Safe to call twice."""
+        b, self._bpf = self._bpf, None
+        if b is not None:
+            b.cleanup()
+            log.info("probes detached")
+
+    def __enter__(self) -> Tracer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _on_event(self, _ctx: object, data: int, size: int) -> None:
+        ev = decode(data, size)
+        info = self.enricher.lookup(ev.tgid, ev.tid, ev.comm)
+        uid = info.euid if info.euid is not None else ev.uid
+        self._out.append(
+            to_ecs(
+                ev,
+                info,
+                wall_ns=self.clock.wall_ns(ev.ts_ns),
+                host_name=self.host_name,
+                event_id=f"{self._boot}-{ev.ts_ns:x}-{ev.tid:x}",
+                user_name=self.enricher.user_name(uid),
+            )
+        )
+        self.events_read += 1
+
+    def _on_lost(self, count: int) -> None:
+        # Perf buffer overruns are also counted in the kernel's `dropped` stat.
+        log.warning("perf buffer lost %d events", count)
+
+    def poll(self, timeout_ms: int = 100) -> list[dict]:
+        """Wait up to `timeout_ms` for events; returns the ECS documents read."""
+        if self._bpf is None:
+            raise RuntimeError("tracer is not started")
+        self.clock.refresh()
+        if self.ringbuf:
+            self._bpf.ring_buffer_poll(timeout_ms)
+        else:
+            self._bpf.perf_buffer_poll(timeout_ms)
+        out, self._out = self._out, []
+        return out
+
+    def drain(self) -> list[dict]:
+        """Whatever is already in the buffer, without waiting."""
+        if self._bpf is None:
+            return []
+        if self.ringbuf:
+            self._bpf.ring_buffer_consume()
+        else:
+            self._bpf.perf_buffer_poll(0)
+        out, self._out = self._out, []
+        return out
+
+    # -- kernel counters -------------------------------------------------------------------
+
+    def kernel_stats(self) -> dict[str, int]:
+        """matched, emitted, dropped, count_map_full, pending_full: totals over all CPUs."""
+        if self._bpf is None:
+            return dict.fromkeys(STAT_NAMES, 0)
+        table = self._bpf["stats"]
+        out = {}
+        for i, name in enumerate(STAT_NAMES):
+            out[name] = int(sum(table[table.Key(i)]))
+        return out
+
+    def connection_counts(self) -> dict[tuple[str, int, int], int]:
+        """Connections to metadata endpoints per (comm, uid, cgroup id), counted in kernel."""
+        if self._bpf is None:
+            return {}
+        return {
+            (k.comm.decode("utf-8", "replace"), int(k.uid), int(k.cgroup_id)): int(v.value)
+            for k, v in self._bpf["conn_counts"].items()
+        }
