@@ -76,7 +76,7 @@ def load_mode(b: object, mode: str) -> list[str]:
         try:
             b.load_func(name, getattr(bcc.BPF, ptype))
         except Exception as exc:
-            raise ProbeError(f"{mode}: loading {name} failed: {exc}") from exc
+            raise ProbeError(f"{mode}: loading {name} failed: {_errtext(exc)}") from exc
         names.append(name)
     return names
 
@@ -103,7 +103,15 @@ def attach_mode(b: object, mode: str) -> None:
     except ProbeError:
         raise
     except Exception as exc:
-        raise ProbeError(f"{mode}: attach failed: {exc}{_why(mode)}") from exc
+        raise ProbeError(f"{mode}: attach failed: {_errtext(exc)}{_why(mode)}") from exc
+
+
+def _errtext(exc: Exception) -> str:
+    # BCC reports every EPERM from the kernel as a privilege problem, even for root.
+    text = str(exc)
+    if "Need super-user privileges" in text:
+        return "the kernel answered EPERM"
+    return text
 
 
 def _why(mode: str) -> str:

@@ -1,0 +1,228 @@
+"""`imdswatch doctor`: what this machine offers the tracer, what is missing and the exact
+fix for each gap; `preflight` gives `imdswatch run` the same verdicts to fail fast."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from tracer import kernel, probes
+
+# Capability bits (linux/capability.h).
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+TRACEPOINT = "sock/inet_sock_set_state"
+MIN_TRACEPOINT_KERNEL = (4, 16)  # sock:inet_sock_set_state appeared in 4.16
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    # Probe modes this problem makes impossible; "all" blocks every mode.
+    blocks: set[str] = field(default_factory=set)
+
+    @property
+    def status(self) -> str:
+        if self.ok:
+            return " ok "
+        return "FAIL" if "all" in self.blocks else "warn"
+
+
+def _cap_eff() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def check_privileges() -> Check:
+    caps = _cap_eff()
+    has = {n: bool(caps >> b & 1) for n, b in
+           (("CAP_BPF", CAP_BPF), ("CAP_PERFMON", CAP_PERFMON), ("CAP_SYS_ADMIN", CAP_SYS_ADMIN))}
+    if os.geteuid() == 0 and has["CAP_SYS_ADMIN"]:
+        return Check("privileges", True, "running as root with CAP_SYS_ADMIN")
+    if has["CAP_SYS_ADMIN"] or (has["CAP_BPF"] and has["CAP_PERFMON"]):
+        held = ", ".join(n for n, v in has.items() if v)
+        return Check("privileges", True, f"not root, but holds {held}")
+    return Check(
+        "privileges", False, f"uid {os.geteuid()} without CAP_BPF + CAP_PERFMON",
+        "run as root (sudo .venv/bin/imdswatch run), or grant the capabilities: "
+        "sudo setcap cap_bpf,cap_perfmon,cap_sys_admin+ep $(readlink -f .venv/bin/python); "
+        "in Kubernetes set securityContext.capabilities.add [BPF, PERFMON, SYS_ADMIN]",
+        {"all"},
+    )
+
+
+def check_kernel() -> Check:
+    rel = kernel.kernel_release()
+    ver = kernel.kernel_version(rel)
+    if ver < MIN_TRACEPOINT_KERNEL:
+        return Check("kernel", False, f"{rel} is older than 4.16",
+                     "upgrade to a kernel >= 4.16 (5.8+ for the BPF ring buffer)", {"all"})
+    buf = "ring buffer" if kernel.ringbuf_supported(rel) else "perf buffer (kernel < 5.8)"
+    return Check("kernel", True, f"{rel}; events go through the {buf}")
+
+
+def check_bcc() -> Check:
+    try:
+        bcc = kernel.import_bcc()
+    except ImportError as exc:
+        return Check("bcc", False, "python BCC not importable", str(exc).split(": ", 1)[-1],
+                     {"all"})
+    version = getattr(bcc, "__version__", "?")
+    return Check("bcc", True, f"BCC {version} importable from {sys.executable}")
+
+
+def check_headers() -> Check:
+    path = kernel.headers_path()
+    if path:
+        rel = kernel.kernel_release()
+        note = ""
+        if kernel.kernel_version(rel) != kernel.kernel_version(os.path.basename(path).replace(
+                "linux-headers-", "")) and path.startswith("/usr/src/"):
+            note = (" (headers of another kernel version: enough for the tracepoint probe, "
+                    "whose layout BCC reads from tracefs)")
+        return Check("kernel headers", True, f"BCC compiles against {path}{note}")
+    rel = kernel.kernel_release()
+    return Check(
+        "kernel headers", False, f"nothing at /lib/modules/{rel}/build",
+        f"apt-get install linux-headers-{rel} where the distribution ships them; otherwise "
+        "bash scripts/kernel-headers.sh (links Debian's newest cloud headers, enough for the "
+        "tracepoint probe)",
+        {"all"},
+    )
+
+
+def check_tracefs() -> Check:
+    path = kernel.tracefs_path()
+    if path:
+        return Check("tracefs", True, f"mounted at {path}")
+    if os.geteuid() == 0:
+        return Check("tracefs", True, "not mounted; `imdswatch run` mounts it (running as root)")
+    return Check(
+        "tracefs", False, "tracefs/debugfs not mounted",
+        "sudo mount -t tracefs nodev /sys/kernel/tracing && "
+        "sudo mount -t debugfs nodev /sys/kernel/debug",
+        {"tracepoint", "kprobe"},
+    )
+
+
+def check_tracepoint() -> Check:
+    path = kernel.tracefs_path()
+    if path is None:
+        return Check("tracepoint", os.geteuid() == 0,
+                     "cannot be checked until tracefs is mounted",
+                     "" if os.geteuid() == 0 else "mount tracefs (see above)", set())
+    if os.path.isdir(f"{path}/events/{TRACEPOINT}"):
+        return Check("tracepoint", True, "sock:inet_sock_set_state present")
+    return Check("tracepoint", False, "sock:inet_sock_set_state missing",
+                 "use a kernel >= 4.16 built with CONFIG_TRACEPOINTS, or --probe kprobe",
+                 {"tracepoint"})
+
+
+def check_kprobes() -> Check:
+    if not kernel.kprobes_available():
+        return Check("kprobes", False, "kernel built without kprobes (CONFIG_KPROBES off)",
+                     "use --probe tracepoint (auto does), or a kernel with CONFIG_KPROBES=y",
+                     {"kprobe"})
+    if not kernel.kallsyms_has("tcp_v4_connect"):
+        return Check("kprobes", False, "tcp_v4_connect not in /proc/kallsyms",
+                     "use --probe tracepoint", {"kprobe"})
+    return Check("kprobes", True, "kprobes available; tcp_v4_connect traceable")
+
+
+def check_fentry(try_load: bool) -> Check:
+    if not kernel.btf_available():
+        return Check("fentry", False, "no kernel BTF (/sys/kernel/btf/vmlinux)",
+                     "use a kernel built with CONFIG_DEBUG_INFO_BTF=y, or --probe tracepoint",
+                     {"fentry"})
+    if not kernel.kallsyms_has("bpf_trampoline_link_prog"):
+        return Check("fentry", False, "kernel has no BPF trampolines",
+                     "use --probe kprobe or tracepoint", {"fentry"})
+    if not try_load:
+        return Check("fentry", True, "BTF and trampolines present (load not tried)")
+    try:
+        b = probes.compile_mode("fentry")
+        try:
+            probes.load_mode(b, "fentry")
+        finally:
+            b.cleanup()
+    except probes.ProbeError as exc:
+        lock = kernel.lockdown()
+        why = f"; kernel lockdown is '{lock}'" if lock and lock != "none" else ""
+        return Check("fentry", False, f"the kernel refuses fentry programs ({exc}){why}",
+                     "a kernel that allows BPF trampolines (CONFIG_BPF_JIT, "
+                     "CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS, no LSM/lockdown veto); until "
+                     "then auto falls back to kprobe or tracepoint",
+                     {"fentry"})
+    return Check("fentry", True, "fentry programs load")
+
+
+def checks(try_load: bool = True) -> list[Check]:
+    out = [check_privileges(), check_kernel(), check_bcc(), check_headers(), check_tracefs(),
+           check_tracepoint(), check_kprobes()]
+    runnable = not any("all" in c.blocks for c in out)
+    out.append(check_fentry(try_load and runnable))
+    return out
+
+
+def predicted_mode(results: list[Check], requested: str = "auto") -> str | None:
+    """The mode `requested` would attach, judged from the checks alone."""
+    blocked: set[str] = set().union(*(c.blocks for c in results if not c.ok))
+    if "all" in blocked:
+        return None
+    order = probes.AUTO_ORDER if requested == "auto" else (requested,)
+    return next((m for m in order if m not in blocked), None)
+
+
+def preflight(probe: str) -> list[str]:
+    """Fatal problems for `imdswatch run --probe PROBE`, each with its fix; empty when the
+    run may proceed. Fast: compiles nothing."""
+    results = checks(try_load=False)
+    problems = [f"{c.name}: {c.detail}; fix: {c.fix}" for c in results
+                if not c.ok and "all" in c.blocks]
+    if problems:
+        return problems
+    if predicted_mode(results, probe) is None:
+        relevant = [c for c in results if not c.ok and (probe in c.blocks or probe == "auto")]
+        return [f"{c.name}: {c.detail}; fix: {c.fix}" for c in relevant] or [
+            f"no probe mode can attach for --probe {probe}"]
+    return []
+
+
+def _auto_choice() -> tuple[str | None, str]:
+    """Attach for real, then detach: the only sure answer to what auto picks."""
+    try:
+        b, mode = probes.open_mode("auto", ringbuf=kernel.ringbuf_supported())
+    except probes.ProbeError as exc:
+        return None, str(exc)
+    b.cleanup()
+    return mode, "attached and detached for this check"
+
+
+def run_doctor() -> int:
+    """Print every check with its fix and the probe auto would pick. 0 when a probe can
+    attach, 1 otherwise."""
+    results = checks(try_load=True)
+    for c in results:
+        print(f"[{c.status}] {c.name}: {c.detail}")
+        if not c.ok and c.fix:
+            print(f"       fix: {c.fix}")
+    mode = predicted_mode(results)
+    if mode is not None and os.geteuid() == 0:
+        mode, how = _auto_choice()
+        print(f"probe: auto picks {mode} ({how})" if mode else f"probe: none attaches: {how}")
+    elif mode is not None:
+        print(f"probe: auto would pick {mode} (from the checks above)")
+    else:
+        print("probe: none can attach until the failures above are fixed")
+    return 0 if mode else 1
