@@ -1,0 +1,219 @@
+"""The `imdswatch` command line. Exit status 2 means unusable arguments, an unreadable
+file or a missing privilege; the message on stderr says which and what to do."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from imdswatch import __version__
+from imdswatch.config import PROBES, Config, ConfigError, load_config
+from scoring.durations import parse_duration
+from scoring.state import StateError
+
+
+class DurationType(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = DurationType()
+
+
+def fail(message: str) -> None:
+    click.echo(f"imdswatch: {message}", err=True)
+    sys.exit(2)
+
+
+def _config(path: str | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        fail(str(exc))
+        raise  # unreachable
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="imdswatch")
+def main() -> None:
+    """Detect unusual processes calling the cloud instance metadata service."""
+
+
+@main.command()
+@click.argument("events", metavar="EVENTS")
+@click.option("--output", "-o", default="-", show_default="standard output",
+              help="Where to write alerts (NDJSON).")
+@click.option("--threshold", type=click.FloatRange(0, 100), default=None,
+              help="Anomaly score that makes an alert [default: 50, or the config's].")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False),
+              help="Load the model from FILE before, save it after.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config.")
+@click.option("--learning-period", type=DURATION, default=None,
+              help="No alert before this much event time, e.g. 30s, 15m, 24h, 3d.")
+@click.option("--reorder-window", type=DURATION, default="10m", show_default=True,
+              help="How far out of time order input may be and still be scored in order "
+                   "(use 'inf' to sort the whole input).")
+def replay(events: str, output: str, threshold: float | None, state_path: str | None,
+           config_path: str | None, learning_period: float | None,
+           reorder_window: float) -> None:
+    """Score recorded ECS events (NDJSON, plain or .gz, or - for stdin) in event time."""
+    from exporters.alerts import AlertWriter
+    from imdswatch.ndjson import InputError
+    from imdswatch.replay import replay as run_replay
+    from imdswatch.replay import summary
+    from scoring.scorer import Scorer
+    from scoring.state import load_state, save_state
+
+    cfg = _config(config_path)
+    if threshold is not None:
+        cfg.scorer.threshold = threshold
+    if learning_period is not None:
+        cfg.scorer.learning_period = learning_period
+    if events != "-" and not Path(events).is_file():
+        fail(f"{events}: no such file")
+    scorer = Scorer(cfg.scorer, cfg.catalog, cfg.exceptions)
+    if state_path and Path(state_path).exists():
+        try:
+            load_state(state_path, scorer)
+        except StateError as exc:
+            fail(str(exc))
+    try:
+        writer = AlertWriter(sys.stdout.buffer if output == "-" else output)
+    except OSError as exc:
+        fail(f"{output}: cannot write alerts ({exc.strerror})")
+
+    def on_outcome(out: object) -> None:
+        if out.alert:  # type: ignore[attr-defined]
+            writer.write(out)  # type: ignore[arg-type]
+
+    started = time.perf_counter()
+    try:
+        stats = run_replay(events, scorer, on_outcome, reorder_window=reorder_window)
+    except InputError as exc:
+        fail(str(exc))
+    finally:
+        writer.close()
+    elapsed = time.perf_counter() - started
+    if state_path:
+        try:
+            save_state(state_path, scorer)
+        except OSError as exc:
+            fail(f"{state_path}: cannot save state ({exc.strerror})")
+    click.echo(summary(stats, scorer, elapsed), err=True)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config.")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False),
+              help="Load at start; save periodically and on SIGTERM/SIGINT.")
+@click.option("--probe", type=click.Choice(PROBES), default=None,
+              help="Attach mode [default: auto, or the config's].")
+@click.option("--metrics-address", default=None,
+              help="HOST:PORT serving /metrics [default: 0.0.0.0:9464].")
+@click.option("--output", "-o", default="-", show_default="standard output",
+              help="Where to write alerts (NDJSON).")
+@click.option("--learning-period", type=DURATION, default=None,
+              help="No alert before this much time, e.g. 30s, 15m, 24h, 7d.")
+@click.option("--threshold", type=click.FloatRange(0, 100), default=None,
+              help="Anomaly score that makes an alert [default: 50].")
+def run(config_path: str | None, state_path: str | None, probe: str | None,
+        metrics_address: str | None, output: str, learning_period: float | None,
+        threshold: float | None) -> None:
+    """Trace metadata connections live with BPF and score them as they happen."""
+    from imdswatch.agent import run_agent
+
+    cfg = _config(config_path)
+    if learning_period is not None:
+        cfg.scorer.learning_period = learning_period
+    if threshold is not None:
+        cfg.scorer.threshold = threshold
+    if probe is not None:
+        cfg.agent.probe = probe
+    if metrics_address is not None:
+        cfg.metrics.address = metrics_address
+    sys.exit(run_agent(cfg, state_path=state_path, output=output))
+
+
+@main.command()
+def doctor() -> None:
+    """Check this machine for live tracing and say how to fix what is missing."""
+    from tracer.doctor import run_doctor
+
+    sys.exit(run_doctor())
+
+
+@main.group()
+def state() -> None:
+    """Inspect and merge saved model states."""
+
+
+@state.command("merge")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the merged state.")
+@click.option("--half-life", type=DURATION, default=None,
+              help="Decay used to align the states' clocks [default: the config's, 14d].")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config.")
+def state_merge(inputs: tuple[str, ...], output: str, half_life: float | None,
+                config_path: str | None) -> None:
+    """Merge states from several nodes so a new node starts with the fleet's baseline."""
+    from scoring.state import merge_state_files
+
+    hl = half_life if half_life is not None else _config(config_path).scorer.half_life
+    try:
+        merged = merge_state_files(list(inputs), output, hl)
+    except StateError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{output}: cannot write ({exc.strerror})")
+    n = sum(len(v) for v in merged["detectors"].values())
+    click.echo(
+        f"merged {len(inputs)} states: {n} entities from {len(merged['hosts'])} hosts "
+        f"-> {output}", err=True,
+    )
+
+
+@state.command("show")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config.")
+def state_show(path: str, config_path: str | None) -> None:
+    """Summarise a saved state: history, hosts, entities per detector."""
+    from imdswatch.replay import ReplayStats, summary
+    from scoring.scorer import Scorer
+    from scoring.state import load_state
+
+    cfg = _config(config_path)
+    scorer = Scorer(cfg.scorer, cfg.catalog)
+    try:
+        load_state(path, scorer)
+    except StateError as exc:
+        fail(str(exc))
+    st = ReplayStats(first_ts=scorer.first_ts, last_ts=scorer.last_ts,
+                     scored=scorer.events_learned)
+    text = summary(st, scorer, 0.0).splitlines()
+    click.echo("\n".join([f"state {path}:", *text[1:2], *text[-2:]]))
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config.")
+def endpoints(config_path: str | None) -> None:
+    """List the metadata endpoints watched (built-in catalog plus the config's changes)."""
+    cfg = _config(config_path)
+    for e in cfg.catalog:
+        ports = ",".join(str(p) for p in sorted(e.ports)) or "any"
+        click.echo(f"{e.id:26} {e.address:22} ports {ports:10} {e.provider}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The configuration file (TOML), validated up front so a typo fails at start with the
+offending key named, not silently hours later. Every setting has a default; no file at
+all means the defaults. See `docs/configuration.md` for an annotated example."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scoring.detectors import DETECTOR_NAMES
+from scoring.durations import parse_duration
+from scoring.endpoints import EndpointCatalog
+from scoring.exceptions import ExceptionRule, parse_exception
+from scoring.settings import ScorerSettings
+
+
+class ConfigError(ValueError):
+    """An unusable configuration; the message names the file and the key."""
+
+
+@dataclass
+class MetricsSettings:
+    address: str = "0.0.0.0:9464"
+    # Per label: beyond this many distinct values, new ones are reported as "__other__".
+    max_label_values: int = 200
+    # An anomalous entity's score gauge disappears this long after its last anomaly,
+    # so Prometheus alerts on it resolve.
+    anomaly_ttl: float = 900.0
+
+
+@dataclass
+class AgentSettings:
+    probe: str = "auto"
+    proc_root: str = "/proc"
+    passwd: str = "/etc/passwd"
+    state_save_interval: float = 300.0
+    node_name: str | None = None  # host.name; default: the machine's hostname
+
+
+@dataclass
+class Config:
+    scorer: ScorerSettings = field(default_factory=ScorerSettings)
+    catalog: EndpointCatalog = field(default_factory=EndpointCatalog.from_config)
+    exceptions: tuple[ExceptionRule, ...] = ()
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    path: str | None = None
+
+
+PROBES = ("auto", "kprobe", "fentry", "tracepoint")
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    unknown = set(table) - allowed
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} in [{where}]: "
+            f"{', '.join(sorted(unknown))} (allowed: {', '.join(sorted(allowed))})"
+        )
+
+
+def _duration(value: Any, where: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _number(value: Any, where: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise ConfigError(f"{where} must be a number from {lo:g} to {hi:g}, not {value!r}")
+    return float(value)
+
+
+def _scoring(t: dict) -> ScorerSettings:
+    _check_keys(t, {"threshold", "detector_thresholds", "learning_period", "half_life",
+                    "suppression_window", "known_caller_factor"}, "scoring")
+    s = ScorerSettings()
+    if "threshold" in t:
+        s.threshold = _number(t["threshold"], "scoring.threshold", 0, 100)
+    for name, value in t.get("detector_thresholds", {}).items():
+        if name not in DETECTOR_NAMES:
+            raise ConfigError(
+                f"scoring.detector_thresholds: unknown detector {name!r} "
+                f"(detectors: {', '.join(DETECTOR_NAMES)})"
+            )
+        s.detector_thresholds[name] = _number(value, f"scoring.detector_thresholds.{name}", 0, 100)
+    if "learning_period" in t:
+        s.learning_period = _duration(t["learning_period"], "scoring.learning_period")
+    if "half_life" in t:
+        s.half_life = _duration(t["half_life"], "scoring.half_life")
+        if s.half_life <= 0:
+            raise ConfigError("scoring.half_life must be longer than zero")
+    if "suppression_window" in t:
+        s.suppression_window = _duration(t["suppression_window"], "scoring.suppression_window")
+    if "known_caller_factor" in t:
+        s.known_caller_factor = _number(t["known_caller_factor"], "scoring.known_caller_factor",
+                                        0, 1)
+    return s
+
+
+def _endpoints(t: dict) -> EndpointCatalog:
+    _check_keys(t, {"add", "remove", "builtin"}, "endpoints")
+    try:
+        return EndpointCatalog.from_config(
+            add=t.get("add", []), remove=t.get("remove", []), builtin=t.get("builtin", True)
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"endpoints: {exc}") from None
+
+
+def _exceptions(rules: list) -> tuple[ExceptionRule, ...]:
+    out = []
+    for i, spec in enumerate(rules, 1):
+        try:
+            out.append(parse_exception(spec))
+        except ValueError as exc:
+            raise ConfigError(f"exceptions #{i}: {exc}") from None
+    return tuple(out)
+
+
+def _metrics(t: dict) -> MetricsSettings:
+    _check_keys(t, {"address", "max_label_values", "anomaly_ttl"}, "metrics")
+    m = MetricsSettings()
+    if "address" in t:
+        m.address = str(t["address"])
+    if "max_label_values" in t:
+        m.max_label_values = int(_number(t["max_label_values"], "metrics.max_label_values",
+                                         1, 1_000_000))
+    if "anomaly_ttl" in t:
+        m.anomaly_ttl = _duration(t["anomaly_ttl"], "metrics.anomaly_ttl")
+    return m
+
+
+def _agent(t: dict) -> AgentSettings:
+    _check_keys(t, {"probe", "proc_root", "passwd", "state_save_interval", "node_name"}, "agent")
+    a = AgentSettings()
+    if "probe" in t:
+        if t["probe"] not in PROBES:
+            raise ConfigError(f"agent.probe must be one of {', '.join(PROBES)}")
+        a.probe = t["probe"]
+    for key in ("proc_root", "passwd", "node_name"):
+        if key in t:
+            setattr(a, key, str(t[key]))
+    if "state_save_interval" in t:
+        a.state_save_interval = _duration(t["state_save_interval"], "agent.state_save_interval")
+    return a
+
+
+def parse_config(data: dict, path: str | None = None) -> Config:
+    _check_keys(data, {"scoring", "endpoints", "exceptions", "metrics", "agent"}, "top level")
+    try:
+        return Config(
+            scorer=_scoring(data.get("scoring", {})),
+            catalog=_endpoints(data.get("endpoints", {})),
+            exceptions=_exceptions(data.get("exceptions", [])),
+            metrics=_metrics(data.get("metrics", {})),
+            agent=_agent(data.get("agent", {})),
+            path=path,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+    except (AttributeError, TypeError) as exc:
+        raise ConfigError(f"{path or 'config'}: wrong type of value ({exc})") from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """The configuration in `path`, or the defaults when `path` is None."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    return parse_config(data, str(p))
