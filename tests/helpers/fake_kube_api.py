@@ -1,0 +1,135 @@
+"""A tiny stand-in for the Kubernetes API server's pod list/watch, run as its own process
+by tests/test_kubernetes.py.
+
+    python fake_kube_api.py PORT_FILE [--cert CERT --key KEY] [--token TOKEN] [--deny]
+
+Serves GET /api/v1/pods (list, and watch=1 as a JSON-lines stream), honouring only the
+spec.nodeName field selector. POST /control/{add,delete} with {"uid","name","namespace",
+"node"} changes the pod set and feeds open watches. With --deny every API call is 403.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import ssl
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+STATE = {"version": 1, "pods": {}, "events": []}
+LOCK = threading.Condition()
+SEEN_QUERIES: list[dict] = []
+
+
+def pod(uid: str, name: str, namespace: str, node: str, version: int) -> dict:
+    return {"metadata": {"uid": uid, "name": name, "namespace": namespace,
+                         "resourceVersion": str(version)}, "spec": {"nodeName": node}}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    token = "test-token"
+    deny = False
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _json(self, status: int, doc: object) -> None:
+        body = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        op = self.path.rsplit("/", 1)[-1]
+        with LOCK:
+            STATE["version"] += 1
+            obj = pod(doc["uid"], doc["name"], doc["namespace"], doc["node"], STATE["version"])
+            if op == "add":
+                STATE["pods"][doc["uid"]] = obj
+                STATE["events"].append(("ADDED", obj))
+            else:
+                STATE["pods"].pop(doc["uid"], None)
+                STATE["events"].append(("DELETED", obj))
+            LOCK.notify_all()
+        self._json(200, {"ok": True})
+
+    def do_GET(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        if url.path == "/control/queries":
+            return self._json(200, SEEN_QUERIES)
+        SEEN_QUERIES.append(query)
+        if self.deny or self.headers.get("Authorization") != f"Bearer {self.token}":
+            return self._json(403, {"kind": "Status", "code": 403, "reason": "Forbidden"})
+        if url.path != "/api/v1/pods":
+            return self._json(404, {"kind": "Status", "code": 404})
+        node = query.get("fieldSelector", "").removeprefix("spec.nodeName=")
+        if query.get("watch") in ("1", "true"):
+            return self._watch(node, int(query.get("resourceVersion") or 0),
+                               float(query.get("timeoutSeconds") or 30))
+        with LOCK:
+            items = [p for p in STATE["pods"].values() if p["spec"]["nodeName"] == node]
+            version = STATE["version"]
+        self._json(200, {"kind": "PodList", "metadata": {"resourceVersion": str(version)},
+                         "items": items})
+
+    def _watch(self, node: str, since: int, timeout: float) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        deadline = time.monotonic() + min(timeout, 5)
+        sent = 0
+        while time.monotonic() < deadline:
+            with LOCK:
+                pending = [(k, o) for k, o in STATE["events"]
+                           if int(o["metadata"]["resourceVersion"]) > since][sent:]
+                if not pending:
+                    LOCK.wait(0.1)
+                    continue
+            for kind, obj in pending:
+                sent += 1
+                if obj["spec"]["nodeName"] != node:
+                    continue
+                line = json.dumps({"type": kind, "object": obj}).encode() + b"\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("port_file")
+    ap.add_argument("--cert")
+    ap.add_argument("--key")
+    ap.add_argument("--token", default="test-token")
+    ap.add_argument("--deny", action="store_true")
+    ap.add_argument("--pod", action="append", default=[],
+                    help="uid,name,namespace,node present before the first list")
+    args = ap.parse_args()
+    Handler.token, Handler.deny = args.token, args.deny
+    for spec in args.pod:
+        uid, name, namespace, node = spec.split(",")
+        STATE["pods"][uid] = pod(uid, name, namespace, node, 1)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    if args.cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.cert, args.key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    with open(args.port_file + ".tmp", "w") as fh:
+        fh.write(str(server.server_address[1]))
+    # Rename so the test never reads a half-written port number.
+    os.replace(args.port_file + ".tmp", args.port_file)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
