@@ -1,0 +1,296 @@
+"""The live agent: tracer -> scorer -> exporters, in one loop on the main thread.
+
+Start-up fails fast (exit 2, with the doctor's fix) when the machine cannot trace. Once
+attached, every ECS document from the kernel goes through `event_from_ecs` and
+`Scorer.process`, exactly as a replayed line would; outcomes feed the metrics and alerts
+go to the NDJSON output. SIGTERM/SIGINT stop the loop, the probes are detached and the
+state saved; SIGHUP reloads the endpoint catalog and exceptions from the config file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from exporters.alerts import AlertWriter
+from exporters.metrics import MetricsExporter
+from scoring.events import MalformedEvent, event_from_ecs
+from scoring.scorer import Scorer
+from scoring.state import StateError, load_state, save_state
+from tracer import doctor
+from tracer.probes import AUTO_ORDER, ProbeError
+from tracer.session import Tracer
+
+log = logging.getLogger("imdswatch.agent")
+
+POLL_MS = 100
+HOUSEKEEPING_S = 1.0
+LIVE_STALL_S = 30.0
+
+
+@dataclass
+class AgentStats:
+    events: int = 0
+    scored: int = 0
+    skipped: int = 0
+    malformed: int = 0
+    alerts: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=logging.INFO, stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+
+
+def _fail(message: str) -> int:
+    print(f"imdswatch run: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+class Agent:
+    """One live agent. `run()` blocks until `stop` is set (or a signal sets it)."""
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        state_path: str | None = None,
+        output: str | IO[Any] = "-",
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.config = config
+        self.state_path = state_path
+        self.output = output
+        self.stop = stop or threading.Event()
+        self.reload_requested = False
+        self.stats = AgentStats()
+        self.scorer = Scorer(config.scorer, config.catalog, config.exceptions)
+        self.metrics: MetricsExporter | None = None
+        self.writer: AlertWriter | None = None
+        self.tracer: Tracer | None = None
+        self.server: Any = None
+        self.attached = False
+        self._last_loop = time.monotonic()
+
+    # -- start -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load state, serve metrics, attach. Raises RuntimeError with a message to print."""
+        cfg = self.config
+        if self.state_path and os.path.exists(self.state_path):
+            try:
+                load_state(self.state_path, self.scorer)
+            except StateError as exc:
+                raise RuntimeError(str(exc)) from None
+            log.info("state loaded from %s (%d events learned)", self.state_path,
+                     self.scorer.events_learned)
+        elif self.state_path:
+            log.info("no state at %s yet: starting with an empty model", self.state_path)
+        self.metrics = MetricsExporter(
+            max_label_values=cfg.metrics.max_label_values,
+            anomaly_ttl=cfg.metrics.anomaly_ttl,
+            host=cfg.agent.node_name,
+        )
+        self.metrics.set_ready(False, "probe not attached yet")
+        self.metrics.health.live_check = self._alive
+        try:
+            self.server = self.metrics.serve(cfg.metrics.address)
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"cannot serve metrics on {cfg.metrics.address}: {exc}") from None
+        self.writer = AlertWriter(sys.stdout.buffer if self.output == "-" else self.output)
+        self.tracer = Tracer(
+            cfg.catalog,
+            probe=cfg.agent.probe,
+            proc_root=cfg.agent.proc_root,
+            passwd_path=cfg.agent.passwd,
+            host_name=cfg.agent.node_name,
+        )
+        try:
+            mode = self.tracer.start()
+        except ProbeError as exc:
+            raise RuntimeError(
+                f"no probe could attach: {exc}; run `imdswatch doctor` for the fixes"
+            ) from None
+        self.attached = True
+        fallback = cfg.agent.probe == "auto" and mode != AUTO_ORDER[0]
+        self.metrics.set_probe(mode, fallback)
+        self.metrics.update_model(self.scorer)
+        log.info("agent ready: probe %s, metrics on http://%s/metrics, learning %s",
+                 mode, cfg.metrics.address, "on" if self.scorer.learning else "off")
+
+    def _alive(self) -> bool:
+        return time.monotonic() - self._last_loop < LIVE_STALL_S
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def handle(self, doc: dict) -> None:
+        """Score one ECS document from the tracer and export the result."""
+        assert self.metrics is not None and self.writer is not None
+        s = self.stats
+        s.events += 1
+        try:
+            event = event_from_ecs(doc)
+        except MalformedEvent as exc:
+            s.malformed += 1
+            self.metrics.observe_malformed()
+            log.warning("unusable event from the tracer: %s", exc)
+            return
+        outcome = self.scorer.process(event)
+        if outcome is None:
+            # The kernel filter and the catalog agree, so this only happens right after a
+            # reload removed an endpoint while its events were in flight.
+            s.skipped += 1
+            self.metrics.observe_skipped()
+            return
+        s.scored += 1
+        self.metrics.observe(outcome)
+        if outcome.alert:
+            s.alerts += 1
+            self.writer.write(outcome)
+
+    def run(self) -> None:
+        assert self.tracer is not None and self.metrics is not None
+        interval = float(self.config.agent.state_save_interval)
+        next_house = time.monotonic() + HOUSEKEEPING_S
+        next_save = time.monotonic() + interval if self.state_path and interval > 0 else None
+        while not self.stop.is_set():
+            for doc in self.tracer.poll(POLL_MS):
+                self.handle(doc)
+            now = time.monotonic()
+            self._last_loop = now
+            if self.reload_requested:
+                self.reload_requested = False
+                self.reload()
+            if now >= next_house:
+                next_house = now + HOUSEKEEPING_S
+                self.housekeeping()
+            if next_save is not None and now >= next_save:
+                next_save = now + interval
+                self.save()
+
+    def housekeeping(self) -> None:
+        assert self.tracer is not None and self.metrics is not None
+        self.metrics.update_model(self.scorer)
+        k = self.tracer.kernel_stats()
+        self.metrics.set_kernel_counts(k["matched"], k["dropped"])
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file's endpoints and exceptions, live."""
+        from imdswatch.config import ConfigError, load_config
+
+        path = getattr(self.config, "path", None)
+        if not path:
+            log.info("SIGHUP ignored: the agent runs without a config file")
+            return
+        try:
+            fresh = load_config(path)
+        except ConfigError as exc:
+            log.error("config reload failed, keeping the current one: %s", exc)
+            return
+        assert self.tracer is not None
+        self.tracer.set_catalog(fresh.catalog)
+        self.scorer.catalog = fresh.catalog
+        self.scorer.exceptions = tuple(fresh.exceptions)
+        self.config.catalog, self.config.exceptions = fresh.catalog, fresh.exceptions
+        log.info("config reloaded from %s: %d endpoints, %d exceptions", path,
+                 len(fresh.catalog), len(fresh.exceptions))
+
+    def save(self) -> None:
+        # Never before attaching: a state that failed to load must not be overwritten.
+        if not self.state_path or not self.attached:
+            return
+        try:
+            save_state(self.state_path, self.scorer)
+        except OSError as exc:
+            log.error("cannot save state to %s: %s", self.state_path, exc)
+
+    # -- stop ------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Detach, score what is already buffered, save state, close outputs."""
+        if self.tracer is not None:
+            try:
+                for doc in self.tracer.drain():
+                    self.handle(doc)
+                self.housekeeping()
+            except Exception as exc:  # never let a last-moment error keep probes attached
+                log.error("while draining events: %s", exc)
+            self.tracer.close()
+        self.save()
+        if self.writer is not None:
+            self.writer.close()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        s = self.stats
+        log.info("stopped after %.0fs: %d events, %d scored, %d alerts, %d skipped, "
+                 "%d malformed", time.monotonic() - s.started, s.events, s.scored, s.alerts,
+                 s.skipped, s.malformed)
+
+
+def _install_signals(agent: Agent) -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def on_stop(signum: int, _frame: object) -> None:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        agent.stop.set()
+
+    def on_hup(_signum: int, _frame: object) -> None:
+        agent.reload_requested = True
+
+    previous = {}
+    for sig, handler in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop),
+                         (signal.SIGHUP, on_hup)):
+        previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def run_agent(
+    config: Any,
+    state_path: str | None = None,
+    probe: str | None = None,
+    metrics_address: str | None = None,
+    output: str | IO[Any] = "-",
+    learning_period: float | None = None,
+    *,
+    stop: threading.Event | None = None,
+) -> int:
+    """`imdswatch run`. Arguments left None keep the config's values. Returns the exit
+    status: 0 after a clean stop, 2 when the machine cannot trace or a setting is unusable."""
+    _setup_logging()
+    if probe is not None:
+        config.agent.probe = probe
+    if metrics_address is not None:
+        config.metrics.address = metrics_address
+    if learning_period is not None:
+        config.scorer.learning_period = learning_period
+    problems = doctor.preflight(config.agent.probe)
+    if problems:
+        for p in problems:
+            print(f"imdswatch run: {p}", file=sys.stderr)
+        return 2
+    agent = Agent(config, state_path=state_path, output=output, stop=stop)
+    previous = _install_signals(agent)
+    try:
+        try:
+            agent.start()
+        except RuntimeError as exc:
+            return _fail(str(exc))
+        agent.run()
+        return 0
+    finally:
+        agent.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
