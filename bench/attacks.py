@@ -1,0 +1,255 @@
+"""The attack half of the scenario: twenty actors spread over the second week.
+
+Each actor is one intrusion: the same process on the same host, a handful of metadata
+connections (or a beacon, or a burst). Their kinds follow what is seen in the wild and
+what the issue asks for: web shells, interpreters in containers, masquerading binaries,
+common tools run by an unusual user or parent, and the endpoints other than
+169.254.169.254 (IPv6 IMDS, the ECS task endpoint, EKS Pod Identity, Azure WireServer).
+Several are built to be hard for a particular anchor: a common name (python3, node,
+java) from an unusual parent defeats rarity by name; kube-system defeats Falco's default
+exception; an executable already seen on the host defeats a new-terms rule.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from bench.ecs import Host, Pod, Proc, Trace, shape
+from bench.fleet import DAY, HOUR, Fleet
+from bench.timing import burst, periodic
+
+BASH = ("bash", "/usr/bin/bash")
+SH = ("sh", "/bin/sh")
+
+
+@dataclass
+class Actor:
+    """Ground truth for one attack actor."""
+
+    id: str
+    kind: str
+    description: str
+    host: str
+    first_ts: float = 0.0
+    last_ts: float = 0.0
+    events: int = 0
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "truth": "attack", "kind": self.kind,
+                "description": self.description, "host": self.host,
+                "first_ts": self.first_ts, "last_ts": self.last_ts, "events": self.events}
+
+
+KINDS = ("web_shell", "container_interpreter", "masquerade", "unusual_user_or_parent",
+         "other_endpoint", "exfil_burst")
+
+
+class Attacks:
+    """Places the actors on the fleet and writes their events."""
+
+    def __init__(self, rng: random.Random, trace: Trace, fleet: Fleet) -> None:
+        self.rng, self.trace, self.fleet = rng, trace, fleet
+        self.actors: list[Actor] = []
+        start = fleet.start
+        # Start times: second week, spread out, during plausible hours.
+        self._slots = sorted(start + rng.uniform(7.3, 13.6) * DAY for _ in range(20))
+
+    def _slot(self) -> float:
+        return self._slots.pop(self.rng.randrange(len(self._slots)))
+
+    def _hosts(self, cloud: str, joined_week_one: bool = False) -> list[Host]:
+        f = self.fleet
+        hosts = [h for h in f.hosts if h.cloud == cloud]
+        if joined_week_one:
+            early = [h for h in hosts if f.start < h.join_ts < f.start + 7 * DAY]
+            if early:
+                return early
+        return [h for h in hosts if h.initial]
+
+    def _web(self, cloud: str) -> tuple[Host, Pod]:
+        return self.rng.choice(self.fleet.web_pods[cloud])
+
+    def _app(self, name: str, at: float) -> tuple[Host, Pod]:
+        """A pod of the app that is alive at time `at` (an attack needs a live pod)."""
+        live = [(h, p) for h, p, a, b in self.fleet.pods[name] if a <= at < b]
+        return self.rng.choice(live or [(h, p) for h, p, _, _ in self.fleet.pods[name]])
+
+    def actor(self, aid: str, kind: str, desc: str, host: Host, proc: Proc,
+              dsts: list[tuple[str, int]], times: list[float], pod: Pod | None = None) -> None:
+        times = [t for t in times if t < self.fleet.end]
+        a = Actor(aid, kind, desc, host.name, min(times), max(times), len(times))
+        self.actors.append(a)
+        sids = [self.trace.add_shape(shape(host, proc, ip, port, "attack", aid, pod))
+                for ip, port in dsts]
+        for i, t in enumerate(times):
+            self.trace.emit(t, sids[i % len(sids)])
+
+    def proc(self, name: str, exe: str, user: str, uid: str, parent: tuple[str, str],
+             cmd: str) -> Proc:
+        return Proc(name, exe, user, uid, parent[0], parent[1], cmd, self.fleet.pid(),
+                    self.fleet.pid())
+
+    def few(self, t: float, n: int, spread: float = 120.0) -> list[float]:
+        return burst(self.rng, t, n, spread)
+
+    # ------------------------------------------------------------------------------
+    def generate(self) -> list[Actor]:
+        rng = self.rng
+        imds = ("169.254.169.254", 80)
+        creds = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+
+        # Web shells: curl/wget as www-data spawned by the web server.
+        h, pod = self._web("aws")
+        self.actor("web-shell-phpfpm-curl", "web_shell",
+                   "curl as www-data from php-fpm in the aws web frontend",
+                   h, self.proc("curl", "/usr/bin/curl", "www-data", "33",
+                                ("php-fpm8.2", "/usr/sbin/php-fpm8.2"), f"curl -s {creds}"),
+                   [imds], self.few(self._slot(), 3), pod)
+        h, pod = self._web("gcp")
+        self.actor("web-shell-apache-wget", "web_shell",
+                   "wget as www-data from apache2 in the gcp storefront",
+                   h, self.proc("wget", "/usr/bin/wget", "www-data", "33",
+                                ("apache2", "/usr/sbin/apache2"),
+                                "wget -qO- --header=Metadata-Flavor: Google http://169.254."
+                                "169.254/computeMetadata/v1/instance/service-accounts/default"
+                                "/token"), [imds], self.few(self._slot(), 2), pod)
+        h = rng.choice(self._hosts("azure"))
+        self.actor("web-shell-nginx-curl-host", "web_shell",
+                   "curl as www-data from php-fpm on an azure node (host web server)",
+                   h, self.proc("curl", "/usr/bin/curl", "www-data", "33",
+                                ("php-fpm7.4", "/usr/sbin/php-fpm7.4"),
+                                "curl -s -H Metadata:true http://169.254.169.254/metadata/"
+                                "identity/oauth2/token?api-version=2018-02-01&resource="
+                                "https://management.azure.com/"), [imds],
+                   self.few(self._slot(), 3))
+
+        # Interpreters in containers whose image never called the metadata service.
+        h, pod = self._web("aws")
+        self.actor("container-python-c", "container_interpreter",
+                   "python3 -c in the aws web frontend (image never called IMDS)",
+                   h, self.proc("python3", "/usr/bin/python3.11", "nginx", "101", SH,
+                                "python3 -c import urllib.request as u;print(u.urlopen("
+                                f"'{creds}').read())"), [imds], self.few(self._slot(), 2), pod)
+        h, pod = self._web("gcp")
+        self.actor("container-perl", "container_interpreter",
+                   "perl socket one-liner in the gcp storefront",
+                   h, self.proc("perl", "/usr/bin/perl", "nginx", "101", SH,
+                                "perl -MIO::Socket::INET -e $s=IO::Socket::INET->new("
+                                "'169.254.169.254:80');print $s 'GET /computeMetadata/v1/'"),
+                   [imds], self.few(self._slot(), 2), pod)
+        h, pod = self._web("azure")
+        self.actor("container-bash-devtcp", "container_interpreter",
+                   "bash /dev/tcp in the azure portal container",
+                   h, self.proc("bash", "/bin/bash", "nginx", "101", SH,
+                                "bash -c exec 3<>/dev/tcp/169.254.169.254/80;echo -e 'GET "
+                                "/metadata/instance?api-version=2021-02-01 HTTP/1.0' >&3"),
+                   [imds], self.few(self._slot(), 2), pod)
+        t = self._slot()
+        h, pod = self._app("checkout-web", t)
+        self.actor("container-node-e", "container_interpreter",
+                   "node -e from a shell in the checkout pod (node calls IMDS there, but "
+                   "never from sh)",
+                   h, self.proc("node", "/usr/local/bin/node", "node", "1000", SH,
+                                "node -e require('http').get('http://169.254.169.254/"
+                                "computeMetadata/v1/instance/service-accounts/default/token')"),
+                   [imds], self.few(t, 3), pod)
+
+        # Masquerading: a well-known agent's name from a writable directory.
+        h = rng.choice(self._hosts("aws"))
+        t = self._slot()
+        self.actor("masq-ssm-agent-tmp", "masquerade",
+                   "amazon-ssm-agent from /tmp beaconing every 5 minutes for an hour",
+                   h, self.proc("amazon-ssm-agent", "/tmp/.ssm/amazon-ssm-agent", "root", "0",
+                                BASH, "/tmp/.ssm/amazon-ssm-agent"), [imds],
+                   periodic(rng, t, t + HOUR, 300, 0.05))
+        h = rng.choice(self._hosts("gcp"))
+        t = self._slot()
+        self.actor("masq-kubelet-devshm", "masquerade",
+                   "kubelet from /dev/shm started by a systemd unit, every 10 minutes",
+                   h, self.proc("kubelet", "/dev/shm/kubelet", "root", "0",
+                                ("systemd", "/usr/lib/systemd/systemd"), "/dev/shm/kubelet"),
+                   [imds], periodic(rng, t, t + 3 * HOUR, 600, 0.05))
+        t = self._slot()
+        h, pod = self._app("orders-worker", t)
+        self.actor("masq-aws-k8s-agent-pod", "masquerade",
+                   "aws-k8s-agent from /var/tmp inside an orders-worker pod",
+                   h, self.proc("aws-k8s-agent", "/var/tmp/aws-k8s-agent", "root", "0", SH,
+                                "/var/tmp/aws-k8s-agent"), [imds],
+                   self.few(t, 4, 600), pod)
+        h = rng.choice(self._hosts("azure"))
+        self.actor("masq-waagent-wireserver", "masquerade",
+                   "a native binary named waagent from /var/tmp to WireServer and IMDS",
+                   h, self.proc("waagent", "/var/tmp/waagent", "root", "0", BASH,
+                                "/var/tmp/waagent -collect"),
+                   [("168.63.129.16", 32526), imds], self.few(self._slot(), 4))
+
+        # Common tools run by an unusual user or parent.
+        h = rng.choice(self._hosts("aws", joined_week_one=True))
+        self.actor("curl-ec2-user-ssh", "unusual_user_or_parent",
+                   "curl by ec2-user from an ssh shell (curl only ever ran from user-data)",
+                   h, self.proc("curl", "/usr/bin/curl", "ec2-user", "1000", BASH,
+                                "curl -s -H X-aws-ec2-metadata-token: AQAEAStolenTok3n== "
+                                f"{creds}node-role"), [imds], self.few(self._slot(), 4))
+        h = rng.choice(self._hosts("gcp", joined_week_one=True))
+        self.actor("curl-ubuntu-ssh", "unusual_user_or_parent",
+                   "curl by ubuntu from an ssh shell on a gke node",
+                   h, self.proc("curl", "/usr/bin/curl", "ubuntu", "1000", BASH,
+                                "curl -s -H Metadata-Flavor: Google http://169.254.169.254/"
+                                "computeMetadata/v1/instance/service-accounts/default/token"),
+                   [imds], self.few(self._slot(), 2))
+        h = rng.choice(self._hosts("aws"))
+        t = self._slot()
+        self.actor("aws-cli-cron", "unusual_user_or_parent",
+                   "aws CLI run by root from cron every hour (operators run it from bash)",
+                   h, self.proc("aws", "/usr/local/bin/aws", "root", "0",
+                                ("cron", "/usr/sbin/cron"),
+                                "aws sts get-caller-identity --output text"), [imds],
+                   [x for s in periodic(rng, t, t + 8 * HOUR, HOUR, 0.01)
+                    for x in (s, s + 0.25)])
+        h = rng.choice(self._hosts("azure"))
+        self.actor("python3-exfil-burst", "exfil_burst",
+                   "python3 from an ssh shell fetching tokens in a burst (python3 as root is "
+                   "the waagent extension handler on every azure node)",
+                   h, self.proc("python3", "/usr/bin/python3.10", "root", "0", BASH,
+                                "python3 /root/.cache/t.py"), [imds],
+                   burst(rng, self._slot(), 80, 40.0))
+
+        # Endpoints other than 169.254.169.254.
+        h, pod = self._web("aws")
+        self.actor("ipv6-imds-curl", "other_endpoint",
+                   "curl to the IPv6 IMDS address from the aws web frontend",
+                   h, self.proc("curl", "/usr/bin/curl", "nginx", "101", SH,
+                                f"curl -6 -s http://[fd00:ec2::254]/latest/meta-data/"
+                                "iam/security-credentials/"),
+                   [("fd00:ec2::254", 80)], self.few(self._slot(), 3), pod)
+        h, pod = self._web("aws")
+        self.actor("ecs-endpoint-wget", "other_endpoint",
+                   "wget to the ECS task credentials endpoint from a pod",
+                   h, self.proc("wget", "/usr/bin/wget", "nginx", "101", SH,
+                                "wget -qO- http://169.254.170.2/v2/credentials/"
+                                "3c3b9e0e-6a4b-4cf4-9a9e-1e7b0f0f6a11"),
+                   [("169.254.170.2", 80)], self.few(self._slot(), 2), pod)
+        t = self._slot()
+        h, pod = self._app("orders-worker", t)
+        self.actor("eks-pod-identity-python", "other_endpoint",
+                   "python3 from sh in an orders-worker pod to EKS Pod Identity",
+                   h, self.proc("python3", "/usr/local/bin/python3.11", "root", "0", SH,
+                                "python3 -c import os,urllib.request as u;print(u.urlopen("
+                                "'http://169.254.170.23/v1/credentials').read())"),
+                   [("169.254.170.23", 80)], self.few(t, 2), pod)
+        h = rng.choice(self._hosts("aws"))
+        pod = Pod("kube-system", "aws-node-x7kq2", "602401143452.dkr.ecr.us-east-1.amazonaws"
+                  ".com/amazon-k8s-cni:v1.18.1", f"{rng.getrandbits(256):064x}")
+        self.actor("kube-system-nc", "container_interpreter",
+                   "nc to IMDS from a shell in a kube-system pod (Falco's default exception)",
+                   h, self.proc("nc", "/usr/bin/nc", "root", "0", SH,
+                                "nc 169.254.169.254 80"), [imds], self.few(self._slot(), 2), pod)
+        h = rng.choice(self._hosts("azure"))
+        self.actor("wireserver-certs-curl", "other_endpoint",
+                   "curl by azureuser to WireServer certificates and HostGAPlugin vmSettings",
+                   h, self.proc("curl", "/usr/bin/curl", "azureuser", "1000", BASH,
+                                "curl -s http://168.63.129.16/machine/?comp=certificates"),
+                   [("168.63.129.16", 80), ("168.63.129.16", 32526)],
+                   self.few(self._slot(), 3))
+        return self.actors
