@@ -220,7 +220,7 @@ class Attacks:
         self.actor("ipv6-imds-curl", "other_endpoint",
                    "curl to the IPv6 IMDS address from the aws web frontend",
                    h, self.proc("curl", "/usr/bin/curl", "nginx", "101", SH,
-                                f"curl -6 -s http://[fd00:ec2::254]/latest/meta-data/"
+                                "curl -6 -s http://[fd00:ec2::254]/latest/meta-data/"
                                 "iam/security-credentials/"),
                    [("fd00:ec2::254", 80)], self.few(self._slot(), 3), pod)
         h, pod = self._web("aws")

@@ -345,7 +345,7 @@ class Fleet:
                     times = [born + 3.0, *times]  # the SDK resolves region at start
                     self.emit(h, proc, app.dst, pair(times) if app.imdsv2 else times,
                               app.name, pod)
-                    svc = ("10.100.%d.%d" % (rng.randrange(256), rng.randrange(1, 255)), 5432)
+                    svc = (f"10.100.{rng.randrange(256)}.{rng.randrange(1, 255)}", 5432)
                     self.emit(h, proc, svc, poisson(rng, born, b, 200), app.name, pod)
                     self.pods[app.name].append((h, pod, born, b))
         for cloud, image in WEB_IMAGES.items():
@@ -373,7 +373,8 @@ class Fleet:
             pod = self.kube_pod(h, "observability", "otel-agent",
                                 "otel/opentelemetry-collector-contrib:0.102.1", born)
             proc = Proc("otelcol-contrib", "/otelcol-contrib", "10001", "10001", SHIM[0],
-                        SHIM[1], "/otelcol-contrib --config /conf/otel-agent.yaml", self.pid(), self.pid())
+                        SHIM[1], "/otelcol-contrib --config /conf/otel-agent.yaml",
+                        self.pid(), self.pid())
             times = [born + 1.0, born + 1.2, born + 1.5, *periodic(rng, born, self.end, 600)]
             self.emit(h, proc, (IMDS, 80), times, "otelcol-contrib", pod)
 
