@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PATHS = {
@@ -31,6 +32,12 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, b"AQAEAtesttoken==" if self.path == "/latest/api/token" else b"")
 
     def do_GET(self) -> None:  # noqa: N802
+        if self.path.startswith("/slow"):
+            # Keeps the client alive for a while, so tests can check /proc enrichment
+            # without racing the client's exit.
+            time.sleep(0.5)
+            self._send(200, b"slow")
+            return
         body = PATHS.get(self.path)
         self._send(200 if body is not None else 404, body or b"not found")
 

@@ -111,3 +111,47 @@ def metadata_ns():
     require_bcc()
     with MetadataNamespace() as ns:
         yield ns
+
+
+class Collector:
+    """Polls a started tracer from a background thread (the only thread touching it), so
+    events are enriched while their processes still run, as in the agent."""
+
+    def __init__(self, tracer: object) -> None:
+        import threading
+
+        self.tracer = tracer
+        self.docs: list[dict] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            docs = self.tracer.poll(50)
+            if docs:
+                with self._lock:
+                    self.docs.extend(docs)
+
+    def __enter__(self) -> Collector:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def matching(self, **want: object) -> list[dict]:
+        """Documents whose process.name / process.pid / destination.ip / destination.port
+        equal `want` (keys: name, pid, ip, port)."""
+        def ok(d: dict) -> bool:
+            got = {"name": d["process"]["name"], "pid": d["process"]["pid"],
+                   "ip": d["destination"]["ip"], "port": d["destination"]["port"]}
+            return all(got[k] == v for k, v in want.items())
+
+        with self._lock:
+            return [d for d in self.docs if ok(d)]
+
+    def wait(self, n: int = 1, timeout: float = 5.0, **want: object) -> list[dict]:
+        wait_for(lambda: len(self.matching(**want)) >= n, timeout)
+        return self.matching(**want)
