@@ -105,6 +105,11 @@ class Enricher:
         cg = _read(f"{base}/cgroup")
         if cg is not None:
             info.cgroup = identify(cg)
+        # Read again: an exec between the first check and the reads above (a shell exec'ing
+        # its last command right after connecting) would attribute another program's exe.
+        after = _read(f"{base}/task/{tid}/comm")
+        if after is None or after.rstrip("\n") != comm:
+            return ProcessInfo(exited=True)
         if info.ppid:
             pbase = f"{self.proc_root}/{info.ppid}"
             pcomm = _read(f"{pbase}/comm")

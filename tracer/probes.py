@@ -62,7 +62,7 @@ def compile_mode(
     flags = sources.cflags(ringbuf=ringbuf, ringbuf_pages=ringbuf_pages,
                            count_entries=count_entries)
     try:
-        return _loader_class()(text=text, cflags=flags)
+        return _loader_class()(text=text.encode(), cflags=flags)
     except Exception as exc:  # BCC raises bare Exception
         raise ProbeError(f"{mode}: BPF compilation failed: {exc}") from exc
 
@@ -74,7 +74,7 @@ def load_mode(b: object, mode: str) -> list[str]:
     names = []
     for name, ptype in PROGRAMS[mode]:
         try:
-            b.load_func(name, getattr(bcc.BPF, ptype))
+            b.load_func(name.encode(), getattr(bcc.BPF, ptype))
         except Exception as exc:
             raise ProbeError(f"{mode}: loading {name} failed: {_errtext(exc)}") from exc
         names.append(name)
@@ -86,18 +86,18 @@ def attach_mode(b: object, mode: str) -> None:
     recorded without its return."""
     try:
         if mode == "tracepoint":
-            b.attach_tracepoint(tp="sock:inet_sock_set_state",
-                                fn_name="tracepoint__sock__inet_sock_set_state")
+            b.attach_tracepoint(tp=b"sock:inet_sock_set_state",
+                                fn_name=b"tracepoint__sock__inet_sock_set_state")
         elif mode == "kprobe":
             for fn, suffix in zip(CONNECT_FUNCTIONS, ("v4", "v6"), strict=True):
-                b.attach_kretprobe(event=fn, fn_name=f"imds_kretprobe_{suffix}")
+                b.attach_kretprobe(event=fn.encode(), fn_name=f"imds_kretprobe_{suffix}".encode())
             for fn, suffix in zip(CONNECT_FUNCTIONS, ("v4", "v6"), strict=True):
-                b.attach_kprobe(event=fn, fn_name=f"imds_kprobe_{suffix}")
+                b.attach_kprobe(event=fn.encode(), fn_name=f"imds_kprobe_{suffix}".encode())
         elif mode == "fentry":
             for fn in CONNECT_FUNCTIONS:
-                b.attach_kretfunc(fn_name=f"kretfunc__{fn}")
+                b.attach_kretfunc(fn_name=f"kretfunc__{fn}".encode())
             for fn in CONNECT_FUNCTIONS:
-                b.attach_kfunc(fn_name=f"kfunc__{fn}")
+                b.attach_kfunc(fn_name=f"kfunc__{fn}".encode())
         else:
             raise ProbeError(f"unknown probe mode {mode!r}")
     except ProbeError:

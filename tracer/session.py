@@ -74,9 +74,9 @@ class Tracer:
         )
         b = self._bpf
         if self.ringbuf:
-            b["events"].open_ring_buffer(self._on_event)
+            b[b"events"].open_ring_buffer(self._on_event)
         else:
-            b["events"].open_perf_buffer(self._on_event, page_cnt=64,
+            b[b"events"].open_perf_buffer(self._on_event, page_cnt=64,
                                          lost_cb=self._on_lost)
         self.attach_seconds = time.monotonic() - t0
         log.info("tracing TCP connects to %d metadata endpoints with %s (%s), attached in %.2fs",
@@ -85,14 +85,14 @@ class Tracer:
         return self.probe
 
     def _fill_maps(self, b: object) -> None:
-        maps.write(b["endpoints4"], b["endpoints6"], self.catalog)
+        maps.write(b[b"endpoints4"], b[b"endpoints6"], self.catalog)
 
     def set_catalog(self, catalog: Iterable[Endpoint]) -> int:
         """Replace the endpoints the kernel filters on, live. Returns the number of entries."""
         self.catalog = tuple(catalog)
         if self._bpf is None:
             return len(maps.entries(self.catalog))
-        n = maps.write(self._bpf["endpoints4"], self._bpf["endpoints6"], self.catalog)
+        n = maps.write(self._bpf[b"endpoints4"], self._bpf[b"endpoints6"], self.catalog)
         log.info("endpoint maps reloaded: %d entries", n)
         return n
 
@@ -161,7 +161,7 @@ class Tracer:
         """matched, emitted, dropped, count_map_full, pending_full: totals over all CPUs."""
         if self._bpf is None:
             return dict.fromkeys(STAT_NAMES, 0)
-        table = self._bpf["stats"]
+        table = self._bpf[b"stats"]
         out = {}
         for i, name in enumerate(STAT_NAMES):
             out[name] = int(sum(table[table.Key(i)]))
@@ -173,5 +173,5 @@ class Tracer:
             return {}
         return {
             (k.comm.decode("utf-8", "replace"), int(k.uid), int(k.cgroup_id)): int(v.value)
-            for k, v in self._bpf["conn_counts"].items()
+            for k, v in self._bpf[b"conn_counts"].items()
         }
