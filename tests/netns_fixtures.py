@@ -155,3 +155,119 @@ class Collector:
     def wait(self, n: int = 1, timeout: float = 5.0, **want: object) -> list[dict]:
         wait_for(lambda: len(self.matching(**want)) >= n, timeout)
         return self.matching(**want)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AgentProcess:
+    """`imdswatch run` as a real subprocess, with its metrics address and alert file."""
+
+    def __init__(self, workdir: Path, *args: str) -> None:
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.alerts = self.workdir / "alerts.ndjson"
+        self.log = self.workdir / "agent.log"
+        exe = HERE.parent / ".venv" / "bin" / "imdswatch"
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-c",
+                                               "from imdswatch.cli import main; main()"]
+        self.argv = [*cmd, "run", "--metrics-address", f"127.0.0.1:{self.port}",
+                     "--output", str(self.alerts), *args]
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.ready_after: float | None = None
+
+    def start(self, timeout: float = 60.0) -> AgentProcess:
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "wb"), cwd=self.workdir)
+        if not wait_for(lambda: self.ready() or self.proc.poll() is not None, timeout, 0.02):
+            raise RuntimeError(f"agent not ready after {timeout}s: {self.log.read_text()}")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"agent exited {self.proc.returncode}: {self.log.read_text()}")
+        self.ready_after = time.monotonic() - self.started_at
+        return self
+
+    def get(self, path: str) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, ""
+        except OSError:
+            return 0, ""
+
+    def ready(self) -> bool:
+        return self.get("/readyz")[0] == 200
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        total = 0.0
+        for line in self.get("/metrics")[1].splitlines():
+            if not line.startswith(name) or line.startswith("#"):
+                continue
+            head, _, value = line.rpartition(" ")
+            metric, _, lab = head.partition("{")
+            if metric != name:
+                continue
+            if all(f'{k}="{v}"' in lab for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def alert_lines(self) -> list[dict]:
+        import json
+
+        if not self.alerts.exists():
+            return []
+        return [json.loads(x) for x in self.alerts.read_text().splitlines() if x.strip()]
+
+    def rss_kb(self) -> tuple[int, int]:
+        """(current, peak) resident set size of the agent in KiB."""
+        fields = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            k, _, v = line.partition(":")
+            fields[k] = v.split()[0] if v.split() else "0"
+        return int(fields.get("VmRSS", 0)), int(fields.get("VmHWM", 0))
+
+    def stop(self, sig: int = 15, timeout: float = 10.0) -> tuple[int, float]:
+        """Send `sig`; returns (exit status, seconds to exit)."""
+        t0 = time.monotonic()
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        return rc, time.monotonic() - t0
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def warm_state(path: Path, days: float = 3.0, hosts: int = 20, events: int = 3000) -> None:
+    """A model that has seen only amazon-ssm-agent call IMDS on a fleet for `days`: curl, wget
+    and friends are then rare, as in the contract's replay-warms-the-agent flow."""
+    from scoring.events import event_from_ecs
+    from scoring.scorer import Scorer
+    from scoring.settings import ScorerSettings
+    from scoring.state import save_state
+
+    scorer = Scorer(ScorerSettings(learning_period=0))
+    t0 = time.time() - days * 86400
+    step = days * 86400 / events
+    for i in range(events):
+        scorer.process(event_from_ecs({
+            "@timestamp": t0 + i * step,
+            "destination": {"ip": "169.254.169.254", "port": 80},
+            "process": {"name": "amazon-ssm-agent", "executable": "/usr/bin/amazon-ssm-agent",
+                        "parent": {"name": "systemd", "executable": "/usr/lib/systemd/systemd"}},
+            "user": {"name": "root", "id": "0"},
+            "host": {"name": f"node-{i % hosts}"},
+        }))
+    save_state(path, scorer)

@@ -1,0 +1,73 @@
+"""`imdswatch doctor` and the preflight of `imdswatch run`, on this machine for real."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tracer import doctor, kernel
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_doctor_prints_every_check_and_the_probe(capsys):
+    rc = doctor.run_doctor()
+    out = capsys.readouterr().out
+    for name in ("privileges", "kernel", "bcc", "kernel headers", "tracefs", "tracepoint",
+                 "kprobes", "fentry"):
+        assert f"] {name}: " in out, name
+    assert "probe: " in out
+    # every failure or warning comes with its fix
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(("[FAIL]", "[warn]")):
+            assert lines[i + 1].lstrip().startswith("fix: "), line
+    if rc == 0 and os.geteuid() == 0:
+        assert "auto picks " in out
+
+
+def test_predicted_mode_follows_auto_order():
+    ok = [doctor.Check("x", True, "")]
+    assert doctor.predicted_mode(ok) == "fentry"
+    no_fentry = ok + [doctor.Check("fentry", False, "", "f", {"fentry"})]
+    assert doctor.predicted_mode(no_fentry) == "kprobe"
+    assert doctor.predicted_mode(no_fentry, "fentry") is None
+    neither = no_fentry + [doctor.Check("kprobes", False, "", "f", {"kprobe"})]
+    assert doctor.predicted_mode(neither) == "tracepoint"
+    assert doctor.predicted_mode(neither + [doctor.Check("p", False, "", "f", {"all"})]) is None
+
+
+def test_preflight_as_root_on_this_machine():
+    if os.geteuid() != 0:
+        pytest.skip("needs root: preflight's verdicts differ for other users")
+    try:
+        kernel.import_bcc()
+    except ImportError as exc:
+        pytest.skip(f"needs BCC: {exc}")
+    assert doctor.preflight("auto") == []
+    assert doctor.preflight("tracepoint") == []
+    if not kernel.kprobes_available():
+        (problem,) = doctor.preflight("kprobe")
+        assert "CONFIG_KPROBES" in problem and "fix:" in problem
+
+
+def test_run_without_privileges_exits_2_with_the_fix(tmp_path):
+    """`imdswatch run` as an unprivileged user fails fast, saying what to do."""
+    if os.geteuid() != 0:
+        env_user = []
+    else:
+        env_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                    "--inh-caps=-all", "--bounding-set=-all"]
+    exe = ROOT / ".venv" / "bin" / "imdswatch"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "imdswatch.cli"]
+    r = subprocess.run([*env_user, *cmd, "run", "--metrics-address", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                       env={**os.environ, "HOME": str(tmp_path)})
+    if r.returncode != 2 and "Permission denied" in r.stderr:
+        pytest.skip(f"the unprivileged user cannot run this checkout: {r.stderr[-200:]}")
+    assert r.returncode == 2, r.stderr
+    assert "privileges" in r.stderr and "fix:" in r.stderr and "CAP_BPF" in r.stderr
