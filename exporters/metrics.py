@@ -25,6 +25,7 @@ Metric catalog (the alert rules and the Grafana dashboard rely on these names):
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import threading
@@ -199,7 +200,8 @@ class MetricsExporter:
                 registry.register(collector)
         self.registry = registry
         self.health = HealthState()
-        self.host = host or socket.gethostname()
+        # In a pod the hostname is the pod's name; the DaemonSet passes the node's as NODE_NAME.
+        self.host = host or os.environ.get("NODE_NAME") or socket.gethostname()
         r = registry
 
         self._overflow = Counter(
