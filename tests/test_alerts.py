@@ -2,12 +2,15 @@
 
 import io
 import json
-from types import SimpleNamespace
 
 import orjson
+from helpers.imdsw_scenario import attack_event, baseline_events
 
 from exporters.alerts import AlertWriter, build_alert, rfc3339_millis
+from scoring.endpoints import BUILTIN_ENDPOINTS
 from scoring.events import event_from_ecs
+from scoring.scorer import Outcome, Scorer
+from scoring.settings import ScorerSettings
 
 DOC = {
     "@timestamp": "2024-05-01T12:00:00.123456Z",
@@ -29,21 +32,22 @@ DOC = {
 }
 
 
-def outcome_for(doc: dict, **kw) -> SimpleNamespace:
+def outcome_for(doc: dict, **kw) -> Outcome:
+    """A real scorer Outcome with chosen verdict fields (severity follows the score)."""
+    out = Outcome(event_from_ecs(doc), BUILTIN_ENDPOINTS[0])
     fields = dict(
-        event=event_from_ecs(doc),
-        endpoint=SimpleNamespace(id="imds"),
         score=87.6543,
         detector="rare_process",
         rule_name="Unusual Linux Process Calling the Metadata Service",
         reason="curl has never called the metadata service on 3 hosts in 2 days",
-        severity="high",
         entity="curl",
         scores={"rare_process": 87.6543, "rare_user": 12.04},
         alert=True,
     )
     fields.update(kw)
-    return SimpleNamespace(**fields)
+    for key, value in fields.items():
+        setattr(out, key, value)
+    return out
 
 
 def test_alert_fields_follow_the_contract() -> None:
@@ -124,3 +128,17 @@ def test_writer_on_path_appends_and_is_readable_while_open(tmp_path) -> None:
     with AlertWriter(str(path)) as writer:
         writer.write(outcome_for(DOC))
     assert len(path.read_text().splitlines()) == 2
+
+
+def test_alert_from_the_real_scorer() -> None:
+    scorer = Scorer(ScorerSettings(learning_period=600))
+    outcomes = [scorer.process(event_from_ecs(d)) for d in [*baseline_events(), attack_event()]]
+    alerts = [build_alert(o) for o in outcomes if o is not None and o.alert]
+    assert len(alerts) == 1
+    (alert,) = alerts
+    assert alert["rule"]["name"] == "Unusual Linux Process Calling the Metadata Service"
+    assert alert["event"] == {"kind": "alert", "id": "attack-1"}
+    assert alert["orchestrator"]["resource"]["name"] == "shop-7d9f"
+    assert alert["anomaly"]["score"] >= 50 and "curl" in alert["anomaly"]["reason"]
+    assert "AQAEsecretvalue" not in orjson.dumps(alert).decode()
+    assert alert["@timestamp"].endswith("Z")

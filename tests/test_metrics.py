@@ -10,7 +10,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.metrics import OVERFLOW, MetricsExporter
+from scoring.endpoints import BUILTIN_ENDPOINTS
 from scoring.events import event_from_ecs
+from scoring.scorer import Outcome
 
 SECRET_CMD = 'curl -H "X-aws-ec2-metadata-token: AQAEsecret" http://169.254.169.254/'
 
@@ -25,19 +27,20 @@ class Clock:
 
 def outcome(name="curl", user="www-data", host="node-1", alert=False, suppressed=False,
             score=10.0, detector="rare_process", entity=None, namespace="web", pod="web-1",
-            reason=None) -> SimpleNamespace:
+            reason=None) -> Outcome:
     doc = {
         "@timestamp": 1714564800, "destination": {"ip": "169.254.169.254", "port": 80},
         "process": {"name": name, "executable": f"/usr/bin/{name}", "command_line": SECRET_CMD},
         "user": {"name": user}, "host": {"name": host},
         "orchestrator": {"namespace": namespace, "resource": {"name": pod}},
     }
-    return SimpleNamespace(
-        event=event_from_ecs(doc), endpoint=SimpleNamespace(id="imds"), score=score,
-        detector=detector, rule_name="Unusual Linux Process Calling the Metadata Service",
-        reason=reason or f"{name} is rare", severity="high" if alert else "low",
-        entity=entity or name, scores={detector: score}, alert=alert, suppressed=suppressed,
-        learning=False, excepted=False, known_caller=False)
+    out = Outcome(event_from_ecs(doc), BUILTIN_ENDPOINTS[0])  # a real one; severity follows
+    out.score, out.detector, out.entity = score, detector, entity or name
+    out.rule_name = "Unusual Linux Process Calling the Metadata Service"
+    out.reason = reason or f"{name} is rare"
+    out.scores = {detector: score}
+    out.alert, out.suppressed = alert, suppressed
+    return out
 
 
 def samples(exporter: MetricsExporter) -> list:
@@ -70,7 +73,7 @@ def test_connections_and_anomalies_are_counted(exporter) -> None:
     assert value(exporter, "imdswatch_metadata_connections_total", process="curl",
                  endpoint="imds", user="www-data", host="node-1", k8s_namespace="web") == 2
     assert value(exporter, "imdswatch_anomalies_total", detector="rare_process",
-                 severity="high") == 1
+                 severity="critical") == 1
     assert value(exporter, "imdswatch_events_seen_total") == 3
     exporter.observe_skipped(4)
     exporter.observe_malformed()
