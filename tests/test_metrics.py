@@ -3,16 +3,17 @@
 import re
 import urllib.error
 import urllib.request
-from types import SimpleNamespace
 
 import pytest
+from helpers.imdsw_scenario import baseline_events
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.metrics import OVERFLOW, MetricsExporter
 from scoring.endpoints import BUILTIN_ENDPOINTS
 from scoring.events import event_from_ecs
-from scoring.scorer import Outcome
+from scoring.scorer import Outcome, Scorer
+from scoring.settings import ScorerSettings
 
 SECRET_CMD = 'curl -H "X-aws-ec2-metadata-token: AQAEsecret" http://169.254.169.254/'
 
@@ -157,12 +158,15 @@ def test_command_lines_never_become_labels(exporter) -> None:
 
 
 def test_model_probe_kernel_and_build(exporter) -> None:
-    scorer = SimpleNamespace(model_size=lambda: {"rare_process": 12, "rare_user": 3},
-                             learning=True, hosts_seen={"a", "b"})
+    scorer = Scorer(ScorerSettings(learning_period=86400))
+    for doc in baseline_events(600):
+        scorer.process(event_from_ecs(doc))
     exporter.update_model(scorer)
-    assert value(exporter, "imdswatch_model_entities", detector="rare_process") == 12
+    for detector, size in scorer.model_size().items():
+        assert value(exporter, "imdswatch_model_entities", detector=detector) == size
+    assert value(exporter, "imdswatch_model_entities", detector="rare_process") == 1
     assert value(exporter, "imdswatch_learning") == 1
-    assert value(exporter, "imdswatch_model_hosts") == 2
+    assert value(exporter, "imdswatch_model_hosts") == 3
     exporter.set_probe("kprobe", fallback=True)
     assert value(exporter, "imdswatch_probe_info", mode="kprobe") == 1
     assert value(exporter, "imdswatch_probe_fallback") == 1
