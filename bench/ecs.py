@@ -140,11 +140,13 @@ class Trace:
         times = self.times
         return sorted(range(len(times)), key=times.__getitem__)
 
-    def lines(self, id_prefix: str, labels: bool = True) -> Iterable[bytes]:
-        """The NDJSON lines, in event-time order; `labels=False` strips the truth."""
+    def lines(self, id_prefix: str, labels: bool = True, limit: int | None = None
+              ) -> Iterable[bytes]:
+        """The NDJSON lines, in event-time order; `labels=False` strips the truth and
+        `limit` keeps only the first lines."""
         shapes = self.shapes if labels else [_strip_labels(d) for d in self.shape_docs]
         times, refs = self.times, self.refs
-        for n, i in enumerate(self.order()):
+        for n, i in enumerate(self.order()[:limit]):
             yield b"".join((
                 b'{"@timestamp":"', rfc3339(times[i]).encode(),
                 b'","event":{"id":"', f"{id_prefix}-{n:07d}".encode(),
@@ -153,12 +155,13 @@ class Trace:
                 shapes[refs[i]], b"\n",
             ))
 
-    def write(self, path: Path, id_prefix: str, labels: bool = True) -> int:
+    def write(self, path: Path, id_prefix: str, labels: bool = True,
+              limit: int | None = None) -> int:
         """Write plain or gzip NDJSON (by suffix); returns the number of lines."""
         n = 0
         with _open(path) as out:
             buf: list[bytes] = []
-            for line in self.lines(id_prefix, labels):
+            for line in self.lines(id_prefix, labels, limit):
                 buf.append(line)
                 if len(buf) >= 4096:
                     out.write(b"".join(buf))

@@ -1,0 +1,110 @@
+"""Replay throughput: the real `imdswatch replay` command on a 500k-event gzip trace,
+next to the baseline of merely reading and JSON-parsing the same lines with orjson
+(the JSON library the replay uses).
+
+    python -m bench.throughput [--events 500000] [--repeat 2]
+
+The replay runs as a subprocess (`imdswatch replay TRACE --output /dev/null`), timed
+wall-clock from spawn to exit, so interpreter start-up, imports, gzip, parsing, endpoint
+matching, scoring and alert writing are all included. The baseline runs in this process
+(no start-up cost), which makes the ratio conservative. Best of `repeat` runs each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from bench.rows import Row, render
+from bench.scenario import generate
+
+TARGET_EPS = 100_000.0
+TARGET_RATIO = 0.7
+
+
+def make_trace(path: Path, events: int, seed: int = 11) -> int:
+    """An unlabelled gzip trace of exactly `events` lines (the scenario, cut short)."""
+    scale = 1.0 if events > 300_000 else max(0.1, events / 550_000)
+    sc = generate(seed, scale)
+    while len(sc.trace) < events:  # never short of lines, whatever the volumes become
+        scale *= 1.25
+        sc = generate(seed, scale)
+    return sc.trace.write(path, f"t{seed}", labels=False, limit=events)
+
+
+def parse_baseline(path: Path) -> tuple[int, float]:
+    """Read and orjson-parse every line: the floor any replay must stand on."""
+    loads = orjson.loads
+    n = 0
+    t = time.perf_counter()
+    with gzip.open(path, "rb") as f:
+        for line in f:
+            loads(line)
+            n += 1
+    return n, time.perf_counter() - t
+
+
+def imdswatch_command() -> list[str]:
+    exe = Path(sys.executable).with_name("imdswatch")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("imdswatch")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from imdswatch.cli import main; main()"]
+
+
+def replay_subprocess(path: Path) -> tuple[float, str]:
+    """Wall time of a full `imdswatch replay`, and its summary (stderr)."""
+    cmd = [*imdswatch_command(), "replay", str(path), "--output", os.devnull]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"imdswatch replay exited {proc.returncode}: {proc.stderr[-800:]}")
+    return elapsed, proc.stderr
+
+
+def run(quick: bool = False, events: int | None = None, repeat: int | None = None,
+        workdir: Path | None = None) -> list[Row]:
+    events = events or (100_000 if quick else 500_000)
+    repeat = repeat or (1 if quick else 2)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        path = Path(tmp) / f"trace-{events}.ndjson.gz"
+        lines = make_trace(path, events)
+        parse_s = min(parse_baseline(path)[1] for _ in range(repeat))
+        replay_s = min(replay_subprocess(path)[0] for _ in range(repeat))
+    parse_eps, replay_eps = lines / parse_s, lines / replay_s
+    ratio = replay_eps / parse_eps
+    return [
+        Row(f"replay, end to end ({lines:,} gzip lines)", round(replay_eps), "events/s",
+            "orjson read+parse", round(parse_eps), f">= {TARGET_EPS:,.0f} events/s",
+            replay_eps >= TARGET_EPS),
+        Row("replay / parse throughput", round(ratio, 2), "x", "parse = 1.0", 1.0,
+            f">= {TARGET_RATIO}", ratio >= TARGET_RATIO),
+        Row("replay wall time", round(replay_s, 2), "s", "parse", round(parse_s, 2)),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="replay throughput vs orjson parse")
+    ap.add_argument("--events", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    rows = run(args.quick, args.events, args.repeat)
+    print(render("throughput", [r.as_dict() for r in rows]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
