@@ -51,6 +51,9 @@ FLEET_AGENTS: tuple[Agent, ...] = (
           image="registry.local/shop/api:2.3.1", namespace="shop"),
     # A node exporter sidecar running as www-data, so www-data is a known fleet user.
     Agent("node-probe", "/usr/local/bin/node-probe", "www-data", "runsv", 30 * MINUTE),
+    # Operators run the AWS CLI under their own accounts: a process with many users.
+    *(Agent("aws", "/usr/local/bin/aws", user, "bash", 2 * HOUR)
+      for user in ("alice", "bob", "carol", "dave", "erin", "frank")),
 )
 
 
