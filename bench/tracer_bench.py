@@ -83,8 +83,9 @@ def _overhead(ns: object, tmp: Path, quick: bool) -> list[dict]:
     detached: list[float] = []
     attached: list[float] = []
     for r in range(rounds):
-        # Alternate, so drift in machine speed hits both sides alike.
-        detached.append(min(_loop_us(ns, "127.0.0.1", count) for _ in range(2)))
+        # Alternate which side goes first, so warm-up and drift in machine speed hit both.
+        if r % 2 == 0:
+            detached.append(min(_loop_us(ns, "127.0.0.1", count) for _ in range(2)))
         agent = AgentProcess(tmp / f"overhead{r}", "--learning-period", "1h")
         agent.workdir.mkdir()
         agent.start()
@@ -93,6 +94,8 @@ def _overhead(ns: object, tmp: Path, quick: bool) -> list[dict]:
             attached.append(min(_loop_us(ns, "127.0.0.1", count) for _ in range(2)))
         finally:
             agent.stop()
+        if r % 2 == 1:
+            detached.append(min(_loop_us(ns, "127.0.0.1", count) for _ in range(2)))
     d, a = statistics.median(detached), statistics.median(attached)
     return [
         _row("tracer: connect() to non-metadata, agent attached", a, "us",
@@ -189,6 +192,7 @@ def _latency(ns: object, agent: object, quick: bool) -> list[dict]:
 
 def _flood(ns: object, agent: object, quick: bool) -> list[dict]:
     per_client = 20000 if quick else 100000
+    time.sleep(1.5)  # the agent publishes kernel counters every second: let them settle
     seen0 = agent.metric("imdswatch_events_seen_total")
     kc0 = agent.metric("imdswatch_kernel_connections_total")
     drop0 = agent.metric("imdswatch_kernel_events_dropped_total")
