@@ -10,6 +10,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 
 class MalformedEvent(ValueError):
     """A document that is JSON but not a usable event; the message says why."""
@@ -21,7 +23,7 @@ class Event:
     __slots__ = (
         "ts", "dst_ip", "dst_port", "name", "pid", "exe", "command_line", "ppid",
         "parent_name", "parent_exe", "user", "uid", "host", "container_id", "image",
-        "namespace", "pod", "cloud", "event_id", "doc",
+        "namespace", "pod", "cloud", "event_id", "endpoint", "_doc", "_raw",
     )
 
     def __init__(
@@ -47,6 +49,7 @@ class Event:
         cloud: str | None = None,
         event_id: str | None = None,
         doc: dict | None = None,
+        raw: bytes | None = None,
     ) -> None:
         self.ts = ts
         self.dst_ip = dst_ip
@@ -67,7 +70,23 @@ class Event:
         self.pod = pod
         self.cloud = cloud
         self.event_id = event_id
-        self.doc = doc
+        self.endpoint = None  # the metadata endpoint it reached, once matched
+        self._doc = doc
+        self._raw = raw
+
+    @property
+    def doc(self) -> dict | None:
+        """The ECS document the event came from. Replay keeps only the raw line and
+        decodes it here, when an alert needs its fields: most events never do."""
+        if self._doc is None and self._raw is not None:
+            self._doc = orjson.loads(self._raw)
+        return self._doc
+
+    def signature(self) -> tuple:
+        """Everything the detectors look at, apart from time: events with equal
+        signatures are the same entity to the model."""
+        return (self.name, self.exe, self.user, self.parent_name, self.image,
+                self.namespace, self.host)
 
     def __repr__(self) -> str:
         return (
@@ -186,4 +205,73 @@ def event_from_ecs(doc: Any) -> Event:
         cloud=_str(_obj(doc, "cloud").get("provider")),
         event_id=_str(_obj(doc, "event").get("id")),
         doc=doc,
+    )
+
+
+def typed_head(d: Any) -> tuple[float, str, int | None, tuple] | None:
+    """(time, destination ip, port, signature) of a `scoring.ecs_schema.EcsDoc`: all the
+    scorer needs for an event of a common entity. None when the document needs the
+    generic path (`event_from_ecs`) to be read or to say what is wrong with it."""
+    ts = d.timestamp
+    if ts is None:
+        return None
+    if ts.__class__ is float:
+        if ts >= 1e11 or ts <= -1e11:
+            ts = ts / 1000.0
+    elif ts.tzinfo is None:
+        return None
+    else:
+        ts = ts.timestamp()
+    dst = d.destination
+    p = d.process
+    if dst is None or p is None or not dst.ip or not p.name:
+        return None
+    parent = p.parent
+    user = d.user
+    host = d.host
+    c = d.container
+    o = d.orchestrator
+    image = c.image if c is not None else None
+    # Same order and normalisation (empty string -> None) as Event.signature().
+    sig = (
+        p.name,
+        p.executable or None,
+        (user.name or None) if user is not None else None,
+        (parent.name or None) if parent is not None else None,
+        (image.name or None) if image is not None else None,
+        (o.namespace or None) if o is not None else None,
+        (host.name or host.id or None) if host is not None else None,
+    )
+    return ts, dst.ip, dst.port, sig
+
+
+def event_from_typed(d: Any, raw: bytes, head: tuple[float, str, int | None, tuple]) -> Event:
+    """The full `Event` of a document whose `typed_head` is `head`."""
+    ts, ip, port, (name, exe, user_name, parent_name, image, namespace, host) = head
+    p = d.process
+    parent = p.parent
+    user = d.user
+    c = d.container
+    o = d.orchestrator
+    resource = o.resource if o is not None else None
+    uid = user.id if user is not None else None
+    return Event(
+        ts, ip, name,
+        dst_port=port,
+        pid=p.pid,
+        exe=exe,
+        command_line=p.command_line,
+        ppid=parent.pid if parent is not None else None,
+        parent_name=parent_name,
+        parent_exe=parent.executable if parent is not None else None,
+        user=user_name,
+        uid=str(uid) if uid is not None else None,
+        host=host,
+        container_id=c.id if c is not None else None,
+        image=image,
+        namespace=namespace,
+        pod=resource.name if resource is not None else None,
+        cloud=d.cloud.provider if d.cloud is not None else None,
+        event_id=d.event.id if d.event is not None else None,
+        raw=raw,
     )

@@ -68,6 +68,27 @@ class Outcome:
         )
 
 
+# An entity whose every detector finds p >= QUIET_P (scores below 2) is not re-scored for
+# QUIET_FOR seconds of event time; its events are still counted.
+QUIET_P = 0.1
+QUIET_FOR = 600.0
+# Bounds the memory of the entity cache; past it the cache starts again from empty.
+ENTITY_CACHE_LIMIT = 50_000
+
+
+class _Entity:
+    """Cached per signature: where its counts live, and whether it is common."""
+
+    __slots__ = ("refs", "known", "quiet_until", "pending", "dirty")
+
+    def __init__(self, refs: tuple, known: bool) -> None:
+        self.refs = refs
+        self.known = known
+        self.quiet_until = -1.0
+        self.pending = 0.0
+        self.dirty = False
+
+
 def entity_text(detector: Detector, ctx: Hashable, value: Hashable) -> str:
     def show(v: Hashable) -> str:
         if isinstance(v, tuple):
@@ -102,6 +123,8 @@ class Scorer:
         self._min_threshold = min(self._thresholds)
         self._factor = self.settings.known_caller_factor
         self._next_prune = 0.0
+        self._entities: dict[tuple, _Entity] = {}
+        self._dirty: list[_Entity] = []
 
     # -- time ------------------------------------------------------------------
     @property
@@ -114,6 +137,7 @@ class Scorer:
     def _weight(self, ts: float) -> float:
         w = self.decay.weight(ts)
         if w > Decay.RESCALE_AT:
+            self.flush()
             # Move the reference to now: stored counts shrink by w, weights restart at 1.
             for t in self.tables:
                 t.rescale(1.0 / w)
@@ -134,13 +158,59 @@ class Scorer:
         endpoint = self.catalog.match(event.dst_ip, event.dst_port)
         if endpoint is None:
             return None
+        return self.process_matched(event, endpoint)
+
+    def process_matched(self, event: Event, endpoint: Endpoint,
+                        quiet_outcome: bool = True) -> Outcome | None:
+        """`process` for an event already matched to `endpoint`. With `quiet_outcome`
+        False, an event of an entity known to be common returns None instead of a
+        zero-score Outcome: replay needs nothing from those, and they are most events."""
         ts = event.ts
         if self.first_ts is None:
             self.first_ts = ts
         if self.last_ts is None or ts > self.last_ts:
             self.last_ts = ts
         w = self._weight(ts)
-        known = self.known_callers.lookup(event.name, event.exe) is not None
+        sig = event.signature()
+        rec = self._entities.get(sig)
+        if rec is not None and ts < rec.quiet_until:
+            # Common entity: its counts only grow, and nothing reads them until an
+            # uncommon event is scored, so learning is deferred to `flush`.
+            rec.pending += w
+            if not rec.dirty:
+                rec.dirty = True
+                self._dirty.append(rec)
+            self.events_learned += 1
+            if not quiet_outcome:
+                return None
+            out = Outcome(event, endpoint)
+            out.known_caller = rec.known
+            out.learning = self.learning
+            return out
+        return self._score_and_learn(event, endpoint, sig, rec, w)
+
+    def process_quiet(self, sig: tuple, ts: float) -> bool:
+        """Count an event of a common entity without building it: True when the entity
+        with signature `sig` is common (quiet) at `ts` and the event was learned; False
+        when it must go through `process_matched`. Replay's fast path."""
+        rec = self._entities.get(sig)
+        if rec is None or ts >= rec.quiet_until:
+            return False
+        if self.last_ts is None or ts > self.last_ts:
+            self.last_ts = ts
+        rec.pending += self._weight(ts)
+        if not rec.dirty:
+            rec.dirty = True
+            self._dirty.append(rec)
+        self.events_learned += 1
+        return True
+
+    def _score_and_learn(self, event: Event, endpoint: Endpoint, sig: tuple,
+                         rec: _Entity | None, w: float) -> Outcome:
+        self.flush()
+        ts = event.ts
+        known = rec.known if rec is not None else (
+            self.known_callers.lookup(event.name, event.exe) is not None)
         out = Outcome(event, endpoint)
         out.known_caller = known
         out.learning = learning = self.learning
@@ -150,6 +220,7 @@ class Scorer:
         scores = out.scores
         keys: list[tuple[RarityTable, Hashable, Hashable]] = []
         best_i, best_margin = -1, -1e9
+        min_p = 1.0
         for i, det in enumerate(DETECTORS):
             value = det.value(event)
             if value is None:
@@ -158,7 +229,9 @@ class Scorer:
             table = self.tables[i]
             keys.append((table, ctx, value))
             p = table.probability(ctx, value, w)
-            if p >= 0.1:  # surprise below 1: scores well under 0.1, skip the exp
+            if p < min_p:
+                min_p = p
+            if p >= QUIET_P:  # surprise under 1: scores below 2, reported as 0
                 s = 0.0
             else:
                 s = score_from_surprise(-log10(p) if p > 0 else 12.0)
@@ -182,7 +255,36 @@ class Scorer:
         for table, ctx, value in keys:
             table.learn(ctx, value, host_bit, w, ts)
         self.events_learned += 1
+
+        if rec is None:
+            if len(self._entities) >= ENTITY_CACHE_LIMIT:
+                self.flush()
+                self._entities.clear()
+            rec = self._entities[sig] = _Entity(
+                tuple((t, t.slot[(c, v)], t.ctx_slot[c]) for t, c, v in keys), known)
+        # Entities common on every count are not re-scored for a while: their scores are 0
+        # and cannot reach an alert before history shifts a lot.
+        rec.quiet_until = ts + QUIET_FOR if min_p >= QUIET_P else -1.0
         return out
+
+    def flush(self) -> None:
+        """Apply deferred learning to the tables (before anything reads them)."""
+        dirty = self._dirty
+        if not dirty:
+            return
+        for rec in dirty:
+            pending = rec.pending
+            for table, s, c in rec.refs:
+                table.weight[s] += pending
+                table.ctx_weight[c] += pending
+            rec.pending = 0.0
+            rec.dirty = False
+        dirty.clear()
+
+    def invalidate_entities(self) -> None:
+        """Forget cached entity slots (the tables were replaced, e.g. by a state load)."""
+        self._entities.clear()
+        self._dirty.clear()
 
     def _explain(self, out: Outcome, i: int, w: float) -> None:
         det = DETECTORS[i]

@@ -39,6 +39,7 @@ def _freeze(v: Any) -> Hashable:
 
 def state_dict(scorer: Scorer) -> dict:
     """The scorer's learned state as plain data."""
+    scorer.flush()
     now = scorer.last_ts
     w_now = scorer.decay.weight(now) if now is not None else 1.0
     hosts = sorted(scorer.host_ids, key=scorer.host_ids.__getitem__)
@@ -84,6 +85,7 @@ def load_state_dict(scorer: Scorer, state: dict, source: str = "state") -> None:
                 _restore(table, _freeze(ctx), _freeze(value), float(n), int(bits, 16), first)
             tables.append(table)
         scorer.tables = tuple(tables)
+        scorer.invalidate_entities()
         scorer.last_alert = {
             (d, e, h): float(t) for d, e, h, t in state.get("suppression", [])
         }
