@@ -52,8 +52,10 @@ class Attacks:
         self.rng, self.trace, self.fleet = rng, trace, fleet
         self.actors: list[Actor] = []
         start = fleet.start
-        # Start times: second week, spread out, during plausible hours.
-        self._slots = sorted(start + rng.uniform(7.3, 13.6) * DAY for _ in range(20))
+        # Start times: the second half (days 7.3-13.6 of two weeks), so every system has
+        # a week of history first.
+        days = (fleet.end - start) / DAY
+        self._slots = sorted(start + rng.uniform(0.52, 0.97) * days * DAY for _ in range(20))
 
     def _slot(self) -> float:
         return self._slots.pop(self.rng.randrange(len(self._slots)))

@@ -1,0 +1,97 @@
+"""The scenario generator: deterministic, labelled, with every attack kind and the
+off-target traffic a replay must skip."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import orjson
+import pytest
+
+from bench.attacks import KINDS
+from bench.ecs import COMM_LEN
+from bench.scenario import generate, main, truth_path
+from scoring.endpoints import EndpointCatalog
+from scoring.events import event_from_ecs
+
+
+@pytest.fixture(scope="module")
+def small():
+    return generate(seed=3, scale=0.2)
+
+
+def _lines(sc, labels=True):
+    return list(sc.trace.lines("x", labels))
+
+
+def test_same_seed_same_bytes():
+    a, b = generate(seed=5, scale=0.15), generate(seed=5, scale=0.15)
+    assert _lines(a) == _lines(b)
+    assert a.truth() == b.truth()
+
+
+def test_other_seed_differs():
+    assert _lines(generate(seed=5, scale=0.15))[:500] != _lines(generate(seed=6, scale=0.15))[:500]
+
+
+def test_every_event_is_labelled_and_valid(small):
+    attack_actors = set()
+    for line in _lines(small):
+        doc = orjson.loads(line)
+        lab = doc["labels"]
+        assert lab["imdswatch_truth"] in ("benign", "attack")
+        assert lab["imdswatch_actor"]
+        if lab["imdswatch_truth"] == "attack":
+            attack_actors.add(lab["imdswatch_actor"])
+        ev = event_from_ecs(doc)  # the contract's reader accepts every line
+        assert len(ev.name.encode()) <= COMM_LEN
+    assert attack_actors == {a.id for a in small.actors}
+
+
+def test_attack_kinds_all_present_in_week_two(small):
+    assert {a.kind for a in small.actors} == set(KINDS)
+    assert 15 <= len(small.actors) <= 25
+    for a in small.actors:
+        assert a.first_ts >= small.start + 7 * 86400
+        assert a.last_ts < small.end
+        assert a.events >= 1
+
+
+def test_off_target_lines_present(small):
+    catalog = EndpointCatalog.from_config()
+    off = set()
+    for line in _lines(small):
+        d = orjson.loads(line)["destination"]
+        if catalog.match(d["ip"], d["port"]) is None:
+            off.add(d["ip"] if not d["ip"].startswith("10.") else "10.x")
+    assert {"169.254.169.253", "169.254.169.123", "168.63.129.16", "10.x"} <= off
+
+
+def test_fleet_shape(small):
+    full = generate(seed=3, scale=1.0)
+    clouds = {h.cloud for h in full.fleet.hosts}
+    assert clouds == {"aws", "gcp", "azure"}
+    assert 36 <= len(full.fleet.hosts) <= 44
+    joiners = [h for h in full.fleet.hosts if not h.initial]
+    assert joiners and all(full.start < h.join_ts < full.end for h in joiners)
+    assert 300_000 <= len(full.trace) <= 650_000
+
+
+def test_unlabelled_output_and_truth_sidecar(tmp_path: Path, small):
+    path = tmp_path / "s.ndjson.gz"
+    n = small.write(path, labels=False)
+    with gzip.open(path, "rb") as f:
+        lines = f.read().splitlines()
+    assert len(lines) == n == len(small.trace)
+    assert all(b"imdswatch_truth" not in line for line in lines)
+    truth = orjson.loads(truth_path(path).read_bytes())
+    assert len(truth["actors"]) == len(small.actors)
+
+
+def test_cli_writes_plain(tmp_path: Path):
+    out = tmp_path / "t.ndjson"
+    assert main([str(out), "--seed", "2", "--scale", "0.1", "--days", "8"]) == 0
+    first = orjson.loads(out.read_bytes().splitlines()[0])
+    assert first["@timestamp"].endswith("Z") and first["event"]["id"]
+    assert (tmp_path / "t.truth.json").exists()
