@@ -244,7 +244,8 @@ class PodDirectory:
                         "UID only")
 
     def _warn_once(self, message: str) -> None:
-        if not self._warned:
+        # A closing directory's last request fails by design (the agent is shutting down).
+        if not self._warned and not self._stop.is_set():
             log.warning(message)
             self._warned = True
 
