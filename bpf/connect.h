@@ -15,6 +15,7 @@
 
 #define IMDS_FN_V4 4
 #define IMDS_FN_V6 6
+#define IMDS_PENDING_MAX_AGE_NS 1000000000ULL
 
 /* UAPI sockaddr_in / sockaddr_in6, declared here so no header version can move a field. */
 struct imds_sockaddr_in {
@@ -41,8 +42,15 @@ static __always_inline int imds_connect_enter(void *uaddr, int addr_len, __u32 f
                                               __u8 probe)
 {
     __u32 tid = (__u32)bpf_get_current_pid_tgid();
-    if (fn == IMDS_FN_V4 && pending.lookup(&tid))
-        return 0;    /* nested in tcp_v6_connect: the outer call reports it */
+    if (fn == IMDS_FN_V4) {
+        struct imds_pending *outer = pending.lookup(&tid);
+        /* Nested in tcp_v6_connect: the outer call reports it. tcp_v*_connect never sleeps
+         * for the handshake, so an older record is a leftover of a missed return probe
+         * (kretprobe maxactive overflow) and must not silence this connection. */
+        if (outer && outer->fn == IMDS_FN_V6 &&
+            bpf_ktime_get_ns() - outer->ev.ts_ns < IMDS_PENDING_MAX_AGE_NS)
+            return 0;
+    }
 
     struct imds_pending p = {};
     __u16 family = 0;
@@ -63,9 +71,9 @@ static __always_inline int imds_connect_enter(void *uaddr, int addr_len, __u32 f
         return 0;    /* AF_UNSPEC disconnect or a short address: not a connection */
     }
     p.matched = imds_match(p.ev.family, p.ev.daddr, p.ev.dport);
-    /* A v6 call is recorded even when it does not match, so that its nested v4 call is
-     * recognised; a v4 call that does not match needs no record at all. */
-    if (!p.matched && fn == IMDS_FN_V4)
+    /* Only a v4-mapped v6 call goes on into tcp_v4_connect, so only that one is recorded
+     * when it does not match (to keep its nested call silent); others need no record. */
+    if (!p.matched && (fn == IMDS_FN_V4 || !imds_is_v4_mapped(p.ev.daddr)))
         return 0;
     p.fn = fn;
     imds_fill_task(&p.ev, probe);

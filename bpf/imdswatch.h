@@ -103,6 +103,12 @@ static __always_inline int imds_port_in(struct imds_ports *p, __u16 port)
     return (p->bits[idx] >> (port & 63)) & 1;
 }
 
+static __always_inline int imds_is_v4_mapped(const __u8 *a)
+{
+    const __u32 *w = (const __u32 *)a;
+    return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0x0000ffff);
+}
+
 /* True when daddr (16 bytes, v6 or v4-mapped v6) / 4 bytes (v4) is a catalog endpoint. */
 static __always_inline int imds_match(__u16 family, const __u8 *daddr, __u16 port)
 {
@@ -113,8 +119,7 @@ static __always_inline int imds_match(__u16 family, const __u8 *daddr, __u16 por
         p = endpoints4.lookup(&k);
     } else {
         /* ::ffff:a.b.c.d reaches the IPv4 endpoint a.b.c.d */
-        const __u32 *w = (const __u32 *)daddr;
-        if (w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0x0000ffff)) {
+        if (imds_is_v4_mapped(daddr)) {
             struct imds_key4 k = {.prefixlen = 32};
             __builtin_memcpy(k.addr, daddr + 12, 4);
             p = endpoints4.lookup(&k);

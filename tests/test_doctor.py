@@ -71,3 +71,27 @@ def test_run_without_privileges_exits_2_with_the_fix(tmp_path):
         pytest.skip(f"the unprivileged user cannot run this checkout: {r.stderr[-200:]}")
     assert r.returncode == 2, r.stderr
     assert "privileges" in r.stderr and "fix:" in r.stderr and "CAP_BPF" in r.stderr
+
+
+def test_tracer_mounts_missing_tracefs_in_a_private_mount_namespace():
+    """tracefs is not mounted at boot on some machines: the tracer mounts it as root. Checked
+    in a private mount namespace, so the host's mounts are left alone."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: mounting tracefs")
+    code = (
+        "import subprocess, sys\n"
+        "for m in ('/sys/kernel/debug/tracing', '/sys/kernel/tracing', '/sys/kernel/debug'):\n"
+        "    subprocess.run(['umount', m], capture_output=True)\n"
+        "from tracer import kernel\n"
+        "assert kernel.tracefs_path() is None, 'tracefs still visible'\n"
+        "notes = kernel.ensure_tracefs()\n"
+        "print(notes)\n"
+        "assert kernel.mounted('/sys/kernel/tracing', 'tracefs'), notes\n"
+        "assert kernel.tracefs_path() is not None\n"
+    )
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
+                        code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    if r.returncode != 0 and "tracefs still visible" in r.stderr:
+        pytest.skip("tracefs could not be unmounted in the private namespace")
+    assert r.returncode == 0, r.stderr
+    assert "mounted tracefs at /sys/kernel/tracing" in r.stdout

@@ -238,3 +238,11 @@ def test_outcome_and_clock():
     c = MonotonicClock()
     assert abs(c.wall_ns(time.monotonic_ns()) - time.time_ns()) < 5_000_000
     assert rfc3339(0) == "1970-01-01T00:00:00.000000Z"
+
+
+def test_rfc3339_matches_datetime():
+    from datetime import UTC, datetime
+
+    for ns in (1_714_564_800_123_456_789, 1_714_564_800_999_999_000, 1_714_564_801_000_001_000):
+        want = datetime.fromtimestamp(ns // 1000 / 1e6, UTC).isoformat(timespec="microseconds")
+        assert rfc3339(ns) == want.replace("+00:00", "Z")

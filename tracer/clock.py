@@ -25,7 +25,14 @@ class MonotonicClock:
         return mono_ns + self.offset_ns
 
 
+_last_second: list = [None, ""]
+
+
 def rfc3339(epoch_ns: int) -> str:
-    """2024-05-01T12:00:00.123456Z"""
-    dt = datetime.fromtimestamp(epoch_ns / 1e9, UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond:06d}Z"
+    """2024-05-01T12:00:00.123456Z. The date-time part is cached per second: events come
+    in bursts within the same second."""
+    sec, ns = divmod(epoch_ns, 1_000_000_000)
+    if _last_second[0] != sec:
+        prefix = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _last_second[0], _last_second[1] = sec, prefix
+    return f"{_last_second[1]}{ns // 1000:06d}Z"

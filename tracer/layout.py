@@ -4,7 +4,7 @@ bpf/imdswatch.h, and its decoding into a plain record."""
 from __future__ import annotations
 
 import ctypes
-import ipaddress
+import socket
 from dataclasses import dataclass
 
 AF_INET = 2
@@ -39,6 +39,9 @@ EVENT_SIZE = ctypes.sizeof(CEvent)
 assert EVENT_SIZE == 80, EVENT_SIZE  # must match sizeof(struct imds_event)
 
 
+_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
+
+
 @dataclass(slots=True)
 class KernelEvent:
     """What the kernel knows for sure about one metadata connection."""
@@ -64,13 +67,13 @@ def decode(data: int | bytes, size: int | None = None) -> KernelEvent:
     else:
         ev = ctypes.cast(data, ctypes.POINTER(CEvent)).contents
     raw = bytes(ev.daddr)
+    # inet_ntop: the same text as ipaddress, several times faster on the flood path.
     if ev.family == AF_INET:
-        ip = str(ipaddress.IPv4Address(raw[:4]))
-    elif raw[:12] == b"\0" * 10 + b"\xff\xff":
-        # Python before 3.13 prints v4-mapped addresses in hex (::ffff:a9fe:a9fe).
-        ip = "::ffff:" + str(ipaddress.IPv4Address(raw[12:]))
+        ip = socket.inet_ntop(socket.AF_INET, raw[:4])
+    elif raw[:12] == _MAPPED_PREFIX:
+        ip = "::ffff:" + socket.inet_ntop(socket.AF_INET, raw[12:])
     else:
-        ip = str(ipaddress.IPv6Address(raw))
+        ip = socket.inet_ntop(socket.AF_INET6, raw)
     return KernelEvent(
         ts_ns=ev.ts_ns,
         tid=ev.pid,
