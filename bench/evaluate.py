@@ -56,6 +56,7 @@ class Result:
     detected: dict[str, float] = field(default_factory=dict)  # actor -> latency (s)
     tp_entities: set = field(default_factory=set)
     fp_entities: Counter = field(default_factory=Counter)  # entity -> benign events covered
+    fp_by_source: dict = field(default_factory=lambda: defaultdict(set))  # actor -> entities
     benign_alerts: int = 0
     attack_alerts: int = 0
     seconds: float = 0.0
@@ -112,6 +113,7 @@ def score(system: str, detections: list[tuple[float, int, object]], labels: Labe
             attack_keys.add(key)
         else:
             res.fp_entities[labels.entity[n]] += 1
+            res.fp_by_source[labels.actor[n]].add(labels.entity[n])
             benign_keys.add(key)
     res.benign_alerts, res.attack_alerts = len(benign_keys), len(attack_keys)
     return res
@@ -271,6 +273,11 @@ def details(ev: Evaluation, limit: int = 25) -> str:
     for actor, items in sorted(by_actor.items(), key=lambda kv: -len(kv[1])):
         ent, det, s, reason = items[0]
         out.append(f"  {actor}: {len(items)} entities, e.g. {ent} {det} {s:.0f}: {reason}")
+    for r in ev.results:
+        if r.system != "imdswatch":
+            top = sorted(r.fp_by_source.items(), key=lambda kv: -len(kv[1]))[:6]
+            out.append(f"{r.system}: FP entities by benign source: "
+                       + ", ".join(f"{a.removeprefix('benign/')} {len(e)}" for a, e in top))
     missed = [a for a in ev.scenario.actors if a.id not in run.result.detected]
     out.append(f"imdswatch missed actors ({len(missed)}):")
     for a in missed:
