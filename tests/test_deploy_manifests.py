@@ -3,12 +3,16 @@ objects (checked offline against the Kubernetes JSON schemas with kubernetes-val
 and carry what a BPF agent DaemonSet needs."""
 
 import copy
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+
+from imdswatch.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -221,3 +225,16 @@ def test_prometheusrule_is_generated_from_the_plain_rules() -> None:
                                                      "render_prometheusrule.py"), "--check"],
                                 capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_container_args_are_accepted_by_the_cli() -> None:
+    """The DaemonSet's args and the image's CMD parse as `imdswatch` options (without
+    running anything), so a renamed flag cannot ship a crash-looping DaemonSet."""
+    ds = by_kind(render(K8S / "base"), "DaemonSet")
+    args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1))
+    for argv in (args, cmd):
+        command = main.get_command(None, argv[0])
+        assert command is not None, argv[0]
+        command.make_context(argv[0], list(argv[1:]))  # raises on an unknown option
