@@ -106,10 +106,13 @@ class AlertWriter:
     pipe into `jq`, sees it at once, and a crash loses at most the alert being written.
     """
 
-    def __init__(self, stream: str | os.PathLike[str] | IO[str] | IO[bytes]) -> None:
+    def __init__(self, stream: str | os.PathLike[str] | IO[str] | IO[bytes],
+                 append: bool = True) -> None:
+        # A path is appended to by default: a restarted agent must not erase the alerts it
+        # wrote before; a replay that should start afresh passes append=False.
         self._owned = isinstance(stream, str | os.PathLike)
         if self._owned:
-            self._stream: IO[Any] = open(stream, "ab")  # closed by close()
+            self._stream: IO[Any] = open(stream, "ab" if append else "wb")  # closed by close()
             self._binary = True
         else:
             self._stream = stream  # type: ignore[assignment]

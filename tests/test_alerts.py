@@ -142,3 +142,12 @@ def test_alert_from_the_real_scorer() -> None:
     assert alert["anomaly"]["score"] >= 50 and "curl" in alert["anomaly"]["reason"]
     assert "AQAEsecretvalue" not in orjson.dumps(alert).decode()
     assert alert["@timestamp"].endswith("Z")
+
+
+def test_writer_can_truncate(tmp_path) -> None:
+    path = tmp_path / "alerts.ndjson"
+    path.write_text("old line\n")
+    with AlertWriter(path, append=False) as writer:
+        writer.write(outcome_for(DOC))
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("{")
