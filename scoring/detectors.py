@@ -10,6 +10,13 @@ Each detector is one rarity question over the fleet's history:
   rare_user          whole fleet    user                        Elastic's companion user rule
   rare_parent        process name   parent process name         python3 started by a web server
   rare_container     process name   container image, namespace  a tool in an unexpected pod
+  rare_combination   whole fleet    all of the above together   a new way of calling at all
+
+The last one judges the whole combination (name, executable, user, parent, image,
+namespace): a context built from a process's own few calls (curl, run at boot by a
+handful of nodes) has too little history for any single new value to be surprising,
+while a combination the whole fleet has never produced is, measured against every
+call the fleet has made.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ class Detector:
     value: Callable[[Event], Hashable]  # None: the event says nothing to this detector
     # True where a known caller's identity (name + executable) vouches for the value.
     vouched_by_known_caller: bool
+    # The detector whose context lists the usual values for the reason ("curl is
+    # otherwise only run by root"); None: this detector's own context.
+    others_from: str | None = None
 
     def describe(self, event: Event, r: Rarity, others: list[tuple[Hashable, float]],
                  history: float, hosts: int) -> str:
@@ -137,7 +147,23 @@ def _rare_container(e: Event, r: Rarity, others: list, span: str) -> str:
     return f"{e.name} in {where} {_seen(r)} in {span}{tail}"
 
 
+def _combination_value(e: Event) -> Hashable:
+    return (e.name, e.exe, e.user, e.parent_name, image_repository(e.image), e.namespace)
+
+
+def _rare_combination(e: Event, r: Rarity, others: list, span: str) -> str:
+    where = _show(_container_value(e))
+    usual = _others(others, e.user)
+    tail = f"; {e.name} is otherwise only run by {usual}" if usual else ""
+    return (
+        f"{e.name} ({e.exe or 'unknown executable'}) run by {e.user or 'an unknown user'} "
+        f"from {e.parent_name or 'an unknown parent'} in {where}: this combination "
+        f"{_seen(r)} in {span}{tail}"
+    )
+
+
 _DESCRIBE = {
+    "rare_combination": _rare_combination,
     "rare_process": _rare_process,
     "rare_executable": _rare_executable,
     "rare_process_user": _rare_process_user,
@@ -171,6 +197,11 @@ DETECTORS: tuple[Detector, ...] = (
         "rare_container",
         "Metadata Service Called by a Process in an Unusual Container Image or Namespace",
         lambda e: e.name, _container_value, False,
+    ),
+    Detector(
+        "rare_combination",
+        "Metadata Service Called by an Unusual Combination of Process, User, Parent and Container",
+        lambda e: None, _combination_value, True, others_from="rare_process_user",
     ),
 )
 

@@ -292,7 +292,11 @@ class Scorer:
         event = out.event
         ctx, value = det.context(event), det.value(event)
         rarity = table.assess(ctx, value, w)
-        others = table.top_values(ctx, w)
+        if det.others_from is None:
+            others = table.top_values(ctx, w)
+        else:
+            j = DETECTOR_NAMES.index(det.others_from)
+            others = self.tables[j].top_values(DETECTORS[j].context(event), w)
         history = (self.last_ts or 0.0) - (self.first_ts or 0.0)
         out.entity = entity_text(det, ctx, value)
         out.reason = det.describe(event, rarity, others, history, len(self.host_ids))
