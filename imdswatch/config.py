@@ -4,6 +4,7 @@ all means the defaults. See `docs/configuration.md` for an annotated example."""
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,9 @@ class AgentSettings:
     proc_root: str = "/proc"
     passwd: str = "/etc/passwd"
     state_save_interval: float = 300.0
-    node_name: str | None = None  # host.name; default: the machine's hostname
+    # host.name of live events: $NODE_NAME (the DaemonSet sets it from the downward API),
+    # else the tracer uses the machine's hostname.
+    node_name: str | None = field(default_factory=lambda: os.environ.get("NODE_NAME") or None)
 
 
 @dataclass
