@@ -1,8 +1,9 @@
 """A bounded connect() loop for flood tests and benchmarks; run it INSIDE a test namespace.
 
 python3 flood_client.py HOST PORT COUNT MAX_SECONDS [COMM]
-Prints the number of connect() calls made and the seconds the loop took. The connects are refused when nothing listens,
-which is the fastest loop the kernel allows, and each one still passes CLOSE -> SYN_SENT.
+Prints the number of connect() calls made and the seconds the loop took. The connects are
+refused when nothing listens, which is the fastest loop the kernel allows, and each one
+still passes CLOSE -> SYN_SENT.
 """
 
 from __future__ import annotations

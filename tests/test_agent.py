@@ -21,6 +21,17 @@ pytestmark = [pytest.mark.root, pytest.mark.bpf]
 IMDS = "169.254.169.254"
 
 
+def _pid(ns: MetadataNamespace, argv: list[str]) -> int:
+    p = ns.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p.wait(20)
+    return p.pid
+
+
+def _alerts_of(agent: AgentProcess, pid: int) -> list[dict]:
+    # The agent sees the whole machine: other metadata traffic must not confuse the test.
+    return [a for a in agent.alert_lines() if a["process"].get("pid") == pid]
+
+
 @pytest.fixture(scope="module")
 def ns():
     require_bcc()
@@ -50,22 +61,23 @@ def test_warm_agent_alerts_on_a_rare_caller(ns, tmp_path, agent_factory):
     assert agent.metric("imdswatch_ready") == 1 and agent.metric("imdswatch_probe_info") == 1
     assert "probe auto chose" in agent.log.read_text()
 
-    ns.run(["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/latest/meta-data/"])
-    assert wait_for(lambda: agent.alert_lines(), 5)
-    (alert,) = agent.alert_lines()
+    curl = _pid(ns, ["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/latest/meta-data/"])
+    assert wait_for(lambda: _alerts_of(agent, curl), 5)
+    (alert,) = _alerts_of(agent, curl)
     assert alert["event"]["kind"] == "alert"
     assert alert["process"]["name"] == "curl"
     assert alert["destination"]["ip"] == IMDS
     assert alert["anomaly"]["score"] >= 50 and alert["anomaly"]["detector"]
     assert "curl" in alert["anomaly"]["reason"]
 
-    ns.run(["setpriv", "--reuid=65534", "wget", "-q", "-O", "/dev/null",
-            f"http://{IMDS}/latest/meta-data/"])
+    _pid(ns, ["setpriv", "--reuid=65534", "wget", "-q", "-O", "/dev/null",
+              f"http://{IMDS}/latest/meta-data/"])
+    # >=: a system-wide agent also counts any other metadata traffic on this machine
     assert wait_for(lambda: agent.metric("imdswatch_metadata_connections_total",
-                                         process="wget", user="nobody") == 1, 5)
-    assert agent.metric("imdswatch_metadata_connections_total", process="curl") == 1
+                                         process="wget", user="nobody") >= 1, 5)
+    assert agent.metric("imdswatch_metadata_connections_total", process="curl") >= 1
     assert agent.metric("imdswatch_anomalies_total") >= 1
-    assert wait_for(lambda: agent.metric("imdswatch_kernel_connections_total") == 2, 5)
+    assert wait_for(lambda: agent.metric("imdswatch_kernel_connections_total") >= 2, 5)
     assert agent.metric("imdswatch_kernel_events_dropped_total") == 0
 
     rc, seconds = agent.stop(signal.SIGTERM)
@@ -77,11 +89,11 @@ def test_warm_agent_alerts_on_a_rare_caller(ns, tmp_path, agent_factory):
 
 def test_learning_period_holds_alerts_back(ns, agent_factory):
     agent = agent_factory("--learning-period", "1h")
-    ns.run(["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/"])
-    ns.run(["bash", "-c", f"exec 3<>/dev/tcp/{IMDS}/80"])
-    assert wait_for(lambda: agent.metric("imdswatch_metadata_connections_total") == 2, 5)
+    curl = _pid(ns, ["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/"])
+    bash = _pid(ns, ["bash", "-c", f"exec 3<>/dev/tcp/{IMDS}/80"])
+    assert wait_for(lambda: agent.metric("imdswatch_metadata_connections_total") >= 2, 5)
     assert agent.metric("imdswatch_learning") == 1
-    assert agent.alert_lines() == []
+    assert _alerts_of(agent, curl) == _alerts_of(agent, bash) == []
     rc, _ = agent.stop(signal.SIGINT)
     assert rc == 0
 
@@ -90,15 +102,18 @@ def test_sighup_reloads_endpoints_into_the_kernel(ns, tmp_path, agent_factory):
     config = tmp_path / "imdswatch.toml"
     config.write_text('[endpoints]\nremove = ["imds"]\n')
     agent = agent_factory("--config", str(config), "--learning-period", "1h")
-    ns.run(["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/"])
-    time.sleep(0.5)
-    assert agent.metric("imdswatch_kernel_connections_total") == 0
+    _pid(ns, ["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/"])
+    time.sleep(1.5)  # kernel counters are published every second
+    before = agent.metric("imdswatch_metadata_connections_total", endpoint="imds")
+    assert before == 0
+    # the kernel filter held it back: had it been emitted, the scorer would count it skipped
+    assert agent.metric("imdswatch_events_skipped_total") == 0
     config.write_text("[endpoints]\nremove = []\n")
     agent.proc.send_signal(signal.SIGHUP)
     assert wait_for(lambda: "config reloaded" in agent.log.read_text(), 5)
-    ns.run(["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/"])
+    _pid(ns, ["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/"])
     assert wait_for(lambda: agent.metric("imdswatch_metadata_connections_total",
-                                         process="curl") == 1, 5)
+                                         process="curl", endpoint="imds") >= 1, 5)
     assert agent.stop()[0] == 0
 
 
@@ -106,10 +121,10 @@ def test_ipv6_endpoint_scored_live(ns, tmp_path, agent_factory):
     state = tmp_path / "state.json"
     warm_state(state)
     agent = agent_factory("--state", str(state), "--learning-period", "0s")
-    ns.run(["python3", "-c", "import socket; s=socket.socket(socket.AF_INET6); "
-            "s.connect(('fd00:ec2::254', 80))"])
-    assert wait_for(lambda: agent.alert_lines(), 5)
-    (alert,) = agent.alert_lines()
+    py = _pid(ns, ["/usr/bin/python3", "-c", "import socket; s=socket.socket(socket.AF_INET6); "
+                   "s.connect(('fd00:ec2::254', 80))"])
+    assert wait_for(lambda: _alerts_of(agent, py), 5)
+    (alert,) = _alerts_of(agent, py)
     assert alert["destination"]["ip"] == "fd00:ec2::254"
     assert alert["process"]["name"] == "python3"
     assert agent.stop()[0] == 0

@@ -9,6 +9,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 
 import pytest
 from netns_fixtures import Collector, MetadataNamespace, require_bcc, wait_for
@@ -36,7 +37,33 @@ def _py_connect(host: str, port: int, family: str = "AF_INET", linger: float = 0
         "except OSError: pass\n"
         f"time.sleep({linger})\n"
     )
-    return ["python3", "-c", code]
+    return ["/usr/bin/python3", "-c", code]
+
+
+def _named_connect(comm: str, host: str, port: int) -> list[str]:
+    """python3 that renames itself `comm` (PR_SET_NAME) before connecting: its kernel
+    counts are then its own. Inline code, so users without access to the checkout can run it."""
+    code = (
+        "import ctypes,socket\n"
+        f"ctypes.CDLL(None).prctl(15, {comm.encode()!r}, 0, 0, 0)\n"
+        f"s=socket.socket(socket.AF_INET6 if ':' in {host!r} else socket.AF_INET)\n"
+        "s.settimeout(2)\n"
+        f"try: s.connect(({host!r},{port}))\n"
+        "except OSError: pass\n"
+    )
+    return ["/usr/bin/python3", "-c", code]
+
+
+def _pid(ns: MetadataNamespace, argv: list[str]) -> int:
+    """Run `argv` in the namespace to completion; its pid tells its events apart from any
+    other metadata traffic on the machine (BPF sees every namespace)."""
+    p = ns.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p.wait(20)
+    return p.pid
+
+
+def _comm() -> str:
+    return f"imdsw-{secrets.token_hex(4)}"  # 14 bytes: fits the kernel's 15-byte comm
 
 
 @pytest.fixture(scope="module")
@@ -101,15 +128,13 @@ def test_attach_and_trace_connect_probes(mode, ns):
         pytest.skip(f"{mode} cannot attach on this kernel: {exc}")
     try:
         with Collector(t) as c:
-            p = ns.popen(_py_connect(IMDS, 80, linger=0.3))
-            p.wait(10)
-            m = ns.popen(_py_connect(f"::ffff:{ECS}", 80, "AF_INET6", linger=0.3))
-            m.wait(10)
-            (doc,) = c.wait(ip=IMDS)
+            pid = _pid(ns, _py_connect(IMDS, 80, linger=0.3))
+            mapped = _pid(ns, _py_connect(f"::ffff:{ECS}", 80, "AF_INET6", linger=0.3))
+            (doc,) = c.wait(pid=pid)
             assert doc["imdswatch"]["probe"] == mode
             assert doc["event"]["outcome"] == "success"
             # one event for a v4-mapped connect although tcp_v6_connect calls tcp_v4_connect
-            assert len(c.wait(ip=f"::ffff:{ECS}")) == 1
+            assert len(c.wait(pid=mapped, ip=f"::ffff:{ECS}")) == 1
     finally:
         t.close()
 
@@ -136,13 +161,9 @@ def test_clients_each_give_one_event(ns, live):
         "python3": _py_connect(IMDS, 80),
         "bash": ["bash", "-c", f"exec 3<>/dev/tcp/{IMDS}/80; echo -e 'GET / HTTP/1.0\\n' >&3"],
     }
-    pids = {}
-    for name, argv in clients.items():
-        p = ns.popen(argv)
-        p.wait(20)
-        pids[name] = p.pid
+    pids = {name: _pid(ns, argv) for name, argv in clients.items()}
     for name in clients:
-        docs = live.wait(name=name, ip=IMDS, port=80)
+        docs = live.wait(pid=pids[name])
         assert len(docs) == 1, (name, docs)
         doc = docs[0]
         ev = event_from_ecs(doc)
@@ -152,32 +173,35 @@ def test_clients_each_give_one_event(ns, live):
 
 
 def test_ipv6_and_v4_mapped_destinations(ns, live):
-    ns.run(["curl", "-s", "-g", "-o", "/dev/null", f"http://[{V6}]/latest/meta-data/"])
-    ns.run(_py_connect(f"::ffff:{ECS}", 80, "AF_INET6"))
-    (v6,) = live.wait(name="curl", ip=V6)
+    curl = _pid(ns, ["curl", "-s", "-g", "-o", "/dev/null", f"http://[{V6}]/latest/meta-data/"])
+    py = _pid(ns, _py_connect(f"::ffff:{ECS}", 80, "AF_INET6"))
+    (v6,) = live.wait(pid=curl)
+    assert v6["destination"]["ip"] == V6
     assert v6["network"]["type"] == "ipv6"
-    (mapped,) = live.wait(ip=f"::ffff:{ECS}")
+    (mapped,) = live.wait(pid=py)
+    assert mapped["destination"]["ip"] == f"::ffff:{ECS}"
     cat = EndpointCatalog(BUILTIN_ENDPOINTS)
     assert cat.match(mapped["destination"]["ip"], 80).id == "aws-ecs-task-metadata"
 
 
 def test_only_metadata_connections_leave_the_kernel(ns, tracer, live):
-    before = tracer.kernel_stats()["matched"]
-    for argv in (_py_connect("127.0.0.1", 80), _py_connect(DNS_NEIGHBOUR, 53),
-                 _py_connect(WIRESERVER, 53)):  # WireServer's DNS port is not metadata
-        ns.run(argv)
-    ns.run(_py_connect(WIRESERVER, 80))
-    (doc,) = live.wait(ip=WIRESERVER)
-    assert doc["destination"]["port"] == 80
-    assert not live.matching(ip="127.0.0.1") and not live.matching(ip=DNS_NEIGHBOUR)
-    assert tracer.kernel_stats()["matched"] - before == 1
+    comm = _comm()
+    for host, port in (("127.0.0.1", 80), (DNS_NEIGHBOUR, 53), (WIRESERVER, 53), (WIRESERVER, 80)):
+        # WireServer's port 53 is its DNS, not metadata
+        _pid(ns, _named_connect(comm, host, port))
+    (doc,) = live.wait(name=comm)
+    assert (doc["destination"]["ip"], doc["destination"]["port"]) == (WIRESERVER, 80)
+    time.sleep(0.2)
+    assert len(live.matching(name=comm)) == 1
+    counts = tracer.connection_counts()
+    assert sum(n for (c, _u, _g), n in counts.items() if c == comm) == 1
 
 
 def test_enrichment_of_a_running_process(ns, live):
     """A process still running when its event arrives is fully enriched from /proc."""
     p = ns.popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", "-c",
                   f"exec 3<>/dev/tcp/{IMDS}/80; sleep 1; true"])
-    (doc,) = live.wait(name="bash", ip=IMDS)
+    (doc,) = live.wait(pid=p.pid)
     p.wait(10)
     proc = doc["process"]
     assert proc["pid"] == p.pid
@@ -194,7 +218,7 @@ def test_enrichment_of_a_running_process(ns, live):
 def test_curl_enrichment_while_it_waits_for_the_answer(ns, live):
     p = ns.popen(["curl", "-s", "-o", "/dev/null", "-H", "X-aws-ec2-metadata-token: secret",
                   f"http://{IMDS}/slow"])
-    (doc,) = live.wait(name="curl", ip=IMDS)
+    (doc,) = live.wait(pid=p.pid)
     p.wait(10)
     assert doc["process"]["executable"].endswith("/curl")
     assert "X-aws-ec2-metadata-token: secret" in doc["process"]["command_line"]
@@ -231,7 +255,7 @@ def test_container_id_from_real_cgroup(ns, live):
             f.write(str(p.pid))
         p.stdin.write("go\n")
         p.stdin.close()
-        (doc,) = live.wait(name="bash", ip=IMDS)
+        (doc,) = live.wait(pid=p.pid)
         p.wait(10)
         assert doc["container"] == {"id": cid, "runtime": "docker"}
         assert doc["imdswatch"]["cgroup_id"] == os.stat(path).st_ino
@@ -246,14 +270,15 @@ def test_catalog_reload_changes_the_kernel_filter(ns, tracer, live):
         add=[{"id": "imds-8080", "address": IMDS, "ports": [8080]}], remove=["imds"])
     tracer.set_catalog(custom)
     try:
-        ns.run(_py_connect(IMDS, 80))
-        ns.run(_py_connect(IMDS, 8080))
-        (doc,) = live.wait(ip=IMDS, port=8080)
-        assert not live.matching(ip=IMDS, port=80)
+        on80 = _pid(ns, _py_connect(IMDS, 80))
+        on8080 = _pid(ns, _py_connect(IMDS, 8080))
+        (doc,) = live.wait(pid=on8080)
+        assert doc["destination"]["port"] == 8080
+        assert not live.matching(pid=on80)
     finally:
         tracer.set_catalog(EndpointCatalog.from_config())
-    ns.run(_py_connect(IMDS, 80))
-    assert len(live.wait(ip=IMDS, port=80)) == 1
+    again = _pid(ns, _py_connect(IMDS, 80))
+    assert len(live.wait(pid=again)) == 1
 
 
 def test_perf_buffer_output(ns):
@@ -261,20 +286,20 @@ def test_perf_buffer_output(ns):
     t.start()
     try:
         with Collector(t) as c:
-            ns.run(["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/"])
-            assert len(c.wait(name="curl", ip=IMDS)) == 1
+            pid = _pid(ns, ["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/"])
+            assert len(c.wait(pid=pid)) == 1
         assert t.kernel_stats()["dropped"] == 0
     finally:
         t.close()
 
 
 def test_kernel_counts_per_comm_uid_cgroup(ns, tracer):
-    before = dict(tracer.connection_counts())
-    for _ in range(3):
-        ns.run(["setpriv", "--reuid=65534", "bash", "-c", f"exec 3<>/dev/tcp/{IMDS}/80"])
-    after = tracer.connection_counts()
-    keys = [k for k in after if k[0] == "bash" and k[1] == 65534]
-    assert sum(after[k] - before.get(k, 0) for k in keys) == 3
+    comm = _comm()
+    for uid in ("65534", "65534", "65534", "0"):
+        _pid(ns, ["setpriv", f"--reuid={uid}", *_named_connect(comm, IMDS, 80)])
+    counts = tracer.connection_counts()
+    ours = {(u, n) for (c, u, _cg), n in counts.items() if c == comm}
+    assert ours == {(65534, 3), (0, 1)}
 
 
 def test_detach_stops_events(ns):

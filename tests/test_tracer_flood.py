@@ -4,6 +4,8 @@ every lost event is counted as dropped. Bounded in count and time."""
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 from netns_fixtures import HERE, Collector, MetadataNamespace, require_bcc, wait_for
 
@@ -40,13 +42,14 @@ def test_overrun_loses_events_but_no_count(ns):
     t = Tracer(EndpointCatalog.from_config(), probe="tracepoint", ringbuf_pages=1)
     t.start()
     try:
-        made = _flood(ns, "imdsw-flood")
+        comm = f"imdsw-f{secrets.token_hex(3)}"
+        made = _flood(ns, comm)
         stats = t.kernel_stats()
-        assert _ours(t, "imdsw-flood") == made
+        assert _ours(t, comm) == made
         assert stats["matched"] >= made
         assert stats["dropped"] > 0
         assert stats["emitted"] + stats["dropped"] == stats["matched"]
-        read = [d for d in t.poll(100) + t.drain() if d["process"]["name"] == "imdsw-flood"]
+        read = [d for d in t.poll(100) + t.drain() if d["process"]["name"] == comm]
         assert 0 < len(read) < made
         assert stats["count_map_full"] == 0
     finally:
@@ -57,10 +60,11 @@ def test_flood_with_reader_loses_nothing(ns):
     t = Tracer(EndpointCatalog.from_config(), probe="tracepoint", ringbuf_pages=1024)
     t.start()
     try:
+        comm = f"imdsw-g{secrets.token_hex(3)}"
         with Collector(t) as c:
-            made = _flood(ns, "imdsw-flood2", 3000)
-            assert wait_for(lambda: len(c.matching(name="imdsw-flood2")) >= made, 10)
-        assert _ours(t, "imdsw-flood2") == made == len(c.matching(name="imdsw-flood2"))
+            made = _flood(ns, comm, 3000)
+            assert wait_for(lambda: len(c.matching(name=comm)) >= made, 10)
+        assert _ours(t, comm) == made == len(c.matching(name=comm))
         assert t.kernel_stats()["dropped"] == 0
     finally:
         t.close()
