@@ -97,7 +97,7 @@ def section_tracer(quick: bool, seed: int) -> list[dict] | None:
 
 SECTIONS: tuple[tuple[str, Callable[[bool, int], list[dict] | None]], ...] = (
     ("accuracy: imdswatch vs the best anchor", section_accuracy),
-    ("throughput: imdswatch replay vs orjson parse", section_throughput),
+    ("throughput: imdswatch replay vs JSON parse", section_throughput),
     ("memory: scorer state", section_memory),
     ("tracer", section_tracer),
 )

@@ -79,7 +79,7 @@ class ElasticRareMetadataProcess:
     estimated as p = (c + ½) / (N + 1) (Krichevsky–Trofimov, so a never-seen name is not
     infinitely surprising), and the record score is 25·(−log10 p), capped at 100: a name
     in 1% of buckets scores 50, one in 0.01% scores 100, a name never seen in the first
-    day of history (N = 96) scores ≥ 57 and one never seen in a week ≥ 79; recurrent names
+    day of history (N = 96) scores ≥ 57 and one never seen in a week ≥ 78; recurrent names
     decay toward 0 as `c` grows. No record is produced until `min_buckets` of history
     exist (the job's own warm-up). A record at or above the threshold is an alert that
     covers every event of that name in that bucket.
