@@ -112,8 +112,22 @@ def fleet_events(
 
 
 def rfc3339(ts: float) -> str:
-    dt = datetime.fromtimestamp(ts, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    """Epoch seconds to RFC 3339 with milliseconds, rounded to the nearest millisecond."""
+    ms = round(ts * 1000)
+    dt = datetime.fromtimestamp(ms // 1000, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def unique_times(events: list[Event]) -> list[Event]:
+    """Sort, then nudge equal times 1 ms apart so event-time order is unambiguous."""
+    events.sort(key=lambda e: e.ts)
+    last = None
+    for e in events:
+        e.ts = round(e.ts, 3)
+        if last is not None and e.ts <= last:
+            e.ts = round(last + 0.001, 3)
+        last = e.ts
+    return events
 
 
 def to_ecs(e: Event, *, extra: dict | None = None) -> dict:
