@@ -165,8 +165,7 @@ class Agent:
         next_house = time.monotonic() + HOUSEKEEPING_S
         next_save = time.monotonic() + interval if self.state_path and interval > 0 else None
         while not self.stop.is_set():
-            for doc in self.tracer.poll(POLL_MS):
-                self.handle(doc)
+            self.tracer.poll(POLL_MS, self.handle)
             now = time.monotonic()
             self._last_loop = now
             if self.reload_requested:
@@ -221,8 +220,8 @@ class Agent:
         """Detach, score what is already buffered, save state, close outputs."""
         if self.tracer is not None:
             try:
-                for doc in self.tracer.drain():
-                    self.handle(doc)
+                # Bounded: a flood still going on must not delay the exit.
+                self.tracer.drain(self.handle, max_events=20_000)
                 self.housekeeping()
             except Exception as exc:  # never let a last-moment error keep probes attached
                 log.error("while draining events: %s", exc)

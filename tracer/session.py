@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from scoring.endpoints import Endpoint
@@ -17,6 +17,11 @@ from tracer.enrich import Enricher
 from tracer.layout import STAT_NAMES, decode
 
 log = logging.getLogger("imdswatch.tracer")
+
+# Events handled per poll call at most. libbpf keeps consuming while producers keep adding,
+# so under a flood one poll would never return; stopping after a batch gives the caller
+# its loop back (housekeeping, signals) and bounds what is held in memory.
+MAX_BATCH = 2048
 
 
 def _boot_id() -> str:
@@ -61,7 +66,10 @@ class Tracer:
         self._boot = _boot_id()
         self._bpf: object | None = None
         self._out: list[dict] = []
+        self._sink: Callable[[dict], None] | None = None
+        self._budget = MAX_BATCH
         self.events_read = 0
+        self.callback_errors = 0
         self.attach_seconds: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -112,12 +120,13 @@ class Tracer:
 
     # -- events ----------------------------------------------------------------------------
 
-    def _on_event(self, _ctx: object, data: int, size: int) -> None:
-        ev = decode(data, size)
-        info = self.enricher.lookup(ev.tgid, ev.tid, ev.comm)
-        uid = info.euid if info.euid is not None else ev.uid
-        self._out.append(
-            to_ecs(
+    def _on_event(self, _ctx: object, data: int, size: int) -> int:
+        # Called from C: an exception would be printed and lost, so it is logged here.
+        try:
+            ev = decode(data, size)
+            info = self.enricher.lookup(ev.tgid, ev.tid, ev.comm)
+            uid = info.euid if info.euid is not None else ev.uid
+            doc = to_ecs(
                 ev,
                 info,
                 wall_ns=self.clock.wall_ns(ev.ts_ns),
@@ -125,34 +134,52 @@ class Tracer:
                 event_id=f"{self._boot}-{ev.ts_ns:x}-{ev.tid:x}",
                 user_name=self.enricher.user_name(uid),
             )
-        )
-        self.events_read += 1
+            self.events_read += 1
+            if self._sink is None:
+                self._out.append(doc)
+            else:
+                self._sink(doc)
+        except Exception:
+            self.callback_errors += 1
+            log.exception("event handling failed")
+        self._budget -= 1
+        return -1 if self._budget <= 0 else 0  # negative: libbpf stops this poll
 
     def _on_lost(self, count: int) -> None:
         # Perf buffer overruns are also counted in the kernel's `dropped` stat.
         log.warning("perf buffer lost %d events", count)
 
-    def poll(self, timeout_ms: int = 100) -> list[dict]:
-        """Wait up to `timeout_ms` for events; returns the ECS documents read."""
+    def poll(self, timeout_ms: int = 100,
+             sink: Callable[[dict], None] | None = None) -> list[dict]:
+        """Wait up to `timeout_ms` for events and read at most MAX_BATCH of them. With a
+        `sink`, each ECS document goes to it as soon as it is read (nothing accumulates) and
+        the list returned is empty; without, the documents are returned."""
         if self._bpf is None:
             raise RuntimeError("tracer is not started")
         self.clock.refresh()
-        if self.ringbuf:
-            self._bpf.ring_buffer_poll(timeout_ms)
-        else:
-            self._bpf.perf_buffer_poll(timeout_ms)
+        self._sink, self._budget = sink, MAX_BATCH
+        try:
+            if self.ringbuf:
+                self._bpf.ring_buffer_poll(timeout_ms)
+            else:
+                self._bpf.perf_buffer_poll(timeout_ms)
+        finally:
+            self._sink = None
         out, self._out = self._out, []
         return out
 
-    def drain(self) -> list[dict]:
-        """Whatever is already in the buffer, without waiting."""
+    def drain(self, sink: Callable[[dict], None] | None = None,
+              max_events: int = 1 << 20) -> list[dict]:
+        """What is already in the buffer, without waiting (bounded by `max_events`)."""
         if self._bpf is None:
             return []
-        if self.ringbuf:
-            self._bpf.ring_buffer_consume()
-        else:
-            self._bpf.perf_buffer_poll(0)
-        out, self._out = self._out, []
+        out: list[dict] = []
+        start = self.events_read
+        while self.events_read - start < max_events:
+            before = self.events_read
+            out += self.poll(0, sink)
+            if self.events_read == before:
+                break
         return out
 
     # -- kernel counters -------------------------------------------------------------------
