@@ -125,6 +125,21 @@ def _why(mode: str) -> str:
     return ""
 
 
+def detach_mode(b: object, mode: str) -> None:
+    """Detach `mode`'s programs but keep them loaded with their maps (attach_mode again to
+    resume): used to measure the probes' cost on the same compiled object."""
+    if mode == "tracepoint":
+        b.detach_tracepoint(tp=b"sock:inet_sock_set_state")
+    elif mode == "kprobe":
+        for fn in CONNECT_FUNCTIONS:
+            b.detach_kprobe(event=fn.encode())
+            b.detach_kretprobe(event=fn.encode())
+    elif mode == "fentry":
+        for fn in CONNECT_FUNCTIONS:
+            b.detach_kfunc(fn_name=f"kfunc__{fn}".encode())
+            b.detach_kretfunc(fn_name=f"kretfunc__{fn}".encode())
+
+
 def open_mode(
     mode: str,
     prepare: Callable[[object], None] | None = None,

@@ -71,6 +71,7 @@ class Tracer:
         self.events_read = 0
         self.callback_errors = 0
         self.attach_seconds: float | None = None
+        self.paused = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -103,6 +104,17 @@ class Tracer:
         n = maps.write(self._bpf[b"endpoints4"], self._bpf[b"endpoints6"], self.catalog)
         log.info("endpoint maps reloaded: %d entries", n)
         return n
+
+    def pause(self) -> None:
+        """Detach the probes, keeping programs and maps (counts survive); `resume()` undoes."""
+        if self._bpf is not None and self.probe is not None and not self.paused:
+            probes.detach_mode(self._bpf, self.probe)
+            self.paused = True
+
+    def resume(self) -> None:
+        if self._bpf is not None and self.probe is not None and self.paused:
+            probes.attach_mode(self._bpf, self.probe)
+            self.paused = False
 
     def close(self) -> None:
         """Detach every probe and free the maps. Safe to call twice."""
