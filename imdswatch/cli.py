@@ -89,7 +89,8 @@ def replay(events: str, output: str, threshold: float | None, state_path: str | 
         except StateError as exc:
             fail(str(exc))
     try:
-        writer = AlertWriter(sys.stdout.buffer if output == "-" else output)
+        writer = (AlertWriter(sys.stdout.buffer) if output == "-"
+                  else AlertWriter(output, append=False))
     except OSError as exc:
         fail(f"{output}: cannot write alerts ({exc.strerror})")
 

@@ -153,8 +153,9 @@ def _agent(t: dict) -> AgentSettings:
 
 
 def parse_config(data: dict, path: str | None = None) -> Config:
-    _check_keys(data, {"scoring", "endpoints", "exceptions", "metrics", "agent"}, "top level")
     try:
+        _check_keys(data, {"scoring", "endpoints", "exceptions", "metrics", "agent"},
+                    "top level")
         return Config(
             scorer=_scoring(data.get("scoring", {})),
             catalog=_endpoints(data.get("endpoints", {})),

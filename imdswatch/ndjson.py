@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import sys
+import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -44,7 +45,7 @@ def numbered_lines(source: str) -> Iterator[tuple[int, bytes]]:
         while True:
             try:
                 block = stream.read(BLOCK)
-            except (OSError, EOFError) as exc:
+            except (OSError, EOFError, zlib.error) as exc:
                 raise InputError(f"{source}: read failed after line {lineno} ({exc})") from None
             if not block:
                 break

@@ -84,7 +84,8 @@ def replay(
     typed = decoder().decode
     loads = orjson.loads
     match = scorer.catalog.match
-    quiet = scorer.process_quiet
+    learn_quiet = scorer.learn_quiet
+    quiet_entity = scorer.quiet_entity
     lines = skipped = scored = 0
     # One flat loop: at a few microseconds per line, every generator hop or helper call
     # is a visible share of replay time. Sorted input (the usual case) takes the inline
@@ -104,7 +105,13 @@ def replay(
             if endpoint is None:
                 skipped += 1
                 continue
-            item = (ts, lineno, sig, endpoint, d, line, None)
+            # An entity already known to be common at `ts` is still common when its event
+            # leaves the buffer (only its own later events could change that), so all the
+            # buffer keeps of such an event is its time and the entity: holding thousands of
+            # decoded documents costs more in cache misses than everything else here.
+            rec = quiet_entity(sig, ts)
+            item = (ts, lineno, rec) if rec is not None else (
+                ts, lineno, None, sig, endpoint, d, line, None)
         else:
             try:
                 ev = event_from_ecs(loads(line))
@@ -119,15 +126,16 @@ def replay(
                 skipped += 1
                 continue
             ts = ev.ts
-            item = (ts, lineno, ev.signature(), endpoint, None, line, ev)
+            item = (ts, lineno, None, ev.signature(), endpoint, None, line, ev)
         if ts > buffer.newest and not buffer.heap:
             fifo.append(item)
             buffer.newest = ts
             horizon = ts - window
             while fifo[0][0] <= horizon:
                 ready = fifo.popleft()
-                buffer.released = ready[0]
-                if quiet(ready[2], ready[0]):
+                buffer.released = rts = ready[0]
+                rec = ready[2]
+                if rec is not None and learn_quiet(rec, rts):
                     scored += 1
                 else:
                     score(ready)
@@ -146,7 +154,7 @@ def replay(
 
 
 class ReorderBuffer:
-    """Holds items (time first) until the newest time seen is `window` past them, then
+    """Holds items (time, line number, ...) until the newest time seen is `window` past them, then
     releases them in time order. In-order arrivals, the usual case, queue in a FIFO;
     only out-of-order ones pay for the heap. An item older than what was already
     released comes straight back out and is counted in `late`."""
@@ -204,6 +212,7 @@ class _Scoring:
     def __init__(self, scorer: Scorer, on_outcome: Callable[[Outcome], None],
                  stats: ReplayStats) -> None:
         self.quiet = scorer.process_quiet
+        self.learn_quiet = scorer.learn_quiet
         self.process = scorer.process_matched
         self.on_outcome = on_outcome
         self.stats = stats
@@ -212,9 +221,12 @@ class _Scoring:
         self.first_ts: float | None = None
 
     def __call__(self, item: tuple) -> None:
-        ts, _, sig, endpoint, d, line, ev = item
         st = self.stats
         st.scored += 1
+        rec = item[2]
+        if rec is not None and self.learn_quiet(rec, item[0]):
+            return
+        ts, _, _, sig, endpoint, d, line, ev = item
         if self.quiet(sig, ts):
             return
         if self.first_ts is None:

@@ -54,6 +54,12 @@ def image_repository(image: str | None) -> str | None:
     return image[:colon] if colon > slash else image
 
 
+def probability_for_score(score: float) -> float:
+    """The rarity probability that scores `score` (the inverse of the calibration)."""
+    surprise = SURPRISE_AT_50 + SURPRISE_SCALE * math.log(score / (100.0 - score))
+    return 10.0 ** -surprise
+
+
 @dataclass(frozen=True, slots=True)
 class Detector:
     name: str

@@ -82,7 +82,8 @@ class EcsDoc(Struct, gc=False):
     event: _EventMeta | None = None
 
 
-SchemaMismatch = (msgspec.ValidationError, msgspec.DecodeError)
+# Invalid UTF-8 is a UnicodeDecodeError here; the generic path reports it as bad JSON.
+SchemaMismatch = (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError)
 
 
 def decoder() -> msgspec.json.Decoder:

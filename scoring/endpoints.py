@@ -100,7 +100,7 @@ class EndpointCatalog:
         self.endpoints: tuple[Endpoint, ...] = tuple(endpoints)
         # Most specific first, so a user's narrower entry wins over a built-in CIDR.
         self._ordered = sorted(self.endpoints, key=lambda e: -e.network.prefixlen)
-        self._by_text: dict[str, tuple[Endpoint, ...]] = {}
+        self._by_text: dict[str, Endpoint | tuple[Endpoint, ...] | bool] = {}
 
     @classmethod
     def from_config(
@@ -120,22 +120,35 @@ class EndpointCatalog:
             raise ValueError(f"cannot remove unknown endpoints: {', '.join(sorted(unknown))}")
         return cls([*base, *(parse_endpoint(a) for a in add)])
 
-    def _candidates(self, ip_text: str) -> tuple[Endpoint, ...]:
-        hit = self._by_text.get(ip_text)
-        if hit is None:
-            addr = normalize_ip(ip_text)
-            hit = () if addr is None else tuple(
-                e for e in self._ordered
-                if e.network.version == addr.version and addr in e.network
-            )
-            if len(self._by_text) >= self._CACHE_LIMIT:
-                self._by_text.clear()
-            self._by_text[ip_text] = hit
+    def _resolve(self, ip_text: str) -> Endpoint | tuple[Endpoint, ...] | bool:
+        """What `match` caches per address text: False (no endpoint), the one endpoint
+        when it takes every port, or the candidates to check against the port."""
+        addr = normalize_ip(ip_text)
+        cands = () if addr is None else tuple(
+            e for e in self._ordered
+            if e.network.version == addr.version and addr in e.network
+        )
+        if not cands:
+            hit: Endpoint | tuple[Endpoint, ...] | bool = False
+        elif not cands[0].ports:
+            hit = cands[0]
+        else:
+            hit = cands
+        if len(self._by_text) >= self._CACHE_LIMIT:
+            self._by_text.clear()
+        self._by_text[ip_text] = hit
         return hit
 
     def match(self, ip_text: str, port: int | None = None) -> Endpoint | None:
         """The endpoint that (ip, port) reaches, or None when it is not a metadata endpoint."""
-        for e in self._candidates(ip_text):
+        hit = self._by_text.get(ip_text)
+        if hit is None:
+            hit = self._resolve(ip_text)
+        if hit.__class__ is Endpoint:
+            return hit  # type: ignore[return-value]
+        if hit is False:
+            return None
+        for e in hit:  # type: ignore[union-attr]
             if e.matches_port(port):
                 return e
         return None

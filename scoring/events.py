@@ -104,7 +104,9 @@ def parse_timestamp(value: Any) -> float:
         return value / 1000.0 if abs(value) >= 1e11 else float(value)
     if isinstance(value, str):
         try:
-            dt = datetime.fromisoformat(value)
+            # RFC 3339 allows lower-case t and z; fromisoformat does not.
+            dt = datetime.fromisoformat(value.upper() if "t" in value or "z" in value
+                                        else value)
         except ValueError:
             try:
                 return parse_timestamp(float(value))
@@ -168,7 +170,7 @@ def event_from_ecs(doc: Any) -> Event:
     """Read the contract's ECS fields from a decoded JSON document."""
     if not isinstance(doc, dict):
         raise MalformedEvent("line is not a JSON object")
-    if "process" not in doc and any("." in k for k in doc):
+    if any("." in k for k in doc if k != "@timestamp"):
         doc = unflatten(doc)
     ts = parse_timestamp(doc.get("@timestamp"))
     destination = _obj(doc, "destination")

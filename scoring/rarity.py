@@ -6,8 +6,8 @@ those counts `assess` estimates the probability of seeing a value at most this c
 
     p_event  = (m + 1 + n_k) / (n + m + 1)      # Chinese-restaurant predictive mass of
                                                 # "something new" plus the value's own mass
-    p_spread = min(h_k, n_k) / H                # share of the context's hosts showing it
-    p        = max(p_event, p_spread)
+    p_spread = min(h_k - 1, n_k) / (H - 1)      # share of the context's other hosts
+    p        = max(p_event, p_spread)           #   showing it (0 with one host)
 
 `m` is the number of distinct values seen in the context, so a context that has always
 been diverse (python3 run by dozens of users) finds a new value unsurprising, while one
@@ -15,7 +15,10 @@ that never varied (amazon-ssm-agent always from /usr/bin) finds it very surprisi
 spread term makes the judgement population-aware: a value seen on most of the hosts that
 run the context is not rare, however few calls it makes (a boot-time caller on each new
 node, a collector rolled out to every node at once). Capping hosts by the decayed count
-lets spread fade with the history that supports it.
+lets spread fade with the history that supports it. The first host to show a value is
+not counted: spread is evidence that the value recurs across the fleet, and one host is
+no evidence of that (the same tool on a second host after an alert on the first is
+lateral movement until more hosts show it).
 
 Counts are stored pre-multiplied by a growing weight 2^((t - ref)/half_life) instead of
 being decayed in place, so learning is O(1); `Decay.rescale` keeps the numbers finite.
@@ -23,11 +26,16 @@ being decayed in place, so learning is O(1); `Decay.rescale` keeps the numbers f
 
 from __future__ import annotations
 
+import heapq
 import math
 from array import array
 from collections.abc import Hashable, Iterator
 
 import numpy as np
+
+# Reasons name a context's most frequent values; past this many values there are none worth
+# naming, and scanning them on every anomaly would make a flood of new values quadratic.
+TOP_VALUES_SCAN_LIMIT = 5000
 
 
 class Decay:
@@ -114,7 +122,10 @@ class RarityTable:
         p = (m_c + 1 + n_k) / (n_c + m_c + 1)
         if p >= 1.0:
             return 1.0
-        spread = min(self.hosts[s].bit_count(), n_k) / self.ctx_hosts[c].bit_count()
+        others = self.ctx_hosts[c].bit_count() - 1
+        if others <= 0:
+            return p
+        spread = min(self.hosts[s].bit_count() - 1, n_k) / others
         return p if p > spread else min(1.0, spread)
 
     def assess(self, ctx: Hashable, value: Hashable, w: float) -> Rarity:
@@ -131,7 +142,7 @@ class RarityTable:
         n_k = self.weight[s] / w
         h_k = self.hosts[s].bit_count()
         p = (m_c + 1 + n_k) / (n_c + m_c + 1)
-        spread = min(h_k, n_k) / hosts_c
+        spread = min(h_k - 1, n_k) / (hosts_c - 1) if hosts_c > 1 else 0.0
         return Rarity(
             min(1.0, p if p > spread else spread), n_k, n_c, m_c, h_k, hosts_c,
             self.first_seen[s],
@@ -143,7 +154,9 @@ class RarityTable:
         if c is None:
             return []
         members = self.ctx_members[c]
-        ranked = sorted(members, key=self.weight.__getitem__, reverse=True)[:k]
+        if len(members) > TOP_VALUES_SCAN_LIMIT:
+            return []  # a context this diverse has no "usual" values worth naming
+        ranked = heapq.nlargest(k, members, key=self.weight.__getitem__)
         return [(self.keys[s][1], self.weight[s] / w) for s in ranked]
 
     def rescale(self, factor: float) -> None:

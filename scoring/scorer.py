@@ -10,7 +10,13 @@ from __future__ import annotations
 from collections.abc import Hashable
 from math import log10
 
-from scoring.detectors import DETECTOR_NAMES, DETECTORS, Detector, score_from_surprise
+from scoring.detectors import (
+    DETECTOR_NAMES,
+    DETECTORS,
+    Detector,
+    probability_for_score,
+    score_from_surprise,
+)
 from scoring.endpoints import Endpoint, EndpointCatalog
 from scoring.events import Event
 from scoring.exceptions import ExceptionRule, first_match
@@ -68,9 +74,15 @@ class Outcome:
         )
 
 
-# An entity whose every detector finds p >= QUIET_P (scores below 2) is not re-scored for
-# QUIET_FOR seconds of event time; its events are still counted.
-QUIET_P = 0.1
+GENERIC = "rare_combination"
+# Probabilities this high score under 2, reported as 0 without evaluating the curve.
+ZERO_P = 0.1
+# An entity whose every detector scores under QUIET_SCORE is not re-scored for QUIET_FOR
+# seconds of event time; its events are still counted and learned, with a score of 0. Its
+# scores cannot climb from there to a threshold within minutes unless the fleet's history
+# changes several-fold, and the next full scoring after QUIET_FOR sees that change.
+QUIET_SCORE = 10.0
+QUIET_P = probability_for_score(QUIET_SCORE)
 QUIET_FOR = 600.0
 # Bounds the memory of the entity cache; past it the cache starts again from empty.
 ENTITY_CACHE_LIMIT = 50_000
@@ -189,21 +201,35 @@ class Scorer:
             return out
         return self._score_and_learn(event, endpoint, sig, rec, w)
 
-    def process_quiet(self, sig: tuple, ts: float) -> bool:
-        """Count an event of a common entity without building it: True when the entity
-        with signature `sig` is common (quiet) at `ts` and the event was learned; False
-        when it must go through `process_matched`. Replay's fast path."""
+    def quiet_entity(self, sig: tuple, ts: float) -> _Entity | None:
+        """The entity with signature `sig` when it is known to be common at `ts`: a handle
+        for `learn_quiet`. It stays valid (and common for `ts`) until the model is
+        replaced, since only the entity's own later events can re-score it."""
         rec = self._entities.get(sig)
-        if rec is None or ts >= rec.quiet_until:
+        return rec if rec is not None and ts < rec.quiet_until else None
+
+    def learn_quiet(self, rec: _Entity, ts: float) -> bool:
+        """Count an event at `ts` of the common entity `rec` without building it. False
+        (nothing learned) when `rec` is not common at `ts`: use `process_matched`."""
+        if ts >= rec.quiet_until:
             return False
-        if self.last_ts is None or ts > self.last_ts:
+        if ts > self.last_ts:  # set: the entity was scored in full before
             self.last_ts = ts
-        rec.pending += self._weight(ts)
+        decay = self.decay
+        w = 2.0 ** ((ts - decay.ref) / decay.half_life)
+        if w > Decay.RESCALE_AT:
+            w = self._weight(ts)
+        rec.pending += w
         if not rec.dirty:
             rec.dirty = True
             self._dirty.append(rec)
         self.events_learned += 1
         return True
+
+    def process_quiet(self, sig: tuple, ts: float) -> bool:
+        """`learn_quiet` by signature: True when the event was learned as common."""
+        rec = self._entities.get(sig)
+        return rec is not None and self.learn_quiet(rec, ts)
 
     def _score_and_learn(self, event: Event, endpoint: Endpoint, sig: tuple,
                          rec: _Entity | None, w: float) -> Outcome:
@@ -231,7 +257,7 @@ class Scorer:
             p = table.probability(ctx, value, w)
             if p < min_p:
                 min_p = p
-            if p >= QUIET_P:  # surprise under 1: scores below 2, reported as 0
+            if p >= ZERO_P:
                 s = 0.0
             else:
                 s = score_from_surprise(-log10(p) if p > 0 else 12.0)
@@ -239,7 +265,10 @@ class Scorer:
                     s *= factor
             scores[det.name] = s
             margin = s - self._thresholds[i]
-            if margin > best_margin:
+            # rare_combination (last) fires on any new combination, so it names the alert
+            # only when no specific detector reaches its threshold: "curl run by www-data"
+            # says more than "a new combination".
+            if margin > best_margin and not (best_margin >= 0 and det.name == GENERIC):
                 best_i, best_margin = i, margin
 
         if best_i >= 0:

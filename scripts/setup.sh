@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-APT_PACKAGES=(python3-bpfcc bpfcc-tools prometheus iproute2 curl wget netcat-openbsd python3-venv gzip)
+APT_PACKAGES=(python3-bpfcc bpfcc-tools prometheus iproute2 curl wget netcat-openbsd python3-venv gzip openssl)
 
 install_apt() {
   local missing=()

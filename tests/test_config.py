@@ -193,8 +193,6 @@ def test_unknown_top_level_table_is_named(tmp_path):
     assert "scorer" in str(info.value) and "top level" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="imdswatch/config.py parse_config checks top-level "
-                   "keys before its try block, so that error lacks the file name")
 def test_unknown_top_level_table_names_the_file(tmp_path):
     config_error(tmp_path, "[scorer]\nthreshold = 60\n")
 

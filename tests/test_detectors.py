@@ -227,14 +227,7 @@ def test_each_detector_names_itself_when_it_alone_may_alert(history, detector):
         assert out.rule_name == rule
 
 
-ECLIPSED = pytest.mark.xfail(strict=True, reason=(
-    "rare_combination (commit f31baf7) scores ~82.7 on every never-seen combination and wins "
-    "the margin over the specific detector, so the alert no longer names the detector "
-    "issue 2 asks for (and its reason loses the specific comparison)"))
-
-
-@pytest.mark.parametrize("detector", [pytest.param(d, marks=ECLIPSED)
-                                      for d in sorted(SPECIFIC_ATTACKS)])
+@pytest.mark.parametrize("detector", sorted(SPECIFIC_ATTACKS))
 def test_each_detector_names_itself_with_default_settings(history, detector):
     out, words, rule = _specific(history, detector)
     assert out.alert
@@ -380,10 +373,6 @@ def test_collector_rollout_stops_alerting_once_on_several_hosts(history):
     assert len(alerts_by_host) < HOSTS
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rarity.py: p_spread = min(h_k, n_k) / H makes a value seen once on one host of H "
-    "score as p >= 1/H (1/8 here -> score 0), so the same attack on a second host minutes "
-    "later never alerts on fleets under ~316 hosts"))
 def test_same_attack_on_a_second_host_still_alerts(history):
     scorer = fresh(history)
     first = scorer.process(ev(END, "curl", exe="/usr/bin/curl", user="www-data", host="node-3"))
@@ -557,9 +546,10 @@ def test_exception_matches_truncated_comm(history):
 def test_excepted_event_is_still_learned(history):
     scorer = fresh(history, exceptions=(parse_exception(BACKUP),))
     assert scorer.process(backup_event()).excepted
-    # Learned: the very same call on the same host is not anomalous any more.
+    # Learned: the second call's reason counts the first one, and is excepted again.
     again = scorer.process(backup_event(t=END + 60))
-    assert again.score < 50 and not again.excepted and not again.alert
+    assert "1 time" in again.reason, again.reason
+    assert again.excepted and not again.alert
 
 
 @pytest.mark.parametrize(("spec", "words"), [
