@@ -18,7 +18,7 @@ def test_doctor_prints_every_check_and_the_probe(capsys):
     rc = doctor.run_doctor()
     out = capsys.readouterr().out
     for name in ("privileges", "kernel", "bcc", "kernel headers", "tracefs", "tracepoint",
-                 "kprobes", "fentry"):
+                 "kprobes", "btf", "fentry"):
         assert f"] {name}: " in out, name
     assert "probe: " in out
     # every failure or warning comes with its fix

@@ -140,6 +140,14 @@ def check_kprobes() -> Check:
     return Check("kprobes", True, "kprobes available; tcp_v4_connect traceable")
 
 
+def check_btf() -> Check:
+    if kernel.btf_available():
+        return Check("btf", True, "kernel BTF at /sys/kernel/btf/vmlinux")
+    return Check("btf", False, "no kernel BTF (/sys/kernel/btf/vmlinux): fentry impossible",
+                 "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (kprobe and tracepoint modes "
+                 "do not need it)", {"fentry"})
+
+
 def check_fentry(try_load: bool) -> Check:
     if not kernel.btf_available():
         return Check("fentry", False, "no kernel BTF (/sys/kernel/btf/vmlinux)",
@@ -169,7 +177,7 @@ def check_fentry(try_load: bool) -> Check:
 
 def checks(try_load: bool = True) -> list[Check]:
     out = [check_privileges(), check_kernel(), check_bcc(), check_headers(), check_tracefs(),
-           check_tracepoint(), check_kprobes()]
+           check_tracepoint(), check_kprobes(), check_btf()]
     runnable = not any("all" in c.blocks for c in out)
     out.append(check_fentry(try_load and runnable))
     return out
