@@ -338,7 +338,7 @@ class Scorer:
         if first_match(self.exceptions, event, det.name) is not None:
             out.excepted = True
             return
-        key = (det.name, out.entity, event.host)
+        key = (det.name, out.entity)
         last = self.last_alert.get(key)
         window = self.settings.suppression_window
         if last is not None and event.ts - last < window:

@@ -22,7 +22,9 @@ class ScorerSettings:
     learning_period: float = 1 * DAY
     # History fades with this half-life, so a fleet's old habits stop vouching for a name.
     half_life: float = 14 * DAY
-    # One alert per (detector, entity) per window.
+    # One alert per (detector, entity) per window, fleet-wide: a collector rolled out to
+    # every node raises one alert, not one per node. Later anomalous events of the entity
+    # still show in the anomaly metrics with their host.
     suppression_window: float = 3600.0
     # Known legitimate callers (name and executable both match the catalog) have the scores
     # of the detectors that judge *what* runs multiplied by this; who runs it and how it was

@@ -86,9 +86,7 @@ def load_state_dict(scorer: Scorer, state: dict, source: str = "state") -> None:
             tables.append(table)
         scorer.tables = tuple(tables)
         scorer.invalidate_entities()
-        scorer.last_alert = {
-            (d, e, h): float(t) for d, e, h, t in state.get("suppression", [])
-        }
+        scorer.last_alert = {(d, e): float(t) for d, e, t in state.get("suppression", [])}
     except (KeyError, TypeError, ValueError) as exc:
         raise StateError(f"{source}: malformed state ({exc.__class__.__name__}: {exc})") from None
 
@@ -197,8 +195,8 @@ def merge_states(states: list[dict], half_life: float) -> dict:
                     cur[4] = min(cur[4], first)
     suppression: dict[tuple, float] = {}
     for s in dated:
-        for d, e, h, t in s.get("suppression", []):
-            suppression[(d, e, h)] = max(t, suppression.get((d, e, h), t))
+        for d, e, t in s.get("suppression", []):
+            suppression[(d, e)] = max(t, suppression.get((d, e), t))
     return {
         "format": FORMAT,
         "version": VERSION,

@@ -377,9 +377,12 @@ def test_same_attack_on_a_second_host_still_alerts(history):
     scorer = fresh(history)
     first = scorer.process(ev(END, "curl", exe="/usr/bin/curl", user="www-data", host="node-3"))
     assert first.alert and first.detector == "rare_process_user"
+    # The first host is no evidence that the value is common across the fleet, so the
+    # second host still scores as anomalous; within the suppression window it does not
+    # alert again but shows in the anomaly metrics with its host.
     second = scorer.process(ev(END + 5 * MINUTE, "curl", exe="/usr/bin/curl", user="www-data",
                                host="node-5"))
-    assert second.alert
+    assert second.suppressed and second.reason and second.score >= 50, second
 
 
 # -- decay ----------------------------------------------------------------------------------
@@ -450,11 +453,12 @@ def test_suppression_one_alert_per_entity_per_host_per_window():
     assert call(HOUR + 2 * MINUTE).suppressed
 
 
-def test_suppression_is_per_host():
+def test_suppression_is_fleet_wide():
+    # A rollout or a worm reaching several nodes within the window raises one alert.
     scorer, t = _big_fleet_scorer()
     assert scorer.process(ev(t, "xmrig", exe="/tmp/xmrig", host="node-3")).alert
     other = scorer.process(ev(t + 5 * MINUTE, "xmrig", exe="/tmp/xmrig", host="node-7"))
-    assert other.alert and not other.suppressed, other
+    assert other.suppressed and not other.alert and other.reason, other
 
 
 def test_suppression_is_per_entity():
