@@ -80,7 +80,10 @@ def replay(
     report = on_malformed or MalformedReporter(stats)
     score = _Scoring(scorer, on_outcome, stats)
     buffer = ReorderBuffer(reorder_window)
-    fifo, window = buffer.fifo, reorder_window
+    # The buffer's state lives in locals on the inline path and is handed back and forth
+    # around the buffer's own methods.
+    fifo, heap, window = buffer.fifo, buffer.heap, reorder_window
+    newest, released = buffer.newest, buffer.released
     typed = decoder().decode
     loads = orjson.loads
     match = scorer.catalog.match
@@ -127,21 +130,24 @@ def replay(
                 continue
             ts = ev.ts
             item = (ts, lineno, None, ev.signature(), endpoint, None, line, ev)
-        if ts > buffer.newest and not buffer.heap:
+        if ts >= newest and not heap:
             fifo.append(item)
-            buffer.newest = ts
+            newest = ts
             horizon = ts - window
-            while fifo[0][0] <= horizon:
+            while fifo and fifo[0][0] <= horizon:
                 ready = fifo.popleft()
-                buffer.released = rts = ready[0]
+                released = rts = ready[0]
                 rec = ready[2]
                 if rec is not None and learn_quiet(rec, rts):
                     scored += 1
                 else:
                     score(ready)
         else:
+            buffer.newest, buffer.released = newest, released
             for ready in buffer.push(item):
                 score(ready)
+            newest, released = buffer.newest, buffer.released
+    buffer.newest, buffer.released = newest, released
     for ready in buffer.drain():
         score(ready)
     stats.lines += lines

@@ -83,7 +83,7 @@ ZERO_P = 0.1
 # changes several-fold, and the next full scoring after QUIET_FOR sees that change.
 QUIET_SCORE = 10.0
 QUIET_P = probability_for_score(QUIET_SCORE)
-QUIET_FOR = 600.0
+QUIET_FOR = 3600.0
 # Bounds the memory of the entity cache; past it the cache starts again from empty.
 ENTITY_CACHE_LIMIT = 50_000
 
