@@ -285,15 +285,19 @@ class Scorer:
             table.learn(ctx, value, host_bit, w, ts)
         self.events_learned += 1
 
-        if rec is None:
-            if len(self._entities) >= ENTITY_CACHE_LIMIT:
-                self.flush()
-                self._entities.clear()
-            rec = self._entities[sig] = _Entity(
-                tuple((t, t.slot[(c, v)], t.ctx_slot[c]) for t, c, v in keys), known)
-        # Entities common on every count are not re-scored for a while: their scores are 0
-        # and cannot reach an alert before history shifts a lot.
-        rec.quiet_until = ts + QUIET_FOR if min_p >= QUIET_P else -1.0
+        # Entities common on every count are not re-scored for a while: their scores are
+        # low and cannot reach an alert before history shifts a lot. Only they are cached:
+        # a flood of one-off callers costs no cache memory.
+        if min_p >= QUIET_P:
+            if rec is None:
+                if len(self._entities) >= ENTITY_CACHE_LIMIT:
+                    self.flush()
+                    self._entities.clear()
+                rec = self._entities[sig] = _Entity(
+                    tuple((t, t.slot[(c, v)], t.ctx_slot[c]) for t, c, v in keys), known)
+            rec.quiet_until = ts + QUIET_FOR
+        elif rec is not None:
+            rec.quiet_until = -1.0
         return out
 
     def flush(self) -> None:
