@@ -18,15 +18,18 @@ if [ -e /sys/kernel/kheaders.tar.xz ]; then
   exit 0
 fi
 
-pkg=$(ls -d /usr/src/linux-headers-*-cloud-amd64 2>/dev/null | sort -V | tail -1 || true)
+newest_installed() { ls -d /usr/src/linux-headers-*-cloud-amd64 2>/dev/null | sort -V | tail -1 || true; }
+pkg=$(newest_installed)
 if [ -z "$pkg" ]; then
-  [ -f /var/lib/apt/lists/lock ] || true
   apt-get update -qq
-  name=$(apt-cache search --names-only '^linux-headers-[0-9.]+.*-cloud-amd64$' | awk '{print $1}' | sort -V | tail -1)
+  # A versioned package (linux-headers-6.12.117+deb12-cloud-amd64), not the meta-package.
+  name=$(apt-cache search --names-only '^linux-headers-[0-9]+\.[0-9]+\.[0-9].*-cloud-amd64$' \
+         | awk '{print $1}' | sort -V | tail -1)
   [ -n "$name" ] || { log "no linux-headers-*-cloud-amd64 package found"; exit 1; }
   log "installing $name"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$name" >/dev/null
-  pkg=/usr/src/$name
+  pkg=$(newest_installed)
+  [ -n "$pkg" ] || { log "$name installed no /usr/src/linux-headers-*-cloud-amd64"; exit 1; }
 fi
 common=$(ls -d "${pkg%-cloud-amd64}-common" 2>/dev/null || true)
 mkdir -p "$MOD"
