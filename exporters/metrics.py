@@ -19,6 +19,9 @@ Metric catalog (the alert rules and the Grafana dashboard rely on these names):
 - `imdswatch_build_info{version,python_version,host}`, `imdswatch_probe_info{mode}`,
   `imdswatch_probe_fallback`, `imdswatch_ready`
 - `imdswatch_kernel_connections_total`, `imdswatch_kernel_events_dropped_total`
+- `imdswatch_kernel_connections_by_process_total{process,uid}` - the kernel's per-(comm, uid,
+  cgroup) counts summed over cgroups (cgroup ids are too many to be labels); counted before
+  the ring buffer, so it equals the connects made even when events are dropped
 - `imdswatch_label_overflow_total{label}`
 - `process_*`, `python_*` from prometheus-client's default collectors
 """
@@ -30,7 +33,7 @@ import platform
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from importlib import metadata
@@ -250,6 +253,11 @@ class MetricsExporter:
             "imdswatch_kernel_events_dropped",
             "Events lost in the kernel because the ring buffer was full.", registry=r)
         self._kernel_last = {"connections": 0, "dropped": 0}
+        self._kernel_by_process = Counter(
+            "imdswatch_kernel_connections_by_process",
+            "Metadata connections counted in the kernel, by process name (comm) and real uid; "
+            "includes those whose events were dropped.", ["process", "uid"], registry=r)
+        self._kernel_keys_last: dict[tuple[str, int, int], int] = {}
 
         self.anomaly_scores = AnomalyScoreCollector(
             anomaly_ttl, max_label_values,
@@ -336,6 +344,28 @@ class MetricsExporter:
             if delta > 0:
                 counter.inc(delta)
             self._kernel_last[name] = total
+
+    def set_kernel_connection_counts(self, counts: Mapping[tuple[str, int, int], int]) -> None:
+        """Advance `imdswatch_kernel_connections_by_process_total` to a snapshot of the
+        kernel's `conn_counts` map: {(comm, uid, cgroup id): total} (Tracer.connection_counts).
+
+        Deltas are taken per map key, then summed per (process, uid) label pair. A key whose
+        total went down, or that is new, counts in full (maps recreated); keys gone from the
+        snapshot are forgotten, so memory is bounded by the map's size.
+        """
+        last = self._kernel_keys_last
+        deltas: dict[tuple[str, str], int] = {}
+        cap = self.cap
+        for key, total in counts.items():
+            before = last.get(key, 0)
+            delta = total - before if total >= before else total
+            if delta > 0:
+                comm, uid, _cgroup = key
+                labels = (cap("process", comm), cap("uid", uid))
+                deltas[labels] = deltas.get(labels, 0) + delta
+        self._kernel_keys_last = dict(counts)
+        for (process, uid), delta in deltas.items():
+            self._kernel_by_process.labels(process=process, uid=uid).inc(delta)
 
     # -- serving ------------------------------------------------------------------------
 

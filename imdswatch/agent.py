@@ -5,6 +5,8 @@ attached, every ECS document from the kernel goes through `event_from_ecs` and
 `Scorer.process`, exactly as a replayed line would; outcomes feed the metrics and alerts
 go to the NDJSON output. SIGTERM/SIGINT stop the loop, the probes are detached and the
 state saved; SIGHUP reloads the endpoint catalog and exceptions from the config file.
+In a Kubernetes cluster a background `PodDirectory` names each event's pod (see
+`agent.kubernetes` in docs/configuration.md); the event loop only reads its memory.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from scoring.events import MalformedEvent, event_from_ecs
 from scoring.scorer import Scorer
 from scoring.state import StateError, load_state, save_state
 from tracer import doctor
+from tracer.kubernetes import PodDirectory
 from tracer.probes import AUTO_ORDER, ProbeError
 from tracer.session import Tracer
 
@@ -53,6 +56,27 @@ def _setup_logging() -> None:
         )
 
 
+def start_pod_directory(agent_settings: Any) -> PodDirectory | None:
+    """The pod directory the agent's settings ask for, started; None when Kubernetes
+    enrichment is off or not applicable. Never raises: enrichment is optional."""
+    mode = getattr(agent_settings, "kubernetes", "auto")
+    api = getattr(agent_settings, "kubernetes_api", None)
+    if mode == "off":
+        return None
+    if mode == "auto" and not api and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        log.debug("not in a Kubernetes cluster: events keep pod UIDs only")
+        return None
+    try:
+        pods = PodDirectory(api, agent_settings.node_name).start()
+    except Exception as exc:  # a bad URL or environment must not stop the tracer
+        log.warning("Kubernetes pod names unavailable (%s); events keep the pod UID only", exc)
+        return None
+    if pods.disabled_reason is None:
+        log.info("Kubernetes enrichment: watching the pods of node %s at %s", pods.node_name,
+                 pods.api_base)
+    return pods
+
+
 def _fail(message: str) -> int:
     print(f"imdswatch run: {message}", file=sys.stderr, flush=True)
     return 2
@@ -79,9 +103,11 @@ class Agent:
         self.metrics: MetricsExporter | None = None
         self.writer: AlertWriter | None = None
         self.tracer: Tracer | None = None
+        self.pods: PodDirectory | None = None
         self.server: Any = None
         self.attached = False
         self._last_loop = time.monotonic()
+        self._matched_read: int | None = None
 
     # -- start -----------------------------------------------------------------------------
 
@@ -109,12 +135,15 @@ class Agent:
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"cannot serve metrics on {cfg.metrics.address}: {exc}") from None
         self.writer = AlertWriter(sys.stdout.buffer if self.output == "-" else self.output)
+        # Started before attaching, so that the first list is usually done by the first event.
+        self.pods = start_pod_directory(cfg.agent)
         self.tracer = Tracer(
             cfg.catalog,
             probe=cfg.agent.probe,
             proc_root=cfg.agent.proc_root,
             passwd_path=cfg.agent.passwd,
             host_name=cfg.agent.node_name,
+            pods=self.pods,
         )
         try:
             mode = self.tracer.start()
@@ -183,6 +212,11 @@ class Agent:
         self.metrics.update_model(self.scorer)
         k = self.tracer.kernel_stats()
         self.metrics.set_kernel_counts(k["matched"], k["dropped"])
+        # The per-(comm, uid, cgroup) map only changes when `matched` does: a quiet second
+        # costs no map walk.
+        if k["matched"] != self._matched_read:
+            self._matched_read = k["matched"]
+            self.metrics.set_kernel_connection_counts(self.tracer.connection_counts())
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file's endpoints and exceptions, live."""
@@ -226,6 +260,8 @@ class Agent:
             except Exception as exc:  # never let a last-moment error keep probes attached
                 log.error("while draining events: %s", exc)
             self.tracer.close()
+        if self.pods is not None:
+            self.pods.close()
         self.save()
         if self.writer is not None:
             self.writer.close()

@@ -40,6 +40,11 @@ class AgentSettings:
     # host.name of live events: $NODE_NAME (the DaemonSet sets it from the downward API),
     # else the tracer uses the machine's hostname.
     node_name: str | None = field(default_factory=lambda: os.environ.get("NODE_NAME") or None)
+    # Pod name and namespace from the Kubernetes API: "auto" = when running in a cluster
+    # ($KUBERNETES_SERVICE_HOST set) or when `kubernetes_api` is given; "on"; "off".
+    kubernetes: str = "auto"
+    # API base URL, e.g. "http://127.0.0.1:8001" behind `kubectl proxy`; default in-cluster.
+    kubernetes_api: str | None = None
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Config:
 
 
 PROBES = ("auto", "kprobe", "fentry", "tracepoint")
+KUBERNETES_MODES = ("auto", "on", "off")
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
@@ -138,7 +144,8 @@ def _metrics(t: dict) -> MetricsSettings:
 
 
 def _agent(t: dict) -> AgentSettings:
-    _check_keys(t, {"probe", "proc_root", "passwd", "state_save_interval", "node_name"}, "agent")
+    _check_keys(t, {"probe", "proc_root", "passwd", "state_save_interval", "node_name",
+                    "kubernetes", "kubernetes_api"}, "agent")
     a = AgentSettings()
     if "probe" in t:
         if t["probe"] not in PROBES:
@@ -147,6 +154,18 @@ def _agent(t: dict) -> AgentSettings:
     for key in ("proc_root", "passwd", "node_name"):
         if key in t:
             setattr(a, key, str(t[key]))
+    if "kubernetes" in t:
+        value = t["kubernetes"]
+        if isinstance(value, bool):  # kubernetes = true / false reads naturally too
+            value = "on" if value else "off"
+        if value not in KUBERNETES_MODES:
+            raise ConfigError(f"agent.kubernetes must be one of {', '.join(KUBERNETES_MODES)}")
+        a.kubernetes = value
+    if "kubernetes_api" in t:
+        api = str(t["kubernetes_api"])
+        if not api.startswith(("http://", "https://")):
+            raise ConfigError("agent.kubernetes_api must be an http:// or https:// URL")
+        a.kubernetes_api = api
     if "state_save_interval" in t:
         a.state_save_interval = _duration(t["state_save_interval"], "agent.state_save_interval")
     return a

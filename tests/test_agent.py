@@ -1,16 +1,29 @@
 """`imdswatch run` end to end as a real process: BPF attached, real clients in a private
 namespace calling a mock IMDS, alerts NDJSON, scraped Prometheus metrics, state save on
-SIGTERM, live config reload on SIGHUP, fail-fast exit 2."""
+SIGTERM, live config reload on SIGHUP, fail-fast exit 2, per-process kernel counts under a
+flood, and pod names from a (fake) Kubernetes API for a client in a pod-shaped cgroup."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from netns_fixtures import AgentProcess, MetadataNamespace, require_bcc, wait_for, warm_state
+from helpers.fake_kube import CID_A, IMAGE_A, UID_A, FakeApi
+from netns_fixtures import (
+    HERE,
+    AgentProcess,
+    MetadataNamespace,
+    require_bcc,
+    wait_for,
+    warm_state,
+)
 
 from scoring.scorer import Scorer
 from scoring.state import load_state
@@ -141,3 +154,89 @@ def test_unavailable_probe_fails_fast(tmp_path):
     assert "CONFIG_KPROBES" in r.stderr and "fix:" in r.stderr
     assert time.monotonic() - t0 < 30
     assert not os.path.exists(a.alerts) or a.alerts.read_text() == ""
+
+
+def test_flood_counted_per_process_in_kernel(ns, agent_factory):
+    """The labelled kernel counter equals the connects made, drops or not."""
+    agent = agent_factory("--learning-period", "1h")
+    comm = f"imdsw-a{secrets.token_hex(3)}"
+    r = ns.run(["python3", str(HERE / "flood_client.py"), IMDS, "9", "3000", "20", comm],
+               timeout=30)
+    assert r.returncode == 0, r.stderr
+    made = int(r.stdout.split()[0])
+    name = "imdswatch_kernel_connections_by_process_total"
+    assert wait_for(lambda: agent.metric(name, process=comm) == made, 5), (
+        agent.metric(name, process=comm), made)
+    assert agent.metric(name, process=comm, uid="0") == made
+    time.sleep(1.2)  # another housekeeping round adds nothing
+    assert agent.metric(name, process=comm) == made
+    assert agent.stop()[0] == 0
+
+
+def _cgroup2_root() -> Path | None:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == "cgroup2" and os.access(fields[1], os.W_OK):
+            return Path(fields[1])
+    return None
+
+
+@contextlib.contextmanager
+def pod_cgroup(pod_uid: str, container_id: str) -> Iterator[Path]:
+    """A cgroup shaped like the kubelet's (cgroupfs driver): .../kubepods/pod<uid>/<id>."""
+    root = _cgroup2_root()
+    if root is None:
+        pytest.skip("needs a writable cgroup2 mount to place a client in a pod cgroup")
+    top = root / f"imdsw-test-{secrets.token_hex(4)}"
+    leaf = top / "kubepods" / f"pod{pod_uid}" / container_id
+    try:
+        leaf.mkdir(parents=True)
+    except OSError as exc:
+        pytest.skip(f"cannot create a cgroup under {root}: {exc}")
+    try:
+        yield leaf
+    finally:
+        for d in (leaf, leaf.parent, leaf.parent.parent, top):
+            for _ in range(50):  # an exited member leaves the cgroup a moment later
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
+
+def test_pod_names_from_the_kubernetes_api(ns, tmp_path, agent_factory):
+    api = FakeApi(tmp_path, "--anonymous")
+    try:
+        state = tmp_path / "state.json"
+        warm_state(state)
+        config = tmp_path / "imdswatch.toml"
+        config.write_text(f'[agent]\nnode_name = "node-1"\nkubernetes_api = "{api.base}"\n')
+        with pod_cgroup(UID_A, CID_A) as cgroup:
+            agent = agent_factory("--config", str(config), "--state", str(state),
+                                  "--learning-period", "0s")
+            assert wait_for(lambda: "Kubernetes enrichment: watching" in agent.log.read_text(),
+                            5)
+            time.sleep(0.5)  # the first list (loopback, a few ms) is done
+            procs = cgroup / "cgroup.procs"
+            # Joined before exec (`ip netns exec` remounts /sys, so not from inside).
+            p = ns.popen(["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/latest/meta-data/"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         preexec_fn=lambda: procs.write_text(str(os.getpid())))
+            p.wait(20)
+            curl = p.pid
+            assert wait_for(lambda: _alerts_of(agent, curl), 5)
+            (alert,) = _alerts_of(agent, curl)
+            assert alert["orchestrator"]["namespace"] == "web"
+            assert alert["orchestrator"]["resource"] == {
+                "type": "pod", "id": UID_A, "name": "web-7d9f"}
+            assert alert["container"]["id"] == CID_A
+            assert alert["container"]["image"] == {"name": IMAGE_A}
+            assert agent.metric("imdswatch_metadata_connections_total", process="curl",
+                                k8s_namespace="web") >= 1
+            rc, seconds = agent.stop(signal.SIGTERM)
+            assert rc == 0 and seconds < 5
+    finally:
+        api.stop()

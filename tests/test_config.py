@@ -44,6 +44,7 @@ def test_defaults_without_a_file():
     assert cfg.metrics.address == "0.0.0.0:9464"
     assert cfg.metrics.max_label_values > 0 and cfg.metrics.anomaly_ttl > 0
     assert cfg.agent.probe == "auto"
+    assert (cfg.agent.kubernetes, cfg.agent.kubernetes_api) == ("auto", None)
     assert cfg.path is None
 
 
@@ -100,6 +101,8 @@ FULL = """
     passwd = "/host/etc/passwd"
     state_save_interval = "2m"
     node_name = "node-a"
+    kubernetes = "on"
+    kubernetes_api = "http://127.0.0.1:8001"
 """
 
 
@@ -139,6 +142,7 @@ def test_every_section_is_parsed(tmp_path):
     assert (a.probe, a.proc_root, a.passwd, a.node_name) == (
         "tracepoint", "/host/proc", "/host/etc/passwd", "node-a")
     assert a.state_save_interval == 120
+    assert (a.kubernetes, a.kubernetes_api) == ("on", "http://127.0.0.1:8001")
 
 
 def test_durations_as_numbers_of_seconds(tmp_path):
@@ -273,6 +277,14 @@ def test_relative_exception_executable_is_rejected(tmp_path):
 def test_bad_endpoints(tmp_path, text, words):
     message = config_error(tmp_path, text)
     assert "endpoints" in message and words in message
+
+
+def test_kubernetes_settings(tmp_path):
+    assert load_config(write(tmp_path, "[agent]\nkubernetes = false\n")).agent.kubernetes == "off"
+    with pytest.raises(ConfigError, match="agent.kubernetes must be one of auto, on, off"):
+        load_config(write(tmp_path, '[agent]\nkubernetes = "maybe"\n'))
+    with pytest.raises(ConfigError, match="agent.kubernetes_api"):
+        load_config(write(tmp_path, '[agent]\nkubernetes_api = "10.96.0.1:443"\n'))
 
 
 def test_bad_probe(tmp_path):

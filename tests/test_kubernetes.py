@@ -1,61 +1,28 @@
-"""Pod UID -> namespace/name against a real (tiny) API server process on loopback."""
+"""Pod UID -> namespace/name (and container id -> image) against a real (tiny) API server
+process on loopback, and the enrichment it gives live events, up to the scorer."""
 
 import json
 import logging
+import os
 import shutil
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from helpers.fake_kube import CID_A, IMAGE_A, UID_A, UID_OTHER, FakeApi
 
+from imdswatch.agent import start_pod_directory
+from scoring.events import event_from_ecs
+from scoring.scorer import Scorer
+from scoring.settings import ScorerSettings
 from tracer.kubernetes import PodDirectory
+from tracer.layout import KernelEvent
+from tracer.session import Tracer
 
-FAKE = Path(__file__).parent / "helpers" / "fake_kube_api.py"
-UID_A = "0f6c1f8e-8d0b-4b8e-9a39-6c3c1a1e0a01"
 UID_B = "1a2b3c4d-0000-4b8e-9a39-6c3c1a1e0a02"
-UID_OTHER = "2b2b3c4d-0000-4b8e-9a39-6c3c1a1e0a03"
-
-
-class FakeApi:
-    def __init__(self, tmp: Path, *extra: str, tls: bool = False) -> None:
-        port_file = tmp / "port"
-        args = [sys.executable, str(FAKE), str(port_file), *extra,
-                "--pod", f"{UID_A},web-7d9f,web,node-1",
-                "--pod", f"{UID_OTHER},db-0,data,node-2"]
-        self.scheme = "http"
-        if tls:
-            self.cert, key = tmp / "ca.crt", tmp / "key.pem"
-            subprocess.run(
-                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                 "-keyout", str(key), "-out", str(self.cert), "-subj", "/CN=127.0.0.1",
-                 "-addext", "subjectAltName=IP:127.0.0.1"],
-                check=True, capture_output=True)
-            args += ["--cert", str(self.cert), "--key", str(key)]
-            self.scheme = "https"
-        self.proc = subprocess.Popen(args)
-        deadline = time.monotonic() + 10
-        while not port_file.exists():
-            assert time.monotonic() < deadline, "fake API server did not start"
-            assert self.proc.poll() is None, "fake API server exited"
-            time.sleep(0.02)
-        self.port = int(port_file.read_text())
-        self.base = f"{self.scheme}://127.0.0.1:{self.port}"
-
-    def post(self, op: str, **pod: str) -> None:
-        req = urllib.request.Request(f"{self.base}/control/{op}", data=json.dumps(pod).encode(),
-                                     headers={"Content-Type": "application/json"})
-        ctx = None
-        if self.scheme == "https":
-            import ssl
-            ctx = ssl.create_default_context(cafile=str(self.cert))
-        urllib.request.urlopen(req, timeout=5, context=ctx).read()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=5)
+UID_UNKNOWN = "3c3c3c4d-0000-4b8e-9a39-6c3c1a1e0a04"
+CID_B = "b2" * 32
 
 
 @pytest.fixture
@@ -146,3 +113,141 @@ def test_in_cluster_defaults_from_environment(monkeypatch) -> None:
     pods = PodDirectory()
     assert pods.api_base == "https://10.96.0.1:443" and pods.node_name == "node-7"
     assert pods.disabled_reason is None
+
+
+def test_container_images_from_pod_status(tmp_path, token) -> None:
+    api = FakeApi(tmp_path)
+    pods = PodDirectory(api.base, "node-1", token_path=token, watch_timeout=2).start()
+    try:
+        assert pods.wait_synced(10)
+        assert pods.container_image(CID_A) == IMAGE_A
+        assert pods.container_image(CID_A.upper()) == IMAGE_A
+        assert pods.container_image(CID_B) is None and pods.container_image(None) is None
+        api.post("add", uid=UID_B, name="job-x", namespace="batch", node="node-1",
+                 containers={f"cri-o://{CID_B}": "quay.io/batch/job:2"})
+        assert wait_for(lambda: pods.container_image(CID_B) == "quay.io/batch/job:2")
+    finally:
+        pods.close()
+        api.stop()
+
+
+def test_close_ends_an_open_watch_at_once(tmp_path, token) -> None:
+    api = FakeApi(tmp_path)
+    # A long watch and read timeout: only cutting the connection can end the thread quickly.
+    pods = PodDirectory(api.base, "node-1", token_path=token, watch_timeout=300,
+                        read_timeout=120).start()
+    try:
+        assert pods.wait_synced(10)
+        time.sleep(0.3)  # the watch is open now
+        t0 = time.monotonic()
+        pods.close()
+        assert time.monotonic() - t0 < 2.5
+        assert pods._thread is not None and not pods._thread.is_alive()
+    finally:
+        api.stop()
+
+
+def _fake_proc(root: Path, pid: int, comm: str, cgroup: str) -> None:
+    d = root / str(pid)
+    (d / "task" / str(pid)).mkdir(parents=True)
+    (d / "task" / str(pid) / "comm").write_text(comm + "\n")
+    os.symlink(f"/usr/bin/{comm}", d / "exe")
+    (d / "cmdline").write_bytes(comm.encode() + b"\0http://169.254.169.254/\0")
+    (d / "status").write_text(f"Name:\t{comm}\nPPid:\t1\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n")
+    (d / "cgroup").write_text(cgroup)
+
+
+def _kernel_event(pid: int, comm: str) -> KernelEvent:
+    return KernelEvent(ts_ns=time.monotonic_ns(), tid=pid, tgid=pid, uid=0, gid=0, cgroup_id=7,
+                       comm=comm, family=2, dst_ip="169.254.169.254", dst_port=80,
+                       probe="tracepoint", result=None)
+
+
+def test_live_events_get_pod_namespace_and_image(tmp_path, token) -> None:
+    """Enrichment end to end without BPF: a /proc-like root whose processes sit in pod
+    cgroups, the tracer's own document path with a real PodDirectory, then the scorer."""
+    proc = tmp_path / "proc"
+    systemd_uid = UID_A.replace("-", "_")
+    _fake_proc(proc, 500, "curl", "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-"
+               f"besteffort-pod{systemd_uid}.slice/cri-containerd-{CID_A}.scope\n")
+    _fake_proc(proc, 600, "wget", f"0::/kubepods/burstable/pod{UID_UNKNOWN}/{CID_B}\n")
+    _fake_proc(proc, 700, "python3", "0::/user.slice/session-1.scope\n")
+    api = FakeApi(tmp_path)
+    pods = PodDirectory(api.base, "node-1", token_path=token).start()
+    tracer = Tracer([], probe="tracepoint", proc_root=str(proc), host_name="node-1",
+                    ringbuf=False, pods=pods)
+    try:
+        assert pods.wait_synced(10)
+        doc = tracer.document(_kernel_event(500, "curl"))
+        assert doc["orchestrator"] == {
+            "type": "kubernetes", "namespace": "web",
+            "resource": {"type": "pod", "id": UID_A, "name": "web-7d9f"}}
+        assert doc["container"]["image"] == {"name": IMAGE_A}
+        ev = event_from_ecs(json.loads(json.dumps(doc)))
+        assert (ev.namespace, ev.pod, ev.image) == ("web", "web-7d9f", IMAGE_A)
+        # The scorer sees the namespace: rare_container's entity is image + namespace.
+        scorer = Scorer(ScorerSettings(learning_period=0))
+        outcome = scorer.process(ev)
+        assert outcome is not None and "rare_container" in outcome.scores
+        assert scorer.model_size()["rare_container"] >= 1
+
+        unresolved = tracer.document(_kernel_event(600, "wget"))
+        assert unresolved["orchestrator"] == {
+            "type": "kubernetes", "resource": {"type": "pod", "id": UID_UNKNOWN}}
+        assert "image" not in unresolved["container"]
+        ev = event_from_ecs(unresolved)
+        assert ev.namespace is None and ev.pod is None and ev.image is None
+
+        host = tracer.document(_kernel_event(700, "python3"))
+        assert "orchestrator" not in host and "container" not in host
+    finally:
+        pods.close()
+        api.stop()
+
+
+def test_unreachable_api_leaves_events_with_the_uid(tmp_path, token) -> None:
+    proc = tmp_path / "proc"
+    _fake_proc(proc, 500, "curl", f"0::/kubepods/besteffort/pod{UID_A}/{CID_A}\n")
+    pods = PodDirectory("http://127.0.0.1:9", "node-1", token_path=token).start()
+    tracer = Tracer([], probe="tracepoint", proc_root=str(proc), ringbuf=False, pods=pods)
+    try:
+        t0 = time.monotonic()
+        doc = tracer.document(_kernel_event(500, "curl"))
+        assert time.monotonic() - t0 < 0.5  # never waits for the API
+        assert doc["orchestrator"]["resource"] == {"type": "pod", "id": UID_A}
+        assert "image" not in doc["container"]
+    finally:
+        pods.close()
+
+
+def _agent_settings(**kw: object) -> SimpleNamespace:
+    return SimpleNamespace(**{"kubernetes": "auto", "kubernetes_api": None,
+                              "node_name": "node-1", **kw})
+
+
+def test_agent_starts_a_directory_only_in_a_cluster(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    caplog.set_level(logging.WARNING)
+    assert start_pod_directory(_agent_settings()) is None
+    assert caplog.text == ""  # outside a cluster nothing to warn about
+    assert start_pod_directory(_agent_settings(kubernetes="off",
+                                               kubernetes_api="http://x")) is None
+    forced = start_pod_directory(_agent_settings(kubernetes="on"))
+    assert forced is not None and forced.disabled_reason and "pod UID only" in caplog.text
+    forced.close()
+
+    api = FakeApi(tmp_path, "--anonymous")
+    try:
+        # kubernetes_api given (e.g. kubectl proxy): auto enables it; no token is needed.
+        pods = start_pod_directory(_agent_settings(kubernetes_api=api.base))
+        assert pods is not None and pods.wait_synced(10)
+        assert pods.lookup(UID_A) == ("web", "web-7d9f")
+        pods.close()
+        # In a cluster, auto uses the in-cluster address from the environment.
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(api.port))
+        pods = start_pod_directory(_agent_settings())
+        assert pods is not None and pods.api_base == f"https://127.0.0.1:{api.port}"
+        pods.close()
+    finally:
+        api.stop()

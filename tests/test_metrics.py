@@ -218,3 +218,36 @@ def test_http_endpoints(exporter) -> None:
 def test_bad_address() -> None:
     with pytest.raises(ValueError):
         MetricsExporter(CollectorRegistry()).serve("nonsense")
+
+
+def test_kernel_counts_by_process_from_map_snapshots(exporter) -> None:
+    name = "imdswatch_kernel_connections_by_process_total"
+    # cgroup ids are summed away; (process, uid) stay.
+    exporter.set_kernel_connection_counts({("curl", 0, 11): 3, ("curl", 0, 12): 4,
+                                           ("curl", 33, 11): 1})
+    assert value(exporter, name, process="curl", uid="0") == 7
+    assert value(exporter, name, process="curl", uid="33") == 1
+    # Deltas per map key: only what grew counts.
+    exporter.set_kernel_connection_counts({("curl", 0, 11): 5, ("curl", 0, 12): 4,
+                                           ("curl", 33, 11): 1})
+    assert value(exporter, name, process="curl", uid="0") == 9
+    # Maps recreated: a smaller total counts in full; a vanished key is forgotten and
+    # counts in full when it comes back.
+    exporter.set_kernel_connection_counts({("curl", 0, 11): 2})
+    assert value(exporter, name, process="curl", uid="0") == 11
+    exporter.set_kernel_connection_counts({("curl", 0, 11): 2, ("curl", 33, 11): 1})
+    assert value(exporter, name, process="curl", uid="33") == 2
+    assert all(s.labels.keys() == {"process", "uid"} for s in samples(exporter)
+               if s.name == name)
+
+
+def test_kernel_counts_by_process_are_capped(exporter) -> None:
+    name = "imdswatch_kernel_connections_by_process_total"
+    exporter.set_kernel_connection_counts({(f"rand{i}", 0, 1): 2 for i in range(20)})
+    procs = {s.labels["process"]: s.value for s in samples(exporter) if s.name == name}
+    assert len(procs) == 6 and procs[OVERFLOW] == 30  # 5 admitted, 15 x 2 overflow
+    assert value(exporter, "imdswatch_label_overflow_total", label="process") == 15
+    # The cap is shared with the event counters: an admitted name keeps its series there too.
+    exporter.observe(outcome(name="rand0"))
+    assert value(exporter, "imdswatch_metadata_connections_total", process="rand0") == 1
+    assert value(exporter, "imdswatch_metadata_connections_total", process=OVERFLOW) is None

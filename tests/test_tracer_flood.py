@@ -8,7 +8,9 @@ import secrets
 
 import pytest
 from netns_fixtures import HERE, Collector, MetadataNamespace, require_bcc, wait_for
+from prometheus_client import CollectorRegistry
 
+from exporters.metrics import MetricsExporter
 from scoring.endpoints import EndpointCatalog
 from tracer import Tracer
 
@@ -48,6 +50,12 @@ def test_overrun_loses_events_but_no_count(ns):
         assert _ours(t, comm) == made
         assert stats["matched"] >= made
         assert stats["dropped"] > 0
+        # The labelled Prometheus counter, fed from the map, has every connect too.
+        metrics = MetricsExporter(CollectorRegistry(), host="node-1")
+        metrics.set_kernel_connection_counts(t.connection_counts())
+        by_process = metrics.registry.get_sample_value(
+            "imdswatch_kernel_connections_by_process_total", {"process": comm, "uid": "0"})
+        assert by_process == made
         assert stats["emitted"] + stats["dropped"] == stats["matched"]
         read = [d for d in t.poll(100) + t.drain() if d["process"]["name"] == comm]
         assert 0 < len(read) < made

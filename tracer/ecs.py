@@ -2,7 +2,9 @@
 replay reads, so `scoring.events.event_from_ecs` treats live and replayed events alike.
 Extra fields are optional additions: `event.outcome`, `network.*`, `process.thread.id`,
 `process.args`, `group.id`, `container.runtime`, `orchestrator.resource.id` (pod UID) and
-the `imdswatch.*` object (probe, cgroup id, kernel uid, connect result, enrichment flag)."""
+the `imdswatch.*` object (probe, cgroup id, kernel uid, connect result, enrichment flag).
+Where the Kubernetes API resolved the pod UID, the contract's `orchestrator.namespace` and
+`orchestrator.resource.name` are filled, and `container.image.name` from the pod's status."""
 
 from __future__ import annotations
 
@@ -28,7 +30,11 @@ def to_ecs(
     host_name: str | None,
     event_id: str,
     user_name: str | None,
+    pod: tuple[str, str] | None = None,
+    image: str | None = None,
 ) -> dict:
+    """`pod` is the (namespace, pod name) of the cgroup's pod UID and `image` the image of
+    its container id, when known (tracer.kubernetes.PodDirectory)."""
     uid = info.euid if info.euid is not None else ev.uid
     gid = info.egid if info.egid is not None else ev.gid
     process: dict = {"name": ev.comm, "pid": ev.tgid, "thread": {"id": ev.tid}}
@@ -78,7 +84,14 @@ def to_ecs(
         doc["host"] = {"name": host_name}
     cg = info.cgroup
     if cg is not None and cg.container_id:
-        doc["container"] = {"id": cg.container_id, "runtime": cg.runtime}
+        container: dict = {"id": cg.container_id, "runtime": cg.runtime}
+        if image:
+            container["image"] = {"name": image}
+        doc["container"] = container
     if cg is not None and cg.pod_uid:
-        doc["orchestrator"] = {"type": "kubernetes", "resource": {"type": "pod", "id": cg.pod_uid}}
+        resource: dict = {"type": "pod", "id": cg.pod_uid}
+        orchestrator: dict = {"type": "kubernetes", "resource": resource}
+        if pod is not None:
+            orchestrator["namespace"], resource["name"] = pod
+        doc["orchestrator"] = orchestrator
     return doc

@@ -4,7 +4,8 @@ The tracer finds a pod UID in each process's cgroup path; analysts need the pod'
 namespace. A background thread lists the pods bound to this node (`fieldSelector=
 spec.nodeName=$NODE_NAME`, so the API server and the agent only handle this node's share of
 the cluster) and then watches for changes, keeping an in-memory directory that `lookup`
-reads without ever blocking the event path.
+reads without ever blocking the event path. Pods' container statuses also give each
+running container's image, so `container_image(container_id)` fills `container.image.name`.
 
 It speaks plain HTTPS with the pod's service-account token and CA (no client library to
 install in the image). Without API access (not in a cluster, no RBAC, API down) every lookup
@@ -14,9 +15,11 @@ convenience, never a reason for the tracer to stop.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
+import socket
 import ssl
 import threading
 import time
@@ -66,11 +69,15 @@ class PodDirectory:
         self.read_timeout = read_timeout
         self.max_backoff = max_backoff
         self._pods: dict[str, tuple[str, str]] = {}
+        # container id (bare hex, no runtime:// prefix) -> image; per pod, for expiry.
+        self._images: dict[str, str] = {}
+        self._pod_images: dict[str, dict[str, str]] = {}
         self._deleted: dict[str, float] = {}  # uid -> monotonic time of deletion
         self._lock = threading.Lock()
         self._synced = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._response: urllib.response.addinfourl | None = None  # the open list/watch
         self._warned = False
         self._resume = ""
         self.disabled_reason: str | None = None
@@ -97,12 +104,27 @@ class PodDirectory:
         with self._lock:
             return self._pods.get(uid)
 
+    def container_image(self, container_id: str | None) -> str | None:
+        """The image of a container of one of this node's pods, from its status."""
+        if not container_id:
+            return None
+        with self._lock:
+            return self._images.get(container_id.lower())
+
     def wait_synced(self, timeout: float) -> bool:
         """True once the first list has completed."""
         return self._synced.wait(timeout)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the thread: the open watch (which may be idle for minutes) is cut, so the
+        thread ends at once; waits at most `timeout` seconds for it."""
         self._stop.set()
+        response = self._response
+        if response is not None:
+            _shutdown(response)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def __len__(self) -> int:
         with self._lock:
@@ -123,9 +145,14 @@ class PodDirectory:
                 self._warn_once(f"no access to the Kubernetes API ({exc}); "
                                 "events keep the pod UID only")
                 backoff = self.max_backoff
-            except (OSError, ValueError, urllib.error.URLError) as exc:
-                self._warn_once(f"Kubernetes API unavailable ({exc}); events keep the pod UID "
-                                "only until it answers")
+            except (OSError, ValueError, urllib.error.URLError, http.client.HTTPException) as exc:
+                # HTTPException: e.g. IncompleteRead when a proxy cuts a watch mid-chunk.
+                reason = str(exc) or type(exc).__name__
+                self._warn_once(f"Kubernetes API unavailable ({reason}); events keep the pod "
+                                "UID only until it answers")
+            except Exception as exc:  # never let the directory die silently: retry
+                self._warn_once(f"unexpected error reading pods from the Kubernetes API "
+                                f"({exc!r}); retrying")
             self._stop.wait(backoff)
             backoff = min(backoff * 2, self.max_backoff)
 
@@ -134,17 +161,23 @@ class PodDirectory:
         with body:
             doc = json.load(body)
         pods: dict[str, tuple[str, str]] = {}
+        images: dict[str, dict[str, str]] = {}
         for item in doc.get("items") or ():
             entry = _pod_entry(item)
             if entry:
                 pods[entry[0]] = entry[1]
+                images[entry[0]] = _container_images(item)
         with self._lock:
             # Pods that vanished between two lists count as deleted (grace period applies).
             now = time.monotonic()
             for uid in self._pods.keys() - pods.keys():
                 self._deleted.setdefault(uid, now)
                 pods[uid] = self._pods[uid]
+                images[uid] = self._pod_images.get(uid, {})
             self._pods = pods
+            self._pod_images = images
+            self._images = {cid: image for per_pod in images.values()
+                            for cid, image in per_pod.items()}
             self._expire_deleted(now)
         if self._warned:
             log.info("Kubernetes API reachable again: %d pods on node %s", len(pods),
@@ -191,8 +224,12 @@ class PodDirectory:
             if entry is None:
                 continue
             uid, value = entry
+            images = _container_images(obj)
             with self._lock:
                 self._pods[uid] = value
+                # A DELETED pod's last status may have lost its containers: keep what we had.
+                if images or kind != "DELETED":
+                    self._set_images(uid, images)
                 if kind == "DELETED":
                     self._deleted[uid] = time.monotonic()
                 else:
@@ -212,7 +249,11 @@ class PodDirectory:
         if token:
             request.add_header("Authorization", f"Bearer {token}")
         try:
-            return urllib.request.urlopen(request, timeout=timeout, context=self._tls())
+            response = urllib.request.urlopen(request, timeout=timeout, context=self._tls())
+            self._response = response
+            if self._stop.is_set():  # close() ran while we connected
+                _shutdown(response)
+            return response
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
                 raise PermissionError(f"HTTP {exc.code} listing pods") from None
@@ -232,11 +273,23 @@ class PodDirectory:
             return ssl.create_default_context(cafile=str(self.ca_path))
         return ssl.create_default_context()
 
+    def _set_images(self, uid: str, images: dict[str, str]) -> None:
+        """Replace one pod's container images (lock held). Restarted containers get new ids,
+        the old ones stay until the pod goes: late events of an exiting container resolve."""
+        old = self._pod_images.get(uid, {})
+        merged = {**old, **images} if len(old) + len(images) <= 64 else images
+        for cid in old.keys() - merged.keys():
+            self._images.pop(cid, None)
+        self._pod_images[uid] = merged
+        self._images.update(merged)
+
     def _expire_deleted(self, now: float) -> None:
         for uid, when in list(self._deleted.items()):
             if now - when > DELETED_GRACE_SECONDS:
                 del self._deleted[uid]
                 self._pods.pop(uid, None)
+                for cid in self._pod_images.pop(uid, {}):
+                    self._images.pop(cid, None)
 
     def _disable(self, reason: str) -> None:
         self.disabled_reason = reason
@@ -258,6 +311,34 @@ def _pod_entry(obj: dict) -> tuple[str, tuple[str, str]] | None:
     if not (uid and name and namespace):
         return None
     return str(uid).lower(), (str(namespace), str(name))
+
+
+def _shutdown(response: urllib.response.addinfourl) -> None:
+    """Cut a response's connection from another thread: its reader sees the end of the stream
+    (closing the file object instead would race with the reader's buffer)."""
+    try:
+        sock = response.fp.raw._sock  # type: ignore[attr-defined]
+        sock.shutdown(socket.SHUT_RDWR)
+    except (AttributeError, OSError):
+        pass
+
+
+def _container_images(obj: dict) -> dict[str, str]:
+    """containerID -> image from a pod's (init, ephemeral) container statuses. The status
+    carries the runtime's id as `containerd://<hex>` (or `cri-o://`, `docker://`); the
+    cgroup path gives the bare hex."""
+    status = obj.get("status") if isinstance(obj, dict) else None
+    if not isinstance(status, dict):
+        return {}
+    out: dict[str, str] = {}
+    for key in ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses"):
+        for cs in status.get(key) or ():
+            if not isinstance(cs, dict):
+                continue
+            cid, image = cs.get("containerID"), cs.get("image")
+            if cid and image and isinstance(cid, str) and isinstance(image, str):
+                out[cid.rpartition("://")[2].lower()] = image
+    return out
 
 
 def _json_lines(body: urllib.response.addinfourl) -> Iterator[dict]:

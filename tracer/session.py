@@ -8,13 +8,14 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
 from scoring.endpoints import Endpoint
 from tracer import kernel, maps, probes
 from tracer.clock import MonotonicClock
 from tracer.ecs import to_ecs
 from tracer.enrich import Enricher
-from tracer.layout import STAT_NAMES, decode
+from tracer.layout import STAT_NAMES, KernelEvent, decode
 
 log = logging.getLogger("imdswatch.tracer")
 
@@ -22,6 +23,15 @@ log = logging.getLogger("imdswatch.tracer")
 # so under a flood one poll would never return; stopping after a batch gives the caller
 # its loop back (housekeeping, signals) and bounds what is held in memory.
 MAX_BATCH = 2048
+
+
+class PodResolver(Protocol):
+    """What the tracer asks of a pod directory (tracer.kubernetes.PodDirectory): answers
+    from memory, never blocking the event path."""
+
+    def lookup(self, pod_uid: str | None) -> tuple[str, str] | None: ...
+
+    def container_image(self, container_id: str | None) -> str | None: ...
 
 
 def _boot_id() -> str:
@@ -47,6 +57,7 @@ class Tracer:
         ringbuf_pages: int = 256,
         count_entries: int = 16384,
         bpf_directory: Path | None = None,
+        pods: PodResolver | None = None,
     ) -> None:
         if probe != "auto" and probe not in probes.MODES:
             raise ValueError(f"probe must be auto or one of {', '.join(probes.MODES)}")
@@ -61,6 +72,7 @@ class Tracer:
             "directory": bpf_directory,
         }
         self.enricher = Enricher(proc_root, passwd_path)
+        self.pods = pods
         self.host_name = host_name if host_name is not None else socket.gethostname()
         self.clock = MonotonicClock()
         self._boot = _boot_id()
@@ -135,17 +147,7 @@ class Tracer:
     def _on_event(self, _ctx: object, data: int, size: int) -> int:
         # Called from C: an exception would be printed and lost, so it is logged here.
         try:
-            ev = decode(data, size)
-            info = self.enricher.lookup(ev.tgid, ev.tid, ev.comm)
-            uid = info.euid if info.euid is not None else ev.uid
-            doc = to_ecs(
-                ev,
-                info,
-                wall_ns=self.clock.wall_ns(ev.ts_ns),
-                host_name=self.host_name,
-                event_id=f"{self._boot}-{ev.ts_ns:x}-{ev.tid:x}",
-                user_name=self.enricher.user_name(uid),
-            )
+            doc = self.document(decode(data, size))
             self.events_read += 1
             if self._sink is None:
                 self._out.append(doc)
@@ -156,6 +158,27 @@ class Tracer:
             log.exception("event handling failed")
         self._budget -= 1
         return -1 if self._budget <= 0 else 0  # negative: libbpf stops this poll
+
+    def document(self, ev: KernelEvent) -> dict:
+        """The enriched ECS document of one kernel event."""
+        info = self.enricher.lookup(ev.tgid, ev.tid, ev.comm)
+        uid = info.euid if info.euid is not None else ev.uid
+        pod = image = None
+        cg = info.cgroup
+        if self.pods is not None and cg is not None and cg.pod_uid:
+            pod = self.pods.lookup(cg.pod_uid)
+            if cg.container_id:
+                image = self.pods.container_image(cg.container_id)
+        return to_ecs(
+            ev,
+            info,
+            wall_ns=self.clock.wall_ns(ev.ts_ns),
+            host_name=self.host_name,
+            event_id=f"{self._boot}-{ev.ts_ns:x}-{ev.tid:x}",
+            user_name=self.enricher.user_name(uid),
+            pod=pod,
+            image=image,
+        )
 
     def _on_lost(self, count: int) -> None:
         # Perf buffer overruns are also counted in the kernel's `dropped` stat.

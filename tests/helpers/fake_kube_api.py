@@ -2,10 +2,13 @@
 by tests/test_kubernetes.py.
 
     python fake_kube_api.py PORT_FILE [--cert CERT --key KEY] [--token TOKEN] [--deny]
+                            [--anonymous] [--pod UID,NAME,NAMESPACE,NODE[,CONTAINERID=IMAGE]...]
 
 Serves GET /api/v1/pods (list, and watch=1 as a JSON-lines stream), honouring only the
 spec.nodeName field selector. POST /control/{add,delete} with {"uid","name","namespace",
-"node"} changes the pod set and feeds open watches. With --deny every API call is 403.
+"node"} (and optionally "containers": {"containerd://<id>": image}) changes the pod set and
+feeds open watches. With --deny every API call is 403; with --anonymous requests need no
+token (as behind `kubectl proxy`).
 """
 
 from __future__ import annotations
@@ -24,15 +27,22 @@ LOCK = threading.Condition()
 SEEN_QUERIES: list[dict] = []
 
 
-def pod(uid: str, name: str, namespace: str, node: str, version: int) -> dict:
-    return {"metadata": {"uid": uid, "name": name, "namespace": namespace,
-                         "resourceVersion": str(version)}, "spec": {"nodeName": node}}
+def pod(uid: str, name: str, namespace: str, node: str, version: int,
+        containers: dict[str, str] | None = None) -> dict:
+    obj = {"metadata": {"uid": uid, "name": name, "namespace": namespace,
+                        "resourceVersion": str(version)}, "spec": {"nodeName": node}}
+    if containers:
+        obj["status"] = {"containerStatuses": [
+            {"name": f"c{i}", "containerID": cid, "image": image, "ready": True}
+            for i, (cid, image) in enumerate(containers.items())]}
+    return obj
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     token = "test-token"
     deny = False
+    anonymous = False
 
     def log_message(self, *args: object) -> None:
         pass
@@ -50,7 +60,8 @@ class Handler(BaseHTTPRequestHandler):
         op = self.path.rsplit("/", 1)[-1]
         with LOCK:
             STATE["version"] += 1
-            obj = pod(doc["uid"], doc["name"], doc["namespace"], doc["node"], STATE["version"])
+            obj = pod(doc["uid"], doc["name"], doc["namespace"], doc["node"], STATE["version"],
+                      doc.get("containers"))
             if op == "add":
                 STATE["pods"][doc["uid"]] = obj
                 STATE["events"].append(("ADDED", obj))
@@ -66,7 +77,8 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/control/queries":
             return self._json(200, SEEN_QUERIES)
         SEEN_QUERIES.append(query)
-        if self.deny or self.headers.get("Authorization") != f"Bearer {self.token}":
+        authorized = self.anonymous or self.headers.get("Authorization") == f"Bearer {self.token}"
+        if self.deny or not authorized:
             return self._json(403, {"kind": "Status", "code": 403, "reason": "Forbidden"})
         if url.path != "/api/v1/pods":
             return self._json(404, {"kind": "Status", "code": 404})
@@ -111,13 +123,16 @@ def main() -> None:
     ap.add_argument("--key")
     ap.add_argument("--token", default="test-token")
     ap.add_argument("--deny", action="store_true")
+    ap.add_argument("--anonymous", action="store_true")
     ap.add_argument("--pod", action="append", default=[],
-                    help="uid,name,namespace,node present before the first list")
+                    help="uid,name,namespace,node[,containerid=image...] present before the "
+                    "first list")
     args = ap.parse_args()
-    Handler.token, Handler.deny = args.token, args.deny
+    Handler.token, Handler.deny, Handler.anonymous = args.token, args.deny, args.anonymous
     for spec in args.pod:
-        uid, name, namespace, node = spec.split(",")
-        STATE["pods"][uid] = pod(uid, name, namespace, node, 1)
+        uid, name, namespace, node, *containers = spec.split(",")
+        images = dict(c.split("=", 1) for c in containers)
+        STATE["pods"][uid] = pod(uid, name, namespace, node, 1, images)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     if args.cert:
