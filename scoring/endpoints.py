@@ -65,6 +65,10 @@ def parse_endpoint(spec: dict) -> Endpoint:
         network = ipaddress.ip_network(str(spec["address"]), strict=False)
     except ValueError as exc:
         raise ValueError(f"endpoint address {spec['address']!r}: {exc}") from None
+    if network.version == 6 and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:  # ::ffff:a.b.c.d is reached (and reported) as a.b.c.d
+            network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}", strict=False)
     ports = spec.get("ports", ())
     if any(not isinstance(p, int) or not 0 < p < 65536 for p in ports):
         raise ValueError(f"endpoint {spec['address']}: ports must be integers 1-65535")

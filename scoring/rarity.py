@@ -31,8 +31,6 @@ import math
 from array import array
 from collections.abc import Hashable, Iterator
 
-import numpy as np
-
 # Reasons name a context's most frequent values; past this many values there are none worth
 # naming, and scanning them on every anomaly would make a flood of new values quadratic.
 TOP_VALUES_SCAN_LIMIT = 5000
@@ -161,6 +159,8 @@ class RarityTable:
 
     def rescale(self, factor: float) -> None:
         """Multiply every stored weight by `factor` in place (vectorised over the arrays)."""
+        import numpy as np  # here, not at import: rescaling is rare, and replay starts faster
+
         for arr in (self.weight, self.ctx_weight):
             if len(arr):
                 view = np.frombuffer(arr, dtype=np.float64)

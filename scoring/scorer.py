@@ -83,20 +83,25 @@ ZERO_P = 0.1
 # changes several-fold, and the next full scoring after QUIET_FOR sees that change.
 QUIET_SCORE = 10.0
 QUIET_P = probability_for_score(QUIET_SCORE)
-QUIET_FOR = 3600.0
+# Each re-check that finds the entity still common doubles its quiet period, up to a day
+# (history decays by 5% a day at the default half-life).
+QUIET_MAX = 24 * 3600.0
+QUIET_FOR = 6 * 3600.0
 # Bounds the memory of the entity cache; past it the cache starts again from empty.
 ENTITY_CACHE_LIMIT = 50_000
 
 
 class _Entity:
-    """Cached per signature: where its counts live, and whether it is common."""
+    """Cached per signature: where its counts live (the tables' weight arrays and slots,
+    which stay valid until the tables are replaced), and whether it is common."""
 
-    __slots__ = ("refs", "known", "quiet_until", "pending", "dirty")
+    __slots__ = ("refs", "known", "quiet_until", "quiet_for", "pending", "dirty")
 
     def __init__(self, refs: tuple, known: bool) -> None:
         self.refs = refs
         self.known = known
         self.quiet_until = -1.0
+        self.quiet_for = QUIET_FOR / 2  # doubled by the first quiet verdict
         self.pending = 0.0
         self.dirty = False
 
@@ -293,11 +298,14 @@ class Scorer:
                 if len(self._entities) >= ENTITY_CACHE_LIMIT:
                     self.flush()
                     self._entities.clear()
-                rec = self._entities[sig] = _Entity(
-                    tuple((t, t.slot[(c, v)], t.ctx_slot[c]) for t, c, v in keys), known)
-            rec.quiet_until = ts + QUIET_FOR
+                rec = self._entities[sig] = _Entity(tuple(
+                    (t.weight, t.slot[(c, v)], t.ctx_weight, t.ctx_slot[c]) for t, c, v in keys
+                ), known)
+            rec.quiet_for = min(rec.quiet_for * 2, QUIET_MAX)
+            rec.quiet_until = ts + rec.quiet_for
         elif rec is not None:
             rec.quiet_until = -1.0
+            rec.quiet_for = QUIET_FOR / 2
         return out
 
     def flush(self) -> None:
@@ -307,9 +315,9 @@ class Scorer:
             return
         for rec in dirty:
             pending = rec.pending
-            for table, s, c in rec.refs:
-                table.weight[s] += pending
-                table.ctx_weight[c] += pending
+            for weight, s, ctx_weight, c in rec.refs:
+                weight[s] += pending
+                ctx_weight[c] += pending
             rec.pending = 0.0
             rec.dirty = False
         dirty.clear()

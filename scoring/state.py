@@ -18,7 +18,6 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orjson
 
 from scoring.detectors import DETECTORS
@@ -39,6 +38,8 @@ def _freeze(v: Any) -> Hashable:
 
 def state_dict(scorer: Scorer) -> dict:
     """The scorer's learned state as plain data."""
+    import numpy as np  # imported on use: replay without --state never needs it
+
     scorer.flush()
     now = scorer.last_ts
     w_now = scorer.decay.weight(now) if now is not None else 1.0
@@ -161,6 +162,8 @@ def merge_states(states: list[dict], half_life: float) -> dict:
     Each state's counts are decayed to the newest last event time with `half_life`, then
     summed per (detector, context, value); host bitmaps are re-indexed by host name and
     OR-ed; first-seen times take the earliest."""
+    import numpy as np
+
     if not states:
         raise StateError("nothing to merge")
     for i, s in enumerate(states):
