@@ -75,10 +75,9 @@ class Outcome:
 
 
 GENERIC = "rare_combination"
-# Probabilities this high score under 2, reported as 0 without evaluating the curve.
-ZERO_P = 0.1
-# An entity whose every detector scores under QUIET_SCORE is not re-scored for QUIET_FOR
-# seconds of event time; its events are still counted and learned, with a score of 0. Its
+# Scores under QUIET_SCORE are noise and reported as 0. An entity whose every detector
+# scores under it is not re-scored for QUIET_FOR seconds of event time; its events are
+# still counted and learned, with a score of 0 (the same verdict a full scoring gives). Its
 # scores cannot climb from there to a threshold within minutes unless the fleet's history
 # changes several-fold, and the next full scoring after QUIET_FOR sees that change.
 QUIET_SCORE = 10.0
@@ -262,12 +261,14 @@ class Scorer:
             p = table.probability(ctx, value, w)
             if p < min_p:
                 min_p = p
-            if p >= ZERO_P:
+            if p >= QUIET_P:
                 s = 0.0
             else:
                 s = score_from_surprise(-log10(p) if p > 0 else 12.0)
                 if known and det.vouched_by_known_caller:
                     s *= factor
+                if s < QUIET_SCORE:
+                    s = 0.0
             scores[det.name] = s
             margin = s - self._thresholds[i]
             # rare_combination (last) fires on any new combination, so it names the alert
@@ -276,7 +277,7 @@ class Scorer:
             if margin > best_margin and not (best_margin >= 0 and det.name == GENERIC):
                 best_i, best_margin = i, margin
 
-        if best_i >= 0:
+        if best_i >= 0 and scores[DETECTORS[best_i].name] > 0:
             det = DETECTORS[best_i]
             out.score = scores[det.name]
             out.detector = det.name

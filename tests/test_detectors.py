@@ -308,10 +308,11 @@ def test_scores_are_within_0_and_100(baseline, history):
         assert set(o.scores) <= set(DETECTOR_NAMES)
         for v in o.scores.values():
             assert 0.0 <= v <= 100.0 and not math.isnan(v)
-        if o.scores:
+        if o.score > 0:
             assert o.detector in o.scores and o.score == o.scores[o.detector]
         else:
-            assert o.score == 0.0 and not o.alert
+            # Nothing above the noise floor: no detector is named, and no alert.
+            assert o.detector is None and not o.alert and not o.reason
 
 
 def test_severity_follows_score(history):
