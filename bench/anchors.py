@@ -1,3 +1,6 @@
+# Metadata addresses in this file are data (event fields, expected matches): nothing here
+# connects to them. Real connections happen only inside a test's own network namespace
+# (netns, tests/netns_fixtures.py).
 """The three public detections imdswatch is measured against, implemented from their
 published definitions (no code of theirs is used; see each class for the source).
 

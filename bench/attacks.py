@@ -1,3 +1,6 @@
+# Metadata addresses in this file are data (event fields, expected matches): nothing here
+# connects to them. Real connections happen only inside a test's own network namespace
+# (netns, tests/netns_fixtures.py).
 """The attack half of the scenario: twenty actors spread over the second week.
 
 Each actor is one intrusion: the same process on the same host, a handful of metadata

@@ -1,3 +1,6 @@
+# Metadata addresses in this file are data (event fields, expected matches): nothing here
+# connects to them. Real connections happen only inside a test's own network namespace
+# (netns, tests/netns_fixtures.py).
 """The benign half of the scenario: a mixed AWS/GCP/Azure Kubernetes fleet at work.
 
 What each node does is modelled on the real agents (names as the kernel reports them,

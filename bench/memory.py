@@ -1,3 +1,6 @@
+# Metadata addresses in this file are data (event fields, expected matches): nothing here
+# connects to them. Real connections happen only inside a test's own network namespace
+# (netns, tests/netns_fixtures.py).
 """Memory of the model: bytes per tracked entity, and RSS with 100k distinct entities.
 
     python -m bench.memory [--entities 100000]

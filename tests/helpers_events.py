@@ -1,3 +1,6 @@
+# Metadata addresses in this file are data (event fields, expected matches): nothing here
+# connects to them. Real connections happen only inside a test's own network namespace
+# (netns, tests/netns_fixtures.py).
 """Inline test data: a small, deterministic fleet of periodic metadata callers.
 
 `fleet_events` builds the habits of a Kubernetes fleet (cloud agents on every node, a

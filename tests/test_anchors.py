@@ -1,3 +1,6 @@
+# Metadata addresses in this file are data (event fields, expected matches): nothing here
+# connects to them. Real connections happen only inside a test's own network namespace
+# (netns, tests/netns_fixtures.py).
 """Each anchor on tiny hand-made streams: it fires, or not, as its public definition says."""
 
 from __future__ import annotations

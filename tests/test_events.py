@@ -1,3 +1,6 @@
+# Metadata addresses in this file are data (event fields, expected matches): nothing here
+# connects to them. Real connections happen only inside a test's own network namespace
+# (netns, tests/netns_fixtures.py).
 """Reading contract §1 ECS documents into Events (scoring.events.event_from_ecs)."""
 
 from datetime import UTC, datetime

@@ -1,3 +1,6 @@
+# Metadata addresses in this file are data (event fields, expected matches): nothing here
+# connects to them. Real connections happen only inside a test's own network namespace
+# (netns, tests/netns_fixtures.py).
 """Pod UID -> namespace/name (and container id -> image) against a real (tiny) API server
 process on loopback, and the enrichment it gives live events, up to the scorer."""
 

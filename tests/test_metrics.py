@@ -1,3 +1,6 @@
+# Metadata addresses in this file are data (event fields, expected matches): nothing here
+# connects to them. Real connections happen only inside a test's own network namespace
+# (netns, tests/netns_fixtures.py).
 """Prometheus metrics: names, capped labels, expiring anomaly series, HTTP endpoints."""
 
 import re

@@ -1,3 +1,6 @@
+# Metadata addresses in this file are data (event fields, expected matches): nothing here
+# connects to them. Real connections happen only inside a test's own network namespace
+# (netns, tests/netns_fixtures.py).
 """The data contract end to end through the real `imdswatch replay` command
 (/work/shared/contract/README.md §1-§3)."""
 

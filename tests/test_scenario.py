@@ -1,3 +1,6 @@
+# Metadata addresses in this file are data (event fields, expected matches): nothing here
+# connects to them. Real connections happen only inside a test's own network namespace
+# (netns, tests/netns_fixtures.py).
 """The scenario generator: deterministic, labelled, with every attack kind and the
 off-target traffic a replay must skip."""
 

@@ -1,3 +1,6 @@
+# Metadata addresses in this file are data (event fields, expected matches): nothing here
+# connects to them. Real connections happen only inside a test's own network namespace
+# (netns, tests/netns_fixtures.py).
 """Tracer pieces that need no kernel: sources, map entries, event decoding, cgroup and
 passwd parsing, /proc enrichment (against a /proc-like root and the real /proc), and the
 ECS documents read back by the scorer's own reader."""

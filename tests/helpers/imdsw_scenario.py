@@ -1,3 +1,6 @@
+# Metadata addresses in this file are data (event fields, expected matches): nothing here
+# connects to them. Real connections happen only inside a test's own network namespace
+# (netns, tests/netns_fixtures.py).
 """A small labelled fleet for exporter tests: three nodes whose agent calls the metadata
 service every 10 s for an hour, then a web shell's curl on one node."""
 
