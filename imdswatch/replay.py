@@ -238,8 +238,8 @@ class _Scoring:
         if self.first_ts is None:
             self.first_ts = ts
         if ev is None:
-            ev = event_from_typed(d, line, (ts, None, None, sig))
-            ev.dst_ip, ev.dst_port = endpoint_text(d)
+            dst = d.destination
+            ev = event_from_typed(d, line, (ts, dst.ip, dst.port, sig))
         out = self.process(ev, endpoint, False)
         if out is None:
             return
@@ -249,11 +249,6 @@ class _Scoring:
             st.alerts += 1
             st.alerts_by_detector[out.detector] += 1
         self.on_outcome(out)
-
-
-def endpoint_text(d: object) -> tuple[str, int | None]:
-    dst = d.destination  # type: ignore[attr-defined]
-    return dst.ip, dst.port
 
 
 def summary(stats: ReplayStats, scorer: Scorer, seconds: float) -> str:

@@ -23,7 +23,7 @@ class Event:
     __slots__ = (
         "ts", "dst_ip", "dst_port", "name", "pid", "exe", "command_line", "ppid",
         "parent_name", "parent_exe", "user", "uid", "host", "container_id", "image",
-        "namespace", "pod", "cloud", "event_id", "endpoint", "_doc", "_raw",
+        "namespace", "pod", "cloud", "event_id", "_doc", "_raw",
     )
 
     def __init__(
@@ -70,7 +70,6 @@ class Event:
         self.pod = pod
         self.cloud = cloud
         self.event_id = event_id
-        self.endpoint = None  # the metadata endpoint it reached, once matched
         self._doc = doc
         self._raw = raw
 
