@@ -76,6 +76,19 @@ class Result:
         p, r = self.precision, self.recall
         return 2 * p * r / (p + r) if p + r else 0.0
 
+    def recall_interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """Clopper-Pearson interval of the recall: 20 actors are a small sample, and the
+        interval says how far apart two systems' recalls must be to mean anything."""
+        from scipy.stats import beta
+
+        k, n = len(self.detected), self.actors_total
+        if not n:
+            return 0.0, 1.0
+        a = (1 - confidence) / 2
+        lo = float(beta.ppf(a, k, n - k + 1)) if k else 0.0
+        hi = float(beta.ppf(1 - a, k + 1, n - k)) if k < n else 1.0
+        return lo, hi
+
     def latency(self, how: str) -> float | None:
         lat = list(self.detected.values())
         if not lat:
@@ -192,11 +205,13 @@ def fmt_latency(s: float | None) -> str:
 
 
 def table(results: list[Result]) -> str:
-    head = ("system", "recall", "FP entities", "benign alerts", "precision", "F1",
-            "latency median", "latency max")
+    head = ("system", "recall", "recall 95% CI", "FP entities", "benign alerts", "precision",
+            "F1", "latency median", "latency max")
     rows = [head]
     for r in results:
+        lo, hi = r.recall_interval()
         rows.append((r.system, f"{len(r.detected)}/{r.actors_total} ({r.recall:.0%})",
+                     f"{lo:.2f}-{hi:.2f}",
                      str(len(r.fp_entities)), str(r.benign_alerts), f"{r.precision:.2f}",
                      f"{r.f1:.2f}", fmt_latency(r.latency("median")),
                      fmt_latency(r.latency("max"))))
