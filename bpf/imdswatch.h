@@ -1,6 +1,6 @@
 /* Shared by every attach mode: the event layout, the maps, the endpoint filter and the
  * output path. Each bpf/<mode>.bpf.c includes this file and only adds its probe functions,
- * so the three modes cannot drift apart. tracer/layout.py mirrors `struct imds_event`. */
+ * so the four modes cannot drift apart. tracer/layout.py mirrors `struct imds_event`. */
 #ifndef IMDSWATCH_H
 #define IMDSWATCH_H
 
@@ -17,6 +17,7 @@
 #define IMDS_PROBE_TRACEPOINT 1
 #define IMDS_PROBE_KPROBE 2
 #define IMDS_PROBE_FENTRY 3
+#define IMDS_PROBE_CGROUP 4
 
 /* The probe's result field when it cannot see connect()'s return value. */
 #define IMDS_RESULT_UNKNOWN 1

@@ -11,7 +11,7 @@ AF_INET = 2
 AF_INET6 = 10
 RESULT_UNKNOWN = 1  # IMDS_RESULT_UNKNOWN: the probe does not see connect()'s result
 
-PROBE_NAMES = {1: "tracepoint", 2: "kprobe", 3: "fentry"}
+PROBE_NAMES = {1: "tracepoint", 2: "kprobe", 3: "fentry", 4: "cgroup"}
 
 # Indexes of the per-CPU `stats` array (enum imds_stat).
 STAT_NAMES = ("matched", "emitted", "dropped", "count_map_full", "pending_full")

@@ -1,6 +1,10 @@
 """Compiling an attach mode's BPF program with BCC and attaching it, with the `auto` order
-fentry -> kprobe -> tracepoint. Each attach is checked (BCC raises when the kernel refuses
-the link); a mode that fails is detached completely before the next one is tried."""
+fentry -> kprobe -> cgroup -> tracepoint: cheapest first. fentry, kprobe and cgroup run once
+per connect(); the tracepoint fires on every TCP state change of every socket (about ten per
+accepted connection, client and server side), so it comes last. Each attach is checked (BCC
+raises when the kernel refuses); a mode that fails is detached completely before the next
+one is tried. `release(b)` detaches and frees a compiled object: use it, not b.cleanup(),
+since the cgroup mode's attachments are not BCC's."""
 
 from __future__ import annotations
 
@@ -8,12 +12,12 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from tracer import kernel, sources
+from tracer import cgroup_attach, kernel, sources
 
 log = logging.getLogger("imdswatch.tracer")
 
-MODES = ("fentry", "kprobe", "tracepoint")
-AUTO_ORDER = MODES
+MODES = ("fentry", "kprobe", "cgroup", "tracepoint")
+AUTO_ORDER = MODES  # cheapest first
 CONNECT_FUNCTIONS = ("tcp_v4_connect", "tcp_v6_connect")
 
 # Program names per mode, with their BCC program type names.
@@ -27,6 +31,12 @@ PROGRAMS: dict[str, tuple[tuple[str, str], ...]] = {
         ("kfunc__tcp_v4_connect", "TRACING"), ("kfunc__tcp_v6_connect", "TRACING"),
         ("kretfunc__tcp_v4_connect", "TRACING"), ("kretfunc__tcp_v6_connect", "TRACING"),
     ),
+    "cgroup": (("imdsw_connect4", "CGROUP_SOCK_ADDR"), ("imdsw_connect6", "CGROUP_SOCK_ADDR")),
+}
+# cgroup mode: program -> its hook (sock_addr programs are loaded for one attach type).
+CGROUP_HOOKS = {
+    "imdsw_connect4": cgroup_attach.CGROUP_INET4_CONNECT,
+    "imdsw_connect6": cgroup_attach.CGROUP_INET6_CONNECT,
 }
 
 
@@ -74,18 +84,25 @@ def load_mode(b: object, mode: str) -> list[str]:
     names = []
     for name, ptype in PROGRAMS[mode]:
         try:
-            b.load_func(name.encode(), getattr(bcc.BPF, ptype))
+            if name in CGROUP_HOOKS:
+                b.load_func(name.encode(), bcc.BPF.CGROUP_SOCK_ADDR,
+                            attach_type=CGROUP_HOOKS[name])
+            else:
+                b.load_func(name.encode(), getattr(bcc.BPF, ptype))
         except Exception as exc:
             raise ProbeError(f"{mode}: loading {name} failed: {_errtext(exc)}") from exc
         names.append(name)
     return names
 
 
-def attach_mode(b: object, mode: str) -> None:
+def attach_mode(b: object, mode: str, cgroup_root: str | None = None) -> None:
     """Attach `mode`'s programs; return probes before entry probes, so no entry is ever
-    recorded without its return."""
+    recorded without its return. `cgroup_root`: the cgroup v2 root directory for the cgroup
+    mode (found from /proc/self/mounts when None)."""
     try:
-        if mode == "tracepoint":
+        if mode == "cgroup":
+            _attach_cgroup(b, cgroup_root)
+        elif mode == "tracepoint":
             b.attach_tracepoint(tp=b"sock:inet_sock_set_state",
                                 fn_name=b"tracepoint__sock__inet_sock_set_state")
         elif mode == "kprobe":
@@ -106,6 +123,41 @@ def attach_mode(b: object, mode: str) -> None:
         raise ProbeError(f"{mode}: attach failed: {_errtext(exc)}{_why(mode)}") from exc
 
 
+def _attach_cgroup(b: object, cgroup_root: str | None) -> None:
+    """Both connect hooks on the root cgroup, as BPF links (detached by the kernel when the
+    agent exits, however it exits) or, on kernels without cgroup links, multi-attached."""
+    att = getattr(b, "imdsw_cgroup", None)
+    if att is None:
+        root = cgroup_attach.cgroup2_root(cgroup_root or getattr(b, "imdsw_cgroup_root", None))
+        try:
+            cgroup_attach.remove_stale(root)
+        except (cgroup_attach.CgroupError, OSError) as exc:
+            log.info("could not look for stale imdswatch cgroup programs: %s", exc)
+        att = cgroup_attach.CgroupAttachment(root)
+        b.imdsw_cgroup = att
+    fns = load_mode(b, "cgroup")
+    try:
+        how = {att.attach(b.funcs[name.encode()].fd, CGROUP_HOOKS[name]) for name in fns}
+    except cgroup_attach.CgroupError:
+        att.detach()
+        raise
+    log.info("cgroup connect hooks attached to %s (%s)", att.root,
+             "BPF links: detached by the kernel when this process exits" if how == {"link"}
+             else "BPF_PROG_ATTACH with BPF_F_ALLOW_MULTI: detached on exit")
+
+
+def release(b: object) -> None:
+    """Detach everything and free the compiled object (programs and maps). Safe twice."""
+    att = getattr(b, "imdsw_cgroup", None)
+    if att is not None:
+        b.imdsw_cgroup = None
+        try:
+            att.close()
+        except Exception as exc:  # never let it keep BCC's programs and maps alive
+            log.error("closing the cgroup attachment failed: %s", exc)
+    b.cleanup()
+
+
 def _errtext(exc: Exception) -> str:
     # BCC reports every EPERM from the kernel as a privilege problem, even for root.
     text = str(exc)
@@ -118,6 +170,10 @@ def _why(mode: str) -> str:
     """The likely cause of an attach failure, from what the kernel offers."""
     if mode == "kprobe" and not kernel.kprobes_available():
         return " (this kernel has no kprobe support: CONFIG_KPROBES is off)"
+    if mode == "cgroup":
+        if not cgroup_attach.cgroup2_mounts():
+            return " (no cgroup v2 file system mounted)"
+        return ""
     if mode == "fentry":
         if not kernel.btf_available():
             return " (no kernel BTF at /sys/kernel/btf/vmlinux)"
@@ -128,7 +184,11 @@ def _why(mode: str) -> str:
 def detach_mode(b: object, mode: str) -> None:
     """Detach `mode`'s programs but keep them loaded with their maps (attach_mode again to
     resume): used to measure the probes' cost on the same compiled object."""
-    if mode == "tracepoint":
+    if mode == "cgroup":
+        att = getattr(b, "imdsw_cgroup", None)
+        if att is not None:
+            att.detach()
+    elif mode == "tracepoint":
         b.detach_tracepoint(tp=b"sock:inet_sock_set_state")
     elif mode == "kprobe":
         for fn in CONNECT_FUNCTIONS:
@@ -143,6 +203,7 @@ def detach_mode(b: object, mode: str) -> None:
 def open_mode(
     mode: str,
     prepare: Callable[[object], None] | None = None,
+    cgroup_root: str | None = None,
     **compile_args: object,
 ) -> tuple[object, str]:
     """Compile and attach `mode` (or try each in AUTO_ORDER for "auto"). `prepare` runs on
@@ -158,16 +219,18 @@ def open_mode(
             b = compile_mode(m, **compile_args)
             if prepare is not None:
                 prepare(b)
-            attach_mode(b, m)
+            b.imdsw_cgroup_root = cgroup_root
+            attach_mode(b, m, cgroup_root)
         except ProbeError as exc:
             failures.append(str(exc))
             if b is not None:
-                b.cleanup()
+                release(b)
             if mode == "auto":
                 log.info("probe %s unavailable: %s", m, exc)
             continue
         if mode == "auto":
-            log.info("probe auto chose %s", m)
+            log.info("probe auto chose %s (order %s: cheapest per connect first)", m,
+                     " -> ".join(AUTO_ORDER))
         else:
             log.info("probe %s attached", m)
         return b, m

@@ -58,6 +58,7 @@ class Tracer:
         count_entries: int = 16384,
         bpf_directory: Path | None = None,
         pods: PodResolver | None = None,
+        cgroup_root: str | None = None,
     ) -> None:
         if probe != "auto" and probe not in probes.MODES:
             raise ValueError(f"probe must be auto or one of {', '.join(probes.MODES)}")
@@ -71,6 +72,7 @@ class Tracer:
             "count_entries": count_entries,
             "directory": bpf_directory,
         }
+        self.cgroup_root = cgroup_root  # cgroup mode: None = found from /proc/self/mounts
         self.enricher = Enricher(proc_root, passwd_path)
         self.pods = pods
         self.host_name = host_name if host_name is not None else socket.gethostname()
@@ -91,7 +93,8 @@ class Tracer:
         """Compile, fill the maps, attach; returns the attached mode. Raises ProbeError."""
         t0 = time.monotonic()
         self._bpf, self.probe = probes.open_mode(
-            self.requested, prepare=self._fill_maps, **self._compile_args
+            self.requested, prepare=self._fill_maps, cgroup_root=self.cgroup_root,
+            **self._compile_args
         )
         b = self._bpf
         if self.ringbuf:
@@ -125,14 +128,14 @@ class Tracer:
 
     def resume(self) -> None:
         if self._bpf is not None and self.probe is not None and self.paused:
-            probes.attach_mode(self._bpf, self.probe)
+            probes.attach_mode(self._bpf, self.probe, self.cgroup_root)
             self.paused = False
 
     def close(self) -> None:
         """Detach every probe and free the maps. Safe to call twice."""
         b, self._bpf = self._bpf, None
         if b is not None:
-            b.cleanup()
+            probes.release(b)
             log.info("probes detached")
 
     def __enter__(self) -> Tracer:

@@ -11,6 +11,7 @@ MODE_FILES = {
     "tracepoint": "tracepoint.bpf.c",
     "kprobe": "kprobe.bpf.c",
     "fentry": "fentry.bpf.c",
+    "cgroup": "cgroup.bpf.c",
 }
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
