@@ -144,6 +144,7 @@ class Agent:
             passwd_path=cfg.agent.passwd,
             host_name=cfg.agent.node_name,
             pods=self.pods,
+            cgroup_root=getattr(cfg.agent, "cgroup_root", None),
         )
         try:
             mode = self.tracer.start()
@@ -311,7 +312,7 @@ def run_agent(
         config.metrics.address = metrics_address
     if learning_period is not None:
         config.scorer.learning_period = learning_period
-    problems = doctor.preflight(config.agent.probe)
+    problems = doctor.preflight(config.agent.probe, getattr(config.agent, "cgroup_root", None))
     if problems:
         for p in problems:
             print(f"imdswatch run: {p}", file=sys.stderr)

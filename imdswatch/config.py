@@ -45,6 +45,9 @@ class AgentSettings:
     kubernetes: str = "auto"
     # API base URL, e.g. "http://127.0.0.1:8001" behind `kubectl proxy`; default in-cluster.
     kubernetes_api: str | None = None
+    # The cgroup v2 root the `cgroup` probe attaches to; None: the cgroup2 mount at
+    # /sys/fs/cgroup, else /sys/fs/cgroup/unified, from /proc/self/mounts.
+    cgroup_root: str | None = None
 
 
 @dataclass
@@ -57,7 +60,7 @@ class Config:
     path: str | None = None
 
 
-PROBES = ("auto", "kprobe", "fentry", "tracepoint")
+PROBES = ("auto", "kprobe", "fentry", "cgroup", "tracepoint")
 KUBERNETES_MODES = ("auto", "on", "off")
 
 
@@ -145,13 +148,13 @@ def _metrics(t: dict) -> MetricsSettings:
 
 def _agent(t: dict) -> AgentSettings:
     _check_keys(t, {"probe", "proc_root", "passwd", "state_save_interval", "node_name",
-                    "kubernetes", "kubernetes_api"}, "agent")
+                    "kubernetes", "kubernetes_api", "cgroup_root"}, "agent")
     a = AgentSettings()
     if "probe" in t:
         if t["probe"] not in PROBES:
             raise ConfigError(f"agent.probe must be one of {', '.join(PROBES)}")
         a.probe = t["probe"]
-    for key in ("proc_root", "passwd", "node_name"):
+    for key in ("proc_root", "passwd", "node_name", "cgroup_root"):
         if key in t:
             setattr(a, key, str(t[key]))
     if "kubernetes" in t:

@@ -18,7 +18,7 @@ def test_doctor_prints_every_check_and_the_probe(capsys):
     rc = doctor.run_doctor()
     out = capsys.readouterr().out
     for name in ("privileges", "kernel", "bcc", "kernel headers", "tracefs", "tracepoint",
-                 "kprobes", "btf", "fentry"):
+                 "kprobes", "btf", "fentry", "cgroup v2"):
         assert f"] {name}: " in out, name
     assert "probe: " in out
     # every failure or warning comes with its fix
@@ -28,6 +28,11 @@ def test_doctor_prints_every_check_and_the_probe(capsys):
             assert lines[i + 1].lstrip().startswith("fix: "), line
     if rc == 0 and os.geteuid() == 0:
         assert "auto picks " in out
+        # where the cgroup v2 hooks attach, the doctor says so and auto takes them before
+        # the tracepoint (on kernels without fentry and kprobes)
+        if "] cgroup hooks: connect4/connect6 programs load, attach" in out and \
+                "[warn] kprobes" in out and "[warn] fentry" in out:
+            assert "auto picks cgroup" in out
 
 
 def test_predicted_mode_follows_auto_order():
@@ -37,7 +42,10 @@ def test_predicted_mode_follows_auto_order():
     assert doctor.predicted_mode(no_fentry) == "kprobe"
     assert doctor.predicted_mode(no_fentry, "fentry") is None
     neither = no_fentry + [doctor.Check("kprobes", False, "", "f", {"kprobe"})]
-    assert doctor.predicted_mode(neither) == "tracepoint"
+    assert doctor.predicted_mode(neither) == "cgroup"
+    no_cgroup = neither + [doctor.Check("cgroup v2", False, "", "f", {"cgroup"})]
+    assert doctor.predicted_mode(no_cgroup) == "tracepoint"
+    assert doctor.predicted_mode(no_cgroup, "cgroup") is None
     assert doctor.predicted_mode(neither + [doctor.Check("p", False, "", "f", {"all"})]) is None
 
 
@@ -50,6 +58,7 @@ def test_preflight_as_root_on_this_machine():
         pytest.skip(f"needs BCC: {exc}")
     assert doctor.preflight("auto") == []
     assert doctor.preflight("tracepoint") == []
+    assert doctor.preflight("cgroup") == []
     if not kernel.kprobes_available():
         (problem,) = doctor.preflight("kprobe")
         assert "CONFIG_KPROBES" in problem and "fix:" in problem

@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from tracer import kernel, probes
+from tracer import cgroup_attach, kernel, probes
 
 # Capability bits (linux/capability.h).
 CAP_SYS_ADMIN = 21
@@ -90,7 +90,8 @@ def check_headers() -> Check:
         if kernel.kernel_version(rel) != kernel.kernel_version(os.path.basename(path).replace(
                 "linux-headers-", "")) and path.startswith("/usr/src/"):
             note = (" (headers of another kernel version: enough for the tracepoint probe, "
-                    "whose layout BCC reads from tracefs)")
+                    "whose layout BCC reads from tracefs, and the cgroup probe, which reads "
+                    "the UAPI struct bpf_sock_addr)")
         return Check("kernel headers", True, f"BCC compiles against {path}{note}")
     rel = kernel.kernel_release()
     return Check(
@@ -132,7 +133,8 @@ def check_tracepoint() -> Check:
 def check_kprobes() -> Check:
     if not kernel.kprobes_available():
         return Check("kprobes", False, "kernel built without kprobes (CONFIG_KPROBES off)",
-                     "use --probe tracepoint (auto does), or a kernel with CONFIG_KPROBES=y",
+                     "use --probe cgroup or tracepoint (auto does), or a kernel with "
+                     "CONFIG_KPROBES=y",
                      {"kprobe"})
     if not kernel.kallsyms_has("tcp_v4_connect"):
         return Check("kprobes", False, "tcp_v4_connect not in /proc/kallsyms",
@@ -163,23 +165,62 @@ def check_fentry(try_load: bool) -> Check:
         try:
             probes.load_mode(b, "fentry")
         finally:
-            b.cleanup()
+            probes.release(b)
     except probes.ProbeError as exc:
         lock = kernel.lockdown()
         why = f"; kernel lockdown is '{lock}'" if lock and lock != "none" else ""
         return Check("fentry", False, f"the kernel refuses fentry programs ({exc}){why}",
                      "a kernel that allows BPF trampolines (CONFIG_BPF_JIT, "
                      "CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS, no LSM/lockdown veto); until "
-                     "then auto falls back to kprobe or tracepoint",
+                     "then auto falls back to kprobe, cgroup or tracepoint",
                      {"fentry"})
     return Check("fentry", True, "fentry programs load")
 
 
-def checks(try_load: bool = True) -> list[Check]:
+def check_cgroup2(root: str | None = None) -> Check:
+    try:
+        path = cgroup_attach.cgroup2_root(root)
+    except cgroup_attach.CgroupError as exc:
+        return Check("cgroup v2", False, str(exc),
+                     "mount it (mount -t cgroup2 none /sys/fs/cgroup/unified) or set "
+                     "agent.cgroup_root; in Kubernetes mount the host's /sys/fs/cgroup "
+                     "(deploy/kubernetes/base/daemonset.yaml does); until then auto falls back "
+                     "to the tracepoint", {"cgroup"})
+    return Check("cgroup v2", True, f"cgroup2 root at {path}")
+
+
+def check_cgroup_hooks(try_attach: bool, root: str | None = None) -> Check:
+    """Load the cgroup connect programs and, as root, attach and detach them for real."""
+    if not try_attach:
+        return Check("cgroup hooks", True, "connect4/connect6 hooks (load not tried)")
+    b = None
+    try:
+        b = probes.compile_mode("cgroup")
+        probes.load_mode(b, "cgroup")
+        if os.geteuid() != 0:
+            return Check("cgroup hooks", True, "connect4/connect6 programs load (attach not "
+                         "tried: not root)")
+        probes.attach_mode(b, "cgroup", root)
+    except (probes.ProbeError, cgroup_attach.CgroupError, OSError) as exc:
+        return Check("cgroup hooks", False, f"the cgroup connect hooks do not attach ({exc})",
+                     "a kernel with CONFIG_CGROUP_BPF=y and cgroup v2; until then auto falls "
+                     "back to the tracepoint", {"cgroup"})
+    finally:
+        if b is not None:
+            probes.release(b)
+    return Check("cgroup hooks", True, "connect4/connect6 programs load, attach to the root "
+                 "cgroup and detach")
+
+
+def checks(try_load: bool = True, cgroup_root: str | None = None) -> list[Check]:
     out = [check_privileges(), check_kernel(), check_bcc(), check_headers(), check_tracefs(),
            check_tracepoint(), check_kprobes(), check_btf()]
     runnable = not any("all" in c.blocks for c in out)
     out.append(check_fentry(try_load and runnable))
+    cg = check_cgroup2(cgroup_root)
+    out.append(cg)
+    if cg.ok:
+        out.append(check_cgroup_hooks(try_load and runnable, cgroup_root))
     return out
 
 
@@ -192,10 +233,10 @@ def predicted_mode(results: list[Check], requested: str = "auto") -> str | None:
     return next((m for m in order if m not in blocked), None)
 
 
-def preflight(probe: str) -> list[str]:
+def preflight(probe: str, cgroup_root: str | None = None) -> list[str]:
     """Fatal problems for `imdswatch run --probe PROBE`, each with its fix; empty when the
     run may proceed. Fast: compiles nothing."""
-    results = checks(try_load=False)
+    results = checks(try_load=False, cgroup_root=cgroup_root)
     problems = [f"{c.name}: {c.detail}; fix: {c.fix}" for c in results
                 if not c.ok and "all" in c.blocks]
     if problems:
@@ -213,7 +254,7 @@ def _auto_choice() -> tuple[str | None, str]:
         b, mode = probes.open_mode("auto", ringbuf=kernel.ringbuf_supported())
     except probes.ProbeError as exc:
         return None, str(exc)
-    b.cleanup()
+    probes.release(b)
     return mode, "attached and detached for this check"
 
 
