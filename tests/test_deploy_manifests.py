@@ -175,6 +175,10 @@ def test_daemonset_has_what_a_bpf_agent_needs(rendered) -> None:
         assert mount.get("readOnly", False) is read_only, path
         assert volumes[mount["name"]]["hostPath"]["path"] == path
     assert volumes[mounts["/var/lib/imdswatch"]["name"]]["hostPath"]["type"] == "DirectoryOrCreate"
+    # the cgroup probe attaches to the host's root cgroup, not the pod's cgroup namespace root
+    cg = mounts["/host/sys/fs/cgroup"]
+    assert cg["readOnly"] is True
+    assert volumes[cg["name"]]["hostPath"]["path"] == "/sys/fs/cgroup"
     # Every volume is mounted and every mount has a volume.
     assert {m["name"] for m in c["volumeMounts"]} == set(volumes)
     assert c["image"] == "imdswatch:0.1.0"

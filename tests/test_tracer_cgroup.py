@@ -138,6 +138,10 @@ def test_cgroup2_root_from_mounts(tmp_path):
     assert cgroup_attach.cgroup2_root(mounts=str(mounts)) == "/sys/fs/cgroup/unified"
     mounts.write_text("cgroup2 /run/x cgroup2 rw 0 0\ncgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n")
     assert cgroup_attach.cgroup2_root(mounts=str(mounts)) == "/sys/fs/cgroup"
+    # in the DaemonSet: the host's hierarchy, not the container's cgroup namespace root
+    mounts.write_text("cgroup2 /sys/fs/cgroup cgroup2 ro 0 0\n"
+                      "cgroup2 /host/sys/fs/cgroup cgroup2 ro 0 0\n")
+    assert cgroup_attach.cgroup2_root(mounts=str(mounts)) == "/host/sys/fs/cgroup"
     mounts.write_text("proc /proc proc rw 0 0\n")
     with pytest.raises(cgroup_attach.CgroupError):
         cgroup_attach.cgroup2_root(mounts=str(mounts))

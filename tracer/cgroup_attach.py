@@ -32,7 +32,10 @@ CONNECT_HOOKS = {"connect4": CGROUP_INET4_CONNECT, "connect6": CGROUP_INET6_CONN
 BPF_F_ALLOW_MULTI = 1 << 1
 # Every program of this mode is named with this prefix (BPF keeps 15 characters of a name).
 PROGRAM_PREFIX = "imdsw_connect"
-PREFERRED_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")
+# The DaemonSet mounts the host's hierarchy at /host/sys/fs/cgroup: in a container,
+# /sys/fs/cgroup is the root of its cgroup namespace (its own cgroup), not the host's root.
+PREFERRED_ROOTS = ("/host/sys/fs/cgroup", "/host/sys/fs/cgroup/unified", "/sys/fs/cgroup",
+                   "/sys/fs/cgroup/unified")
 
 
 class CgroupError(RuntimeError):
@@ -54,9 +57,9 @@ def cgroup2_mounts(mounts: str = "/proc/self/mounts") -> list[str]:
 
 
 def cgroup2_root(configured: str | None = None, mounts: str = "/proc/self/mounts") -> str:
-    """The directory of the cgroup v2 root: `configured` when given, else the cgroup2 mount
-    at /sys/fs/cgroup (unified hosts, and the DaemonSet's mount of the host's hierarchy),
-    else /sys/fs/cgroup/unified (hybrid hosts), else the first cgroup2 mount."""
+    """The directory of the cgroup v2 root: `configured` when given, else the first cgroup2
+    mount of PREFERRED_ROOTS (the DaemonSet's mount of the host's hierarchy, then the
+    unified and hybrid host layouts), else the first cgroup2 mount."""
     if configured:
         if not os.path.isfile(os.path.join(configured, "cgroup.procs")):
             raise CgroupError(f"{configured} is not a cgroup v2 directory")
