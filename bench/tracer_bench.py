@@ -2,11 +2,13 @@
 the real agent (`imdswatch run` as a subprocess) and real connects made inside a private
 network namespace holding the metadata addresses (never the real service):
 
-1. connect() overhead on non-metadata connections, agent attached vs detached;
+1. connect() overhead on non-metadata connections, probe attached vs detached, for the mode
+   `auto` picks and for the tracepoint mode side by side;
 2. detection latency, connect() to the alert line and to the metric, p50 and p99;
 3. a connect flood at the mock IMDS: events/s processed, events dropped, kernel counts
    equal to the connects made;
 4. agent memory (RSS steady and peak) and time from start to attached.
+Figures 2-4 are for the agent with `--probe auto`.
 
 `run(quick)` returns rows {name, value, unit, baseline, baseline_value, target, ok}.
 """
@@ -95,7 +97,9 @@ def _overhead(ns: object, quick: bool) -> list[dict]:
     the same compiled program attached and detached in alternation (the agent's userspace
     never sees these connections, so the attached program is the whole cost). Two loops on
     loopback: connects refused (no listener: the cheapest connect there is, so the worst
-    case in relative terms) and connects accepted by a listening server."""
+    case in relative terms) and connects accepted by a listening server. Measured for the
+    mode `auto` picks and for the tracepoint mode, side by side in the same rounds (only one
+    of them attached at a time)."""
     import subprocess
 
     from scoring.endpoints import EndpointCatalog
@@ -108,41 +112,56 @@ def _overhead(ns: object, quick: bool) -> list[dict]:
         stats_knob.write_text("1")  # the kernel then times every run of every BPF program
     server = ns.popen(["python3", "-c", _ACCEPT_SERVER], stdout=subprocess.PIPE, text=True)
     server.stdout.readline()
-    t = Tracer(EndpointCatalog.from_config(), probe="auto")
-    mode = t.start()
-    samples: dict[tuple[int, bool], list[float]] = {}
+    tracers: dict[str, object] = {}
+    samples: dict[tuple[str, int, bool], list[float]] = {}
     try:
+        auto = Tracer(EndpointCatalog.from_config(), probe="auto")
+        mode = auto.start()
+        tracers[mode] = auto
+        auto.pause()
+        if mode != "tracepoint":
+            tp = Tracer(EndpointCatalog.from_config(), probe="tracepoint")
+            tp.start()
+            tp.pause()
+            tracers["tracepoint"] = tp
         for r in range(rounds):
-            for port in (9, 9000):
-                # Alternate which side goes first, so warm-up and drift hit both alike.
-                for on in ((True, False) if r % 2 else (False, True)):
-                    t.resume() if on else t.pause()
-                    samples.setdefault((port, on), []).append(
-                        _loop_us(ns, "127.0.0.1", count, port))
-            t.poll(0)
-        runs, run_ns = _prog_runs(t)
+            for m, t in tracers.items():
+                for port in (9, 9000):
+                    # Alternate which side goes first, so warm-up and drift hit both alike.
+                    for on in ((True, False) if r % 2 else (False, True)):
+                        t.resume() if on else t.pause()
+                        samples.setdefault((m, port, on), []).append(
+                            _loop_us(ns, "127.0.0.1", count, port))
+                t.pause()
+                t.poll(0)
+        runs = {m: _prog_runs(t) for m, t in tracers.items()}
     finally:
         if stats_before is not None:
             stats_knob.write_text(stats_before)
-        t.close()
+        for t in tracers.values():
+            t.close()
         server.kill()
         server.wait(5)
     rows = []
-    for port, what in ((9, "refused"), (9000, "accepted")):
-        d = statistics.median(samples[(port, False)])
-        a = statistics.median(samples[(port, True)])
-        # Paired: each round's attached run against its own detached run, measured next to
-        # each other, so slow drift of a shared machine cancels; then the median round.
-        pct = statistics.median(
-            (on - off) / off * 100
-            for on, off in zip(samples[(port, True)], samples[(port, False)], strict=True))
-        rows.append(_row(f"tracer: non-metadata connect() ({what}), {mode} attached", a, "us",
-                         "detached", d, "<= +1%", pct <= 1.0))
-        rows.append(_row(f"tracer: overhead on {what} connects ({rounds}x{count} each side)",
-                         pct, "%", target="<= 1%", ok=pct <= 1.0))
-    if runs:
-        rows.append(_row(f"tracer: BPF program time per run ({runs:,} runs)", run_ns / runs,
-                         "ns", target="report"))
+    for m in tracers:
+        label = f"{m} (auto)" if m == mode else m
+        for port, what in ((9, "refused"), (9000, "accepted")):
+            d = statistics.median(samples[(m, port, False)])
+            a = statistics.median(samples[(m, port, True)])
+            # Paired: each round's attached run against its own detached run, measured next
+            # to each other, so slow drift of a shared machine cancels; then the median round.
+            pct = statistics.median(
+                (on - off) / off * 100 for on, off in
+                zip(samples[(m, port, True)], samples[(m, port, False)], strict=True))
+            rows.append(_row(f"tracer: non-metadata connect() ({what}), {label} attached", a,
+                             "us", "detached", d, "<= +1%", pct <= 1.0))
+            rows.append(_row(f"tracer: overhead of {label} on {what} connects "
+                             f"({rounds}x{count} each side)", pct, "%", target="<= 1%",
+                             ok=pct <= 1.0))
+        n, run_ns = runs[m]
+        if n:
+            rows.append(_row(f"tracer: {label} BPF program time per run ({n:,} runs)",
+                             run_ns / n, "ns", target="report"))
     return rows
 
 
