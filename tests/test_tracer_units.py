@@ -248,3 +248,15 @@ def test_rfc3339_matches_datetime():
     for ns in (1_714_564_800_123_456_789, 1_714_564_800_999_999_000, 1_714_564_801_000_001_000):
         want = datetime.fromtimestamp(ns // 1000 / 1e6, UTC).isoformat(timespec="microseconds")
         assert rfc3339(ns) == want.replace("+00:00", "Z")
+
+
+def test_first_byte_prefilter_covers_every_entry():
+
+
+    nets = list(maps.entries(EndpointCatalog.from_config(
+        add=[{"id": "wide", "address": "10.0.0.0/7"}, {"id": "v6", "address": "fd00::/7"},
+             {"id": "mapped", "address": "::ffff:192.0.2.1"}])))
+    v4 = maps.first_bytes(nets, 4)
+    assert {169, 168, 10, 11, 192} <= v4 and 127 not in v4 and 12 not in v4
+    v6 = maps.first_bytes(nets, 6)
+    assert {0xfc, 0xfd} <= v6 and 0x20 not in v6

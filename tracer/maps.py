@@ -59,11 +59,31 @@ def entries(endpoints: Iterable[Endpoint]) -> dict[Network, PortSet]:
     return out
 
 
-def write(table4: object, table6: object, endpoints: Iterable[Endpoint]) -> int:
-    """Make the BCC LPM tables hold exactly the catalog. New and changed entries are written
-    before stale ones are removed, so a reload never opens a window with no filter entries.
-    Returns the number of entries."""
+def first_bytes(nets: Iterable[Network], version: int) -> set[int]:
+    """First address bytes covered by the `version` networks (the kernel's pre-filter)."""
+    out: set[int] = set()
+    for net in nets:
+        if net.version != version:
+            continue
+        shift = net.max_prefixlen - 8
+        lo = int(net.network_address) >> shift
+        hi = int(net.broadcast_address) >> shift
+        out.update(range(lo, hi + 1))
+    return out
+
+
+def write(table4: object, table6: object, endpoints: Iterable[Endpoint],
+          first4: object | None = None, first6: object | None = None) -> int:
+    """Make the BCC LPM tables (and the first-byte pre-filter arrays, when given) hold
+    exactly the catalog. New and changed entries are written before stale ones are removed,
+    pre-filter bytes set before and cleared after, so a reload never opens a window with no
+    filter entries. Returns the number of entries."""
     wanted = entries(endpoints)
+    firsts = [(arr, first_bytes(wanted, v)) for arr, v in ((first4, 4), (first6, 6))
+              if arr is not None]
+    for arr, needed in firsts:
+        for byte in needed:
+            arr[arr.Key(byte)] = arr.Leaf(1)
     for table, version in ((table4, 4), (table6, 6)):
         keep = set()
         for net, ps in wanted.items():
@@ -81,6 +101,10 @@ def write(table4: object, table6: object, endpoints: Iterable[Endpoint]) -> int:
         for key in list(table.keys()):
             if (key.prefixlen, bytes(key.addr)) not in keep:
                 del table[key]
+    for arr, needed in firsts:
+        for byte in range(256):
+            if byte not in needed:
+                arr[arr.Key(byte)] = arr.Leaf(0)
     return len(wanted)
 
 

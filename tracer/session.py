@@ -109,14 +109,17 @@ class Tracer:
         return self.probe
 
     def _fill_maps(self, b: object) -> None:
-        maps.write(b[b"endpoints4"], b[b"endpoints6"], self.catalog)
+        maps.write(b[b"endpoints4"], b[b"endpoints6"], self.catalog, b[b"first4"],
+                   b[b"first6"])
 
     def set_catalog(self, catalog: Iterable[Endpoint]) -> int:
         """Replace the endpoints the kernel filters on, live. Returns the number of entries."""
         self.catalog = tuple(catalog)
         if self._bpf is None:
             return len(maps.entries(self.catalog))
-        n = maps.write(self._bpf[b"endpoints4"], self._bpf[b"endpoints6"], self.catalog)
+        b = self._bpf
+        n = maps.write(b[b"endpoints4"], b[b"endpoints6"], self.catalog, b[b"first4"],
+                       b[b"first6"])
         log.info("endpoint maps reloaded: %d entries", n)
         return n
 
