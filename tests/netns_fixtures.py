@@ -97,6 +97,19 @@ class MetadataNamespace:
         return subprocess.Popen(self.argv(cmd), **kw)
 
 
+def started_tracer(probe: str):  # noqa: ANN201 - tracer.Tracer, imported lazily
+    """A tracer of the built-in catalog attached in mode `probe`, or a skip saying why not."""
+    from scoring.endpoints import EndpointCatalog
+    from tracer import ProbeError, Tracer
+
+    t = Tracer(EndpointCatalog.from_config(), probe=probe)
+    try:
+        t.start()
+    except ProbeError as exc:
+        pytest.skip(f"the {probe} probe cannot attach on this machine: {exc}")
+    return t
+
+
 def wait_for(predicate: object, timeout: float = 5.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from netns_fixtures import Collector, MetadataNamespace, require_bcc, wait_for
+from netns_fixtures import Collector, MetadataNamespace, require_bcc, started_tracer, wait_for
 
 from scoring.endpoints import BUILTIN_ENDPOINTS, EndpointCatalog
 from scoring.events import event_from_ecs
@@ -75,11 +75,7 @@ def ns():
 
 @pytest.fixture(scope="module")
 def tracer(ns):
-    t = Tracer(EndpointCatalog.from_config(), probe="tracepoint")
-    try:
-        t.start()
-    except ProbeError as exc:
-        pytest.skip(f"the tracepoint probe cannot attach on this machine: {exc}")
+    t = started_tracer("tracepoint")
     yield t
     t.close()
 

@@ -21,13 +21,14 @@ from netns_fixtures import (
     Collector,
     MetadataNamespace,
     require_bcc,
+    started_tracer,
     wait_for,
     warm_state,
 )
 
 from scoring.endpoints import EndpointCatalog
 from scoring.events import event_from_ecs
-from tracer import ProbeError, Tracer, cgroup_attach, kernel, probes
+from tracer import Tracer, cgroup_attach, kernel, probes
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
@@ -103,11 +104,7 @@ def ns():
 
 @pytest.fixture(scope="module")
 def tracer(ns):
-    t = Tracer(EndpointCatalog.from_config(), probe="cgroup")
-    try:
-        t.start()
-    except ProbeError as exc:
-        pytest.skip(f"the cgroup probe cannot attach on this machine: {exc}")
+    t = started_tracer("cgroup")
     yield t
     t.close()
 
