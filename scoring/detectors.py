@@ -118,7 +118,7 @@ def _seen(r: Rarity) -> str:
 def _rare_process(e: Event, r: Rarity, others: list, span: str) -> str:
     return (
         f"{e.name} {_seen(r)} in {span}; "
-        f"{_count(r.n_context)} calls came from {r.distinct} other process names"
+        f"the fleet's {_count(r.n_context)} calls came from {r.distinct} process names"
     )
 
 
