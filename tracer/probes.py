@@ -66,6 +66,10 @@ def compile_mode(
     directory: Path | None = None,
 ) -> object:
     """Compile `mode` to BPF bytecode (no load, no attach). Returns the BCC object."""
+    # BCC reads a tracepoint's field layout from tracefs while compiling, so tracefs must be
+    # mounted before any compile, not only before attaching.
+    for note in kernel.ensure_tracefs():
+        log.info(note)
     if ringbuf is None:
         ringbuf = kernel.ringbuf_supported()
     text = sources.program_text(mode, directory)
@@ -209,8 +213,6 @@ def open_mode(
     """Compile and attach `mode` (or try each in AUTO_ORDER for "auto"). `prepare` runs on
     the compiled object before attaching (to fill the endpoint maps first, so the filter is
     complete from the first event). Returns (bpf, chosen mode)."""
-    for note in kernel.ensure_tracefs():
-        log.info(note)
     order = AUTO_ORDER if mode == "auto" else (mode,)
     failures: list[str] = []
     for m in order:
