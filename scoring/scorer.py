@@ -136,7 +136,6 @@ class Scorer:
         self.events_learned = 0
         self.last_alert: dict[tuple, float] = {}
         self._thresholds = tuple(self.settings.threshold_for(d.name) for d in DETECTORS)
-        self._min_threshold = min(self._thresholds)
         self._factor = self.settings.known_caller_factor
         self._next_prune = 0.0
         self._entities: dict[tuple, _Entity] = {}
@@ -375,8 +374,4 @@ class Scorer:
     @property
     def hosts_seen(self) -> int:
         return len(self.host_ids)
-
-    @property
-    def detector_names(self) -> tuple[str, ...]:
-        return DETECTOR_NAMES
 
