@@ -135,15 +135,10 @@ def run(config_path: str | None, state_path: str | None, probe: str | None,
     from imdswatch.agent import run_agent
 
     cfg = _config(config_path)
-    if learning_period is not None:
-        cfg.scorer.learning_period = learning_period
     if threshold is not None:
         cfg.scorer.threshold = threshold
-    if probe is not None:
-        cfg.agent.probe = probe
-    if metrics_address is not None:
-        cfg.metrics.address = metrics_address
-    sys.exit(run_agent(cfg, state_path=state_path, output=output))
+    sys.exit(run_agent(cfg, state_path=state_path, probe=probe, metrics_address=metrics_address,
+                       output=output, learning_period=learning_period))
 
 
 @main.command()
