@@ -32,6 +32,7 @@ class _Parent(Struct, gc=False):
 
 class _Process(Struct, gc=False):
     name: str | None = None
+    thread: msgspec.Raw = msgspec.Raw(b"")
     pid: int | None = None
     executable: str | None = None
     command_line: str | None = None
@@ -68,6 +69,7 @@ class _Cloud(Struct, gc=False):
 
 class _EventMeta(Struct, gc=False):
     id: str | None = None
+    action: str | None = None
 
 
 class EcsDoc(Struct, gc=False):
@@ -80,6 +82,12 @@ class EcsDoc(Struct, gc=False):
     orchestrator: _Orchestrator | None = None
     cloud: _Cloud | None = None
     event: _EventMeta | None = None
+    # Request fields (contract section 1) are rare in exports and read by the generic
+    # path: their presence alone sends a document there.
+    http: msgspec.Raw = msgspec.Raw(b"")
+    url: msgspec.Raw = msgspec.Raw(b"")
+    user_agent: msgspec.Raw = msgspec.Raw(b"")
+    imdswatch: msgspec.Raw = msgspec.Raw(b"")
 
 
 # Invalid UTF-8 is a UnicodeDecodeError here; the generic path reports it as bad JSON.

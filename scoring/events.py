@@ -23,7 +23,8 @@ class Event:
     __slots__ = (
         "ts", "dst_ip", "dst_port", "name", "pid", "exe", "command_line", "ppid",
         "parent_name", "parent_exe", "user", "uid", "host", "container_id", "image",
-        "namespace", "pod", "cloud", "event_id", "_doc", "_raw",
+        "namespace", "pod", "cloud", "event_id", "action", "method", "path", "query",
+        "user_agent", "guarded", "thread_name", "_doc", "_raw",
     )
 
     def __init__(
@@ -48,6 +49,13 @@ class Event:
         pod: str | None = None,
         cloud: str | None = None,
         event_id: str | None = None,
+        action: str | None = None,
+        method: str | None = None,
+        path: str | None = None,
+        query: str | None = None,
+        user_agent: str | None = None,
+        guarded: bool | None = None,
+        thread_name: str | None = None,
         doc: dict | None = None,
         raw: bytes | None = None,
     ) -> None:
@@ -70,6 +78,17 @@ class Event:
         self.pod = pod
         self.cloud = cloud
         self.event_id = event_id
+        # The HTTP request on the connection (contract section 1); all None for a
+        # connection whose request was not seen.
+        self.action = action
+        self.method = method
+        self.path = path
+        self.query = query
+        self.user_agent = user_agent
+        self.guarded = guarded
+        # The calling thread's own name when it differs from the process's (io_uring
+        # workers, JVM threads); `name` is always the thread-group leader's.
+        self.thread_name = thread_name
         self._doc = doc
         self._raw = raw
 
@@ -80,6 +99,11 @@ class Event:
         if self._doc is None and self._raw is not None:
             self._doc = orjson.loads(self._raw)
         return self._doc
+
+    @property
+    def is_request(self) -> bool:
+        """True when the event carries an HTTP request (method or path seen)."""
+        return self.method is not None or self.path is not None
 
     def signature(self) -> tuple:
         """Everything the detectors look at, apart from time: events with equal
@@ -165,6 +189,12 @@ def _int(v: Any, what: str) -> int | None:
     raise MalformedEvent(f"{what} {v!r} is not an integer")
 
 
+def _bool(v: Any, what: str) -> bool | None:
+    if v is None or isinstance(v, bool):
+        return v
+    raise MalformedEvent(f"{what} {v!r} is not a boolean")
+
+
 def event_from_ecs(doc: Any) -> Event:
     """Read the contract's ECS fields from a decoded JSON document."""
     if not isinstance(doc, dict):
@@ -185,6 +215,9 @@ def event_from_ecs(doc: Any) -> Event:
     host = _obj(doc, "host")
     container = _obj(doc, "container")
     orchestrator = _obj(doc, "orchestrator")
+    event_meta = _obj(doc, "event")
+    http = _obj(doc, "http")
+    url = _obj(doc, "url")
     return Event(
         ts,
         dst_ip,
@@ -204,7 +237,15 @@ def event_from_ecs(doc: Any) -> Event:
         namespace=_str(orchestrator.get("namespace")),
         pod=_str(_obj(orchestrator, "resource").get("name")),
         cloud=_str(_obj(doc, "cloud").get("provider")),
-        event_id=_str(_obj(doc, "event").get("id")),
+        event_id=_str(event_meta.get("id")),
+        action=_str(event_meta.get("action")),
+        method=_str(_obj(http, "request").get("method")),
+        path=_str(url.get("path")),
+        query=_str(url.get("query")),
+        user_agent=_str(_obj(doc, "user_agent").get("original")),
+        guarded=_bool(_obj(_obj(doc, "imdswatch"), "request").get("guarded"),
+                      "imdswatch.request.guarded"),
+        thread_name=_str(_obj(process, "thread").get("name")),
         doc=doc,
     )
 
@@ -226,6 +267,8 @@ def typed_head(d: Any) -> tuple[float, str, int | None, tuple] | None:
     dst = d.destination
     p = d.process
     if dst is None or p is None or not dst.ip or not p.name:
+        return None
+    if d.http or d.url or d.user_agent or d.imdswatch or p.thread:  # Raw: empty if absent
         return None
     parent = p.parent
     user = d.user
@@ -274,5 +317,6 @@ def event_from_typed(d: Any, raw: bytes, head: tuple[float, str, int | None, tup
         pod=resource.name if resource is not None else None,
         cloud=d.cloud.provider if d.cloud is not None else None,
         event_id=d.event.id if d.event is not None else None,
+        action=d.event.action if d.event is not None else None,
         raw=raw,
     )

@@ -259,3 +259,48 @@ def test_unknown_fields_are_ignored():
 def test_empty_strings_are_absent():
     e = event_from_ecs(doc(process={"name": "curl", "executable": ""}, user={"name": ""}))
     assert e.exe is None and e.user is None
+
+
+def _request_doc() -> dict:
+    return {
+        "@timestamp": "2026-11-30T10:00:00Z",
+        "destination": {"ip": "169.254.169.254", "port": 80},
+        "process": {"name": "curl", "thread": {"name": "iou-wrk-7"}},
+        "event": {"action": "http_request"},
+        "http": {"request": {"method": "PUT"}},
+        "url": {"path": "/latest/api/token", "query": "a=b"},
+        "user_agent": {"original": "curl/7.88.1"},
+        "imdswatch": {"request": {"guarded": True}},
+    }
+
+
+def test_request_fields_are_read():
+    ev = event_from_ecs(_request_doc())
+    assert (ev.action, ev.method, ev.path, ev.query, ev.user_agent, ev.guarded) == (
+        "http_request", "PUT", "/latest/api/token", "a=b", "curl/7.88.1", True)
+    assert ev.thread_name == "iou-wrk-7"
+    assert ev.is_request
+
+
+def test_connection_event_has_no_request():
+    doc = _request_doc()
+    for k in ("http", "url", "user_agent", "imdswatch"):
+        del doc[k]
+    ev = event_from_ecs(doc)
+    assert not ev.is_request and ev.guarded is None
+
+
+def test_guarded_must_be_boolean():
+    doc = _request_doc()
+    doc["imdswatch"]["request"]["guarded"] = "yes"
+    with pytest.raises(MalformedEvent, match="guarded"):
+        event_from_ecs(doc)
+
+
+def test_typed_reader_sends_request_documents_to_the_generic_path():
+    import msgspec
+
+    from scoring.ecs_schema import decoder
+    from scoring.events import typed_head
+    d = decoder().decode(msgspec.json.encode(_request_doc()))
+    assert typed_head(d) is None
