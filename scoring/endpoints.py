@@ -10,8 +10,10 @@ suffixes (fe80::a9fe:a9fe%eth0) are ignored.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -162,3 +164,154 @@ class EndpointCatalog:
 
     def __len__(self) -> int:
         return len(self.endpoints)
+
+
+# -- what a request asks for ---------------------------------------------------------------
+#
+# A request to a metadata endpoint is put in one of a few classes, so a detector can ask
+# "has this caller ever asked for credentials before?" and metrics can count requests by
+# class (bounded: never by path). The classes:
+CREDENTIALS = "credentials"  # keys that act as the instance/task/pod: AWS role credentials,
+#                              ECS/EKS credentials, Alibaba RAM, OCI instance principal, ...
+TOKEN = "token"  # an OAuth access token: GCP service-account token, Azure managed identity
+IDENTITY = "identity"  # signed proof of identity: AWS identity document/signature/pkcs7,
+#                        GCP identity token (JWT), Azure attested document
+USER_DATA = "user-data"  # boot configuration, often with secrets (user-data, kube-env)
+SESSION = "session"  # the IMDSv2 session-token handshake (PUT /latest/api/token): useful
+#                      only against the metadata service itself
+METADATA = "metadata"  # everything else the service documents (instance id, region, ...)
+OTHER = "other"  # a path the provider's API does not have
+REQUEST_CLASSES = (CREDENTIALS, TOKEN, IDENTITY, USER_DATA, SESSION, METADATA, OTHER)
+# What grants access beyond the instance: worth an alert without history when it is asked
+# for without the anti-SSRF header (see scoring.detectors).
+SENSITIVE_CLASSES = frozenset((CREDENTIALS, TOKEN, IDENTITY))
+
+# One API family per provider path layout: (providers it belongs to, path prefix regex,
+# rules on the rest of the path, first match wins, default class for the family). The
+# families' prefixes do not overlap, so the shared 169.254.169.254 needs no provider hint.
+_AWS_LIKE = (
+    (r"/api/token", SESSION),
+    (r"/meta-data/iam/security-credentials(/.*)?", CREDENTIALS),
+    (r"/meta-data/identity-credentials(/.*)?/security-credentials(/.*)?", CREDENTIALS),
+    (r"/meta-data/ram/security-credentials(/.*)?", CREDENTIALS),  # Alibaba
+    (r"/dynamic/instance-identity(/.*)?", IDENTITY),
+    (r"/user-data(/.*)?", USER_DATA),
+    (r"(/meta-data(/.*)?|/dynamic(/.*)?|/?)", METADATA),
+)
+_FAMILIES: tuple[tuple[frozenset[str], str, tuple[tuple[str, str], ...], str], ...] = (
+    (frozenset({"aws", "alibaba", "openstack"}), r"/(latest|\d{4}-\d{2}-\d{2})", _AWS_LIKE,
+     OTHER),
+    (frozenset({"gcp"}), r"/computemetadata/v1(beta1)?", (
+        (r"/instance/service-accounts/[^/]+/token", TOKEN),
+        (r"/instance/service-accounts/[^/]+/identity", IDENTITY),
+        (r"/instance/attributes/(startup-script|user-data|kube-env|windows-startup-script"
+         r"-ps1|sysprep-specialize-script-ps1)", USER_DATA),
+    ), METADATA),
+    (frozenset({"digitalocean"}), r"/metadata/v1(\.json)?", (
+        (r"/user-data", USER_DATA),
+    ), METADATA),
+    (frozenset({"azure"}), r"/metadata", (
+        (r"/identity/oauth2/token", TOKEN),
+        (r"/attested/document", IDENTITY),
+        (r"/instance/compute/(userdata|customdata)", USER_DATA),
+        (r"/(instance|identity|scheduledevents|loadbalancer|versions)(/.*)?", METADATA),
+    ), OTHER),
+    # Azure WireServer: tenant certificates carry private keys; vmSettings and the
+    # extensions config carry extension settings (protected ones included).
+    (frozenset({"azure"}), r"/machine", (
+        (r"/?\?.*comp=certificates.*", CREDENTIALS),
+        (r"/?\?.*type=extensionsconfig.*", USER_DATA),
+    ), METADATA),
+    (frozenset({"azure"}), r"/(vmsettings|extensionartifact|health|status)", (
+        (r"", USER_DATA),
+    ), METADATA),
+    (frozenset({"aws"}), r"/v2/credentials", ((r"(/.*)?", CREDENTIALS),), CREDENTIALS),  # ECS
+    (frozenset({"aws"}), r"/v1/credentials", ((r"(/.*)?", CREDENTIALS),), CREDENTIALS),  # EKS
+    (frozenset({"aws"}), r"/v[1-4]", (), METADATA),  # ECS task metadata v2-v4
+    (frozenset({"oci"}), r"/opc/v[12]", (
+        (r"/identity(/.*)?", CREDENTIALS),
+        (r"/instance/metadata/user_data", USER_DATA),
+    ), METADATA),
+    (frozenset({"openstack"}), r"/openstack(/[^/]+)?", (
+        (r"/password", CREDENTIALS),
+        (r"/user_data", USER_DATA),
+    ), METADATA),
+    (frozenset({"hetzner"}), r"/hetzner/v1", ((r"/userdata", USER_DATA),), METADATA),
+    (frozenset({"scaleway"}), r"/(conf|user_data|state)", ((r"/user_data(/.*)?", USER_DATA),),
+     METADATA),
+    (frozenset({"akamai"}), r"/v1", (
+        (r"/token", SESSION),
+        (r"/user-data", USER_DATA),
+    ), METADATA),
+)
+_COMPILED = tuple(
+    (providers, re.compile(prefix + r"(?=/|\?|$)(?P<rest>.*)", re.S),
+     tuple((re.compile(rule + r"/?", re.S), cls) for rule, cls in rules), default)
+    for providers, prefix, rules, default in _FAMILIES
+)
+_ALL_PROVIDERS = frozenset({"custom"})
+MAX_PATH = 2048  # a longer path is cut: what decides the class is at its start
+
+
+def normalize_path(path: str, query: str | None = None) -> str:
+    """The path as a server would resolve it, lower-cased, with the query appended after
+    "?": percent-escapes decoded (twice, against double encoding), an absolute-form target
+    (`GET http://169.254.169.254/latest/... HTTP/1.1`, what a forward proxy receives)
+    reduced to its path, repeated slashes merged, `.` and `..` resolved. A detector must
+    not be evaded by `/latest//meta-data/./iam/%73ecurity-credentials`."""
+    path = path[:MAX_PATH]
+    for _ in range(2):
+        if "%" not in path:
+            break
+        path = unquote(path, errors="replace")
+    path = path.replace("\\", "/")
+    lowered = path.lower()
+    if lowered.startswith(("http://", "https://")):
+        path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
+    path = path.partition("#")[0]
+    path, sep, inline_query = path.partition("?")
+    segments: list[str] = []
+    for seg in path.split("/"):
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(seg)
+    out = "/" + "/".join(segments)
+    q = "&".join(x for x in (inline_query if sep else "", query or "") if x)
+    return (out + ("?" + unquote(q[:MAX_PATH], errors="replace") if q else "")).lower()
+
+
+def classify_request(endpoint: Endpoint | None, method: str | None, path: str | None,
+                     query: str | None = None) -> str:
+    """The class (one of REQUEST_CLASSES) of a request to `endpoint`. Total: any strings
+    give a class, never an exception. `endpoint` None (or a custom one) lets every
+    provider's layout apply; a built-in endpoint only its own providers'."""
+    if path is None:
+        return OTHER
+    target = normalize_path(path, query)
+    if target == "/" or target.startswith("/?"):
+        return METADATA  # the root lists the API versions
+    providers = _ALL_PROVIDERS if endpoint is None else frozenset(
+        endpoint.provider.split(","))
+    any_provider = "custom" in providers
+    for fam_providers, prefix, rules, default in _COMPILED:
+        if not any_provider and not fam_providers & providers:
+            continue
+        m = prefix.match(target)
+        if m is None:
+            continue
+        rest = m.group("rest")
+        path_rest, _, _ = rest.partition("?")
+        for rule, cls in rules:
+            # WireServer rules read the query; every other rule reads the path only.
+            if rule.fullmatch(path_rest) or (rest.startswith(("?", "/?")) and
+                                             rule.fullmatch(rest)):
+                # The session handshake is a PUT; anything else there is not it.
+                if cls == SESSION and method is not None and method.upper() != "PUT":
+                    return OTHER
+                return cls
+        return default
+    return OTHER
