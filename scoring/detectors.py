@@ -12,6 +12,21 @@ Each detector is one rarity question over the fleet's history:
   rare_container     process name   container image, namespace  a tool in an unexpected pod
   rare_combination   whole fleet    all of the above together   a new way of calling at all
 
+and, for events that carry the HTTP request (contract section 1), per caller (name +
+executable + user + image):
+
+  rare_request_class caller         request class               a web app asked for credentials
+  unguarded_request  caller, class  anti-SSRF header present    SSRF through a caller that
+                                                                always sends the header
+  new_user_agent     caller         User-Agent                  a tool speaking for the caller
+  unguarded_credential_request                                  credentials, tokens or identity
+                     caller, class  anti-SSRF header present    without the header from outside
+                                                                the known-agent catalog: alerts
+                                                                without history (a fresh node)
+
+Connection events (no request seen) give these detectors no value, so they are scored
+exactly as before the request detectors existed.
+
 The last one judges the whole combination (name, executable, user, parent, image,
 namespace): a context built from a process's own few calls (curl, run at boot by a
 handful of nodes) has too little history for any single new value to be surprising,
@@ -26,8 +41,14 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from scoring.durations import format_duration
+from scoring.endpoints import (
+    REQUEST_CLASSES,
+    SENSITIVE_CLASSES,
+    EndpointCatalog,
+    classify_request,
+)
 from scoring.events import Event
-from scoring.rarity import Rarity
+from scoring.rarity import Rarity, RarityTable
 
 # The calibration maps surprise (-log10 p) to 0-100 with a logistic curve: one chance in
 # ~300 scores 50, one in 3,000 about 94, one in 30 about 3. Elastic's record scores use the
@@ -71,6 +92,16 @@ class Detector:
     # The detector whose context lists the usual values for the reason ("curl is
     # otherwise only run by root"); None: this detector's own context.
     others_from: str | None = None
+    # None: every event with a value is scored. Otherwise events for which it is False
+    # are learned but not scored (a request WITH the anti-SSRF header is never suspicious
+    # for being guarded, but it is the history an unguarded one is judged against).
+    judges: Callable[[Event], bool] | None = None
+    # None: the rarity of the value (RarityTable.probability). Otherwise the probability
+    # this detector assigns, from its table (a fixed rule that history can only silence).
+    probability: Callable[[RarityTable, Hashable, Hashable, float], float] | None = None
+    # True: suspicious on its own, so it may alert with no history at all, during the
+    # learning period too (issue 8: no blind first day).
+    history_free: bool = False
 
     def describe(self, event: Event, r: Rarity, others: list[tuple[Hashable, float]],
                  history: float, hosts: int) -> str:
@@ -83,6 +114,115 @@ def _span(history: float, hosts: int) -> str:
 
 def _container_value(e: Event) -> Hashable:
     return (image_repository(e.image), e.namespace)
+
+
+def user_of(e: Event) -> str | None:
+    """The user name, or `uid:N` when the uid has no name (a container's user, a deleted
+    account): the user detectors must not switch off for want of a passwd entry."""
+    if e.user:
+        return e.user
+    return f"uid:{e.uid}" if e.uid else None
+
+
+def show_name(name: str | None) -> str:
+    """A process name as a reason shows it: quoted when empty or odd (a name set with
+    prctl can be "" or carry control characters), so the sentence stays readable."""
+    if name is None:
+        return "an unnamed process"
+    if name == "" or not name.isprintable() or name != name.strip():
+        return repr(name)
+    return name
+
+
+# -- the HTTP request ------------------------------------------------------------------------
+
+# Requests are classified against the built-in catalog's endpoints by address (a custom
+# endpoint gets every provider's path layout). Memoised: a fleet asks few distinct things;
+# bounded, because paths come from the traced machine.
+_BUILTIN = EndpointCatalog.from_config()
+_CLASS_MEMO: dict[tuple, str] = {}
+_CLASS_MEMO_LIMIT = 65536
+
+
+def request_class(e: Event) -> str | None:
+    """What the event's request asked for (a scoring.endpoints class), None for a
+    connection event."""
+    if e.method is None and e.path is None:
+        return None
+    key = (e.dst_ip, e.dst_port, e.method, e.path, e.query)
+    cls = _CLASS_MEMO.get(key)
+    if cls is None:
+        endpoint = _BUILTIN.match(e.dst_ip, e.dst_port) if isinstance(e.dst_ip, str) else None
+        cls = classify_request(endpoint, e.method, e.path, e.query)
+        if len(_CLASS_MEMO) >= _CLASS_MEMO_LIMIT:
+            _CLASS_MEMO.clear()
+        _CLASS_MEMO[key] = cls
+    return cls
+
+
+def _caller(e: Event) -> Hashable:
+    return (e.name, e.exe, user_of(e), image_repository(e.image))
+
+
+def _class_value(e: Event) -> Hashable:
+    return request_class(e)
+
+
+def _caller_class(e: Event) -> Hashable:
+    return (e.name, e.exe, user_of(e), image_repository(e.image), request_class(e))
+
+
+def _guard_value(e: Event) -> Hashable:
+    if e.guarded is None or not e.is_request:
+        return None
+    return e.guarded
+
+
+def _sensitive_guard_value(e: Event) -> Hashable:
+    if e.guarded is None or request_class(e) not in SENSITIVE_CLASSES:
+        return None
+    return e.guarded
+
+
+def _user_agent_value(e: Event) -> Hashable:
+    if not e.is_request:
+        return None
+    return e.user_agent or ""
+
+
+def _unguarded(e: Event) -> bool:
+    return e.guarded is False
+
+
+def _class_probability(table: RarityTable, ctx: Hashable, value: Hashable, w: float) -> float:
+    """The rarity of a request class. Classes are a closed alphabet, so the predictive
+    mass of "a class never asked for" is shared among the classes not yet seen (a
+    Dirichlet prior over REQUEST_CLASSES) instead of going whole to this one: a caller
+    that asked for metadata 400 times is not 0.5% likely to ask for credentials next,
+    but a sixth of that."""
+    p = table.probability(ctx, value, w)
+    if (ctx, value) in table.slot:
+        return p
+    c = table.ctx_slot.get(ctx)
+    if c is None:
+        return p
+    unseen = len(REQUEST_CLASSES) - len(table.ctx_members[c])
+    return p / unseen if unseen > 1 else p
+
+
+# The fixed rule's score: high, not certain (a legitimate IMDSv1-only script exists).
+RULE_SCORE = 90.0
+_RULE_P = probability_for_score(RULE_SCORE)
+
+
+def _never_unguarded(table: RarityTable, ctx: Hashable, value: Hashable, w: float) -> float:
+    """The rule's probability: rare (RULE_SCORE) until this caller has itself made such
+    an unguarded request; then the model has learnt it (an old script that only speaks
+    IMDSv1 alerts once, fleet-wide, not forever)."""
+    s = table.slot.get((ctx, False))
+    if s is not None and table.weight[s] > 0:
+        return 1.0
+    return _RULE_P
 
 
 def _show(value: Hashable) -> str:
@@ -117,55 +257,95 @@ def _seen(r: Rarity) -> str:
 
 def _rare_process(e: Event, r: Rarity, others: list, span: str) -> str:
     return (
-        f"{e.name} {_seen(r)} in {span}; "
+        f"{show_name(e.name)} {_seen(r)} in {span}; "
         f"the fleet's {_count(r.n_context)} calls came from {r.distinct} process names"
     )
 
 
 def _rare_executable(e: Event, r: Rarity, others: list, span: str) -> str:
     usual = _others(others, e.exe)
-    tail = f"; {e.name} otherwise runs from {usual}" if usual else ""
-    return f"{e.name} from {e.exe} {_seen(r)} in {span}{tail}"
+    tail = f"; {show_name(e.name)} otherwise runs from {usual}" if usual else ""
+    return f"{show_name(e.name)} from {e.exe} {_seen(r)} in {span}{tail}"
 
 
 def _rare_process_user(e: Event, r: Rarity, others: list, span: str) -> str:
-    usual = _others(others, e.user)
-    tail = f"; {e.name} is otherwise only run by {usual}" if usual else ""
-    return f"{e.name} run by {e.user} {_seen(r)} in {span}{tail}"
+    usual = _others(others, user_of(e))
+    tail = f"; {show_name(e.name)} is otherwise only run by {usual}" if usual else ""
+    return f"{show_name(e.name)} run by {user_of(e)} {_seen(r)} in {span}{tail}"
 
 
 def _rare_user(e: Event, r: Rarity, others: list, span: str) -> str:
-    usual = _others(others, e.user)
+    usual = _others(others, user_of(e))
     tail = f"; the usual callers run as {usual}" if usual else ""
-    return f"user {e.user} ({e.name}) {_seen(r)} in {span}{tail}"
+    return f"user {user_of(e)} ({show_name(e.name)}) {_seen(r)} in {span}{tail}"
 
 
 def _rare_parent(e: Event, r: Rarity, others: list, span: str) -> str:
     usual = _others(others, e.parent_name)
-    tail = f"; {e.name} is otherwise started by {usual}" if usual else ""
-    return f"{e.name} started by {e.parent_name} {_seen(r)} in {span}{tail}"
+    tail = f"; {show_name(e.name)} is otherwise started by {usual}" if usual else ""
+    return f"{show_name(e.name)} started by {e.parent_name} {_seen(r)} in {span}{tail}"
 
 
 def _rare_container(e: Event, r: Rarity, others: list, span: str) -> str:
     where = _show(_container_value(e))
     usual = _others(others, _container_value(e))
-    tail = f"; {e.name} otherwise calls from {usual}" if usual else ""
-    return f"{e.name} in {where} {_seen(r)} in {span}{tail}"
+    tail = f"; {show_name(e.name)} otherwise calls from {usual}" if usual else ""
+    return f"{show_name(e.name)} in {where} {_seen(r)} in {span}{tail}"
 
 
 def _combination_value(e: Event) -> Hashable:
-    return (e.name, e.exe, e.user, e.parent_name, image_repository(e.image), e.namespace)
+    return (e.name, e.exe, user_of(e), e.parent_name, image_repository(e.image), e.namespace)
 
 
 def _rare_combination(e: Event, r: Rarity, others: list, span: str) -> str:
     where = _show(_container_value(e))
-    usual = _others(others, e.user)
-    tail = f"; {e.name} is otherwise only run by {usual}" if usual else ""
+    usual = _others(others, user_of(e))
+    tail = f"; {show_name(e.name)} is otherwise only run by {usual}" if usual else ""
     return (
-        f"{e.name} ({e.exe or 'unknown executable'}) run by {e.user or 'an unknown user'} "
+        f"{show_name(e.name)} ({e.exe or 'unknown executable'}) run by "
+        f"{user_of(e) or 'an unknown user'} "
         f"from {e.parent_name or 'an unknown parent'} in {where}: this combination "
         f"{_seen(r)} in {span}{tail}"
     )
+
+
+def _who(e: Event) -> str:
+    """The caller as the request detectors key it: name, executable, user, image."""
+    image = image_repository(e.image)
+    where = f" in image {image}" if image else ""
+    return (f"{show_name(e.name)} ({e.exe or 'unknown executable'}) run by "
+            f"{user_of(e) or 'an unknown user'}{where}")
+
+
+def _requests(n: float) -> str:
+    return f"{_count(n)} request{'s' if n >= 1.5 or n == 0 else ''}"
+
+
+def _rare_request_class(e: Event, r: Rarity, others: list, span: str) -> str:
+    usual = _others(others, request_class(e))
+    tail = f"; it otherwise asks for {usual}" if usual else ""
+    return (f"{_who(e)} asked the metadata service for {request_class(e)}, which it asked "
+            f"for in {_requests(r.n_value)} of its {_requests(r.n_context)} in {span}{tail}")
+
+
+def _unguarded_request(e: Event, r: Rarity, others: list, span: str) -> str:
+    return (f"{_who(e)} sent a {request_class(e)} request without the anti-SSRF header; "
+            f"{_requests(r.n_context - r.n_value)} of its {_requests(r.n_context)} of this "
+            f"kind in {span} carried it")
+
+
+def _new_user_agent(e: Event, r: Rarity, others: list, span: str) -> str:
+    usual = _others(others, _user_agent_value(e))
+    tail = f"; it otherwise sends {usual}" if usual else ""
+    return (f"{_who(e)} sent User-Agent {e.user_agent or '(none)'!r}, seen in "
+            f"{_requests(r.n_value)} of its {_requests(r.n_context)} in {span}{tail}")
+
+
+def _unguarded_credential_request(e: Event, r: Rarity, others: list, span: str) -> str:
+    return (f"{_who(e)} asked the metadata service for {request_class(e)} without the "
+            f"anti-SSRF header, which is suspicious on its own (no history needed): it is "
+            f"not a known agent, and its {_requests(r.n_context)} of this kind in {span} "
+            f"all carried the header")
 
 
 _DESCRIBE = {
@@ -176,6 +356,10 @@ _DESCRIBE = {
     "rare_user": _rare_user,
     "rare_parent": _rare_parent,
     "rare_container": _rare_container,
+    "rare_request_class": _rare_request_class,
+    "unguarded_request": _unguarded_request,
+    "new_user_agent": _new_user_agent,
+    "unguarded_credential_request": _unguarded_credential_request,
 }
 
 RULE_PROCESS = "Unusual Linux Process Calling the Metadata Service"
@@ -191,9 +375,9 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(
         "rare_process_user",
         "Metadata Service Called by a Process Run by an Unusual User",
-        lambda e: e.name, lambda e: e.user, False,
+        lambda e: e.name, user_of, False,
     ),
-    Detector("rare_user", RULE_USER, lambda e: None, lambda e: e.user, False),
+    Detector("rare_user", RULE_USER, lambda e: None, user_of, False),
     Detector(
         "rare_parent",
         "Metadata Service Called by a Process With an Unusual Parent",
@@ -209,6 +393,34 @@ DETECTORS: tuple[Detector, ...] = (
         "Metadata Service Called by an Unusual Combination of Process, User, Parent and Container",
         lambda e: None, _combination_value, True, others_from="rare_process_user",
     ),
+    # The request detectors never trust a known caller's identity: SSRF goes through
+    # exactly the processes that call every day. Their rule names say what was asked.
+    Detector(
+        "rare_request_class",
+        "Metadata Service Asked by a Process for a Kind of Data It Does Not Ask For",
+        _caller, _class_value, False, probability=_class_probability,
+    ),
+    Detector(
+        "unguarded_request",
+        "Metadata Request Without the Anti-SSRF Header the Process Always Sends",
+        _caller_class, _guard_value, False, judges=_unguarded,
+    ),
+    Detector(
+        "new_user_agent",
+        "Metadata Service Called With a User Agent New for the Process",
+        _caller, _user_agent_value, False,
+    ),
+    # A fixed rule, not a rarity: it fires with no history (a fresh node, the learning
+    # period) and only a caller's own unguarded requests of the class silence it. Known
+    # agents are vouched for (their score is scaled below the threshold).
+    Detector(
+        "unguarded_credential_request",
+        "Credentials Requested From the Metadata Service Without the Anti-SSRF Header",
+        _caller_class, _sensitive_guard_value, True, judges=_unguarded,
+        probability=_never_unguarded, history_free=True,
+    ),
 )
 
 DETECTOR_NAMES = tuple(d.name for d in DETECTORS)
+REQUEST_DETECTORS = frozenset(("rare_request_class", "unguarded_request", "new_user_agent",
+                               "unguarded_credential_request"))

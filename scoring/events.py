@@ -108,8 +108,13 @@ class Event:
     def signature(self) -> tuple:
         """Everything the detectors look at, apart from time: events with equal
         signatures are the same entity to the model."""
-        return (self.name, self.exe, self.user, self.parent_name, self.image,
-                self.namespace, self.host)
+        sig = (self.name, self.exe, self.user, self.parent_name, self.image,
+               self.namespace, self.host)
+        if self.method is None and self.path is None:
+            return sig
+        # A request is judged on what it asks too (scoring.detectors): two requests of
+        # one caller that ask different things are different entities.
+        return (*sig, self.method, self.path, self.query, self.guarded, self.user_agent)
 
     def __repr__(self) -> str:
         return (

@@ -239,7 +239,7 @@ class Scorer:
         self.flush()
         ts = event.ts
         known = rec.known if rec is not None else (
-            self.known_callers.lookup(event.name, event.exe) is not None)
+            self.known_callers.lookup_event(event) is not None)
         out = Outcome(event, endpoint)
         out.known_caller = known
         out.learning = learning = self.learning
@@ -257,7 +257,10 @@ class Scorer:
             ctx = det.context(event)
             table = self.tables[i]
             keys.append((table, ctx, value))
-            p = table.probability(ctx, value, w)
+            if det.judges is not None and not det.judges(event):
+                continue  # learned, not scored
+            p = (table.probability(ctx, value, w) if det.probability is None
+                 else det.probability(table, ctx, value, w))
             if p < min_p:
                 min_p = p
             if p >= QUIET_P:
@@ -276,6 +279,12 @@ class Scorer:
             if margin > best_margin and not (best_margin >= 0 and det.name == GENERIC):
                 best_i, best_margin = i, margin
 
+        if learning and best_margin >= 0 and not DETECTORS[best_i].history_free:
+            # Only what needs no history may alert while learning: let it name the event.
+            free = [(scores[d.name] - self._thresholds[i], i) for i, d in enumerate(DETECTORS)
+                    if d.history_free and d.name in scores]
+            if free and max(free)[0] >= 0:
+                best_margin, best_i = max(free)
         if best_i >= 0 and scores[DETECTORS[best_i].name] > 0:
             det = DETECTORS[best_i]
             out.score = scores[det.name]
@@ -345,7 +354,7 @@ class Scorer:
     def _decide(self, out: Outcome, i: int, learning: bool) -> None:
         det = DETECTORS[i]
         event = out.event
-        if learning:
+        if learning and not det.history_free:
             return
         if first_match(self.exceptions, event, det.name) is not None:
             out.excepted = True

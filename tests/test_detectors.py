@@ -574,33 +574,63 @@ def test_exception_validation(spec, words):
 
 # -- known callers --------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("name", "exe", "known"), [
-    ("amazon-ssm-agent", "/usr/bin/amazon-ssm-agent", True),
-    ("amazon-ssm-agent", "/snap/amazon-ssm-agent/7993/amazon-ssm-agent", True),
-    ("amazon-ssm-agent", "/tmp/amazon-ssm-agent", False),
-    ("amazon-ssm-agent", None, False),
-    ("kubelet", "/usr/bin/kubelet", True),
-    ("kubelet", "/home/user/kubelet", False),
-    ("curl", "/usr/bin/curl", False),
-    ("google_guest_agent", "/usr/bin/google_guest_agent", True),
+EBS_IMAGE = "public.ecr.aws/ebs-csi-driver/aws-ebs-csi-driver:v1.30.0"
+CNI_IMAGE = "602401143452.dkr.ecr.us-west-2.amazonaws.com/amazon-k8s-cni:v1.18.1@sha256:ab"
+CNS_IMAGE = "mcr.microsoft.com/containernetworking/azure-cns:v1.5.26"
+GMS_IMAGE = "gke.gcr.io/gke-metadata-server:20240425_2300_RC0"
+
+
+@pytest.mark.parametrize(("name", "exe", "image", "known"), [
+    ("amazon-ssm-agent", "/usr/bin/amazon-ssm-agent", None, True),
+    ("amazon-ssm-agent", "/snap/amazon-ssm-agent/7993/amazon-ssm-agent", None, True),
+    ("amazon-ssm-agent", "/tmp/amazon-ssm-agent", None, False),
+    ("amazon-ssm-agent", None, None, False),
+    ("kubelet", "/usr/bin/kubelet", None, True),
+    ("kubelet", "/home/user/kubelet", None, False),
+    ("curl", "/usr/bin/curl", None, False),
+    ("google_guest_agent", "/usr/bin/google_guest_agent", None, True),
     # comm is 15 bytes: google_osconfig_agent -> google_osconfig
-    ("google_osconfig", "/usr/bin/google_osconfig_agent", True),
-    ("google_osconfig_agent", "/usr/bin/google_osconfig_agent", True),
-    ("google_osconfig", "/tmp/google_osconfig_agent", False),
-    ("ecr-credential-", "/etc/eks/image-credential-provider/ecr-credential-provider", True),
-    ("aws-ebs-csi-dri", "/bin/aws-ebs-csi-driver", True),
-    ("waagent", "/usr/sbin/waagent", True),
-    ("cloud-init", "/usr/bin/cloud-init", True),
-    ("azure-cns", "/usr/local/bin/azure-cns", True),
-    ("gke-metadata-se", "/gke-metadata-server", True),
-    ("kubelet", "/usr/bin/amazon-ssm-agent", False),  # a known path under another name
+    ("google_osconfig", "/usr/bin/google_osconfig_agent", None, True),
+    ("google_osconfig_agent", "/usr/bin/google_osconfig_agent", None, True),
+    ("google_osconfig", "/tmp/google_osconfig_agent", None, False),
+    ("ecr-credential-", "/etc/eks/image-credential-provider/ecr-credential-provider", None,
+     True),
+    ("waagent", "/usr/sbin/waagent", None, True),
+    ("cloud-init", "/usr/bin/cloud-init", None, True),
+    ("yum", "/usr/bin/python2.7", None, True),
+    ("kubelet", "/usr/bin/amazon-ssm-agent", None, False),  # a known path under another name
+    # Agents shipped as images are bound to their vendor's repositories (issue 11): the
+    # path alone is one any image can use.
+    ("aws-ebs-csi-dri", "/bin/aws-ebs-csi-driver", EBS_IMAGE, True),
+    ("aws-ebs-csi-dri", "/bin/aws-ebs-csi-driver", None, False),
+    ("aws-ebs-csi-dri", "/bin/aws-ebs-csi-driver", "evil.io/aws-ebs-csi-driver:1", False),
+    ("aws-k8s-agent", "/app/aws-k8s-agent", CNI_IMAGE, True),
+    ("aws-k8s-agent", "/app/aws-k8s-agent", "docker.io/attacker/amazon-k8s-cni:v1", False),
+    ("aws-k8s-agent", "/app/aws-k8s-agent",
+     "123456789012.dkr.ecr.us-east-1.amazonaws.com/amazon-k8s-cni:v1", False),
+    ("azure-cns", "/usr/local/bin/azure-cns", CNS_IMAGE, True),
+    ("gke-metadata-se", "/gke-metadata-server", GMS_IMAGE, True),
+    ("gke-metadata-se", "/gke-metadata-server", None, False),
+    # A host agent's path from inside a container is not the host agent.
+    ("amazon-ssm-agent", "/usr/bin/amazon-ssm-agent", "docker.io/library/ubuntu:22.04", False),
+    ("kubelet", "/usr/bin/kubelet", "registry.local/kubelet:1", False),
 ])
-def test_known_caller_catalog_needs_name_and_executable(name, exe, known):
-    assert (KnownCallerCatalog().lookup(name, exe) is not None) is known
+def test_known_caller_catalog_binds_name_executable_and_place(name, exe, image, known):
+    assert (KnownCallerCatalog().lookup(name, exe, image, image is not None) is not None
+            ) is known
     scorer = Scorer(ScorerSettings(learning_period=0))
-    out = scorer.process(ev(T0, name, exe=exe or "/x"))
+    out = scorer.process(ev(T0, name, exe=exe or "/x", image=image))
     if exe is not None:
         assert out.known_caller is known
+
+
+def test_a_container_id_without_an_image_is_still_a_container():
+    # Some exports carry container.id but no image name: a host path there is not the agent.
+    e = ev(T0, "amazon-ssm-agent", exe="/usr/bin/amazon-ssm-agent")
+    e.container_id = "c0ffee"
+    assert KnownCallerCatalog().lookup_event(e) is None
+    e.container_id = None
+    assert KnownCallerCatalog().lookup_event(e) is not None
 
 
 def test_known_caller_lowers_score_but_impostor_alerts(history):
