@@ -12,6 +12,7 @@ from typing import IO, Any, Protocol
 import orjson
 
 from exporters.redact import redact
+from scoring.detectors import request_class
 
 # The ECS field sets the contract says an alert copies from its triggering event.
 COPIED_FIELDS = ("process", "user", "host", "container", "orchestrator", "destination")
@@ -96,7 +97,30 @@ def build_alert(outcome: OutcomeLike) -> dict:
     endpoint = _endpoint_id(getattr(outcome, "endpoint", None))
     if endpoint:
         alert["imdswatch"] = {"endpoint": endpoint}
+    _copy_request(alert, event, doc)
     return alert
+
+
+def _copy_request(alert: dict, event: Any, doc: dict) -> None:
+    """The HTTP request (contract §2): method, path, redacted query, user agent, whether
+    the anti-SSRF header was there, and the class of what it asked for."""
+    if getattr(event, "method", None) is None and getattr(event, "path", None) is None:
+        return
+    if event.method is not None:
+        alert["http"] = {"request": {"method": event.method}}
+    url: dict[str, Any] = {}
+    if event.path is not None:
+        url["path"] = redact(event.path)
+    if event.query is not None:
+        url["query"] = redact(event.query)
+    if url:
+        alert["url"] = url
+    if event.user_agent is not None:
+        alert["user_agent"] = {"original": redact(event.user_agent)}
+    request: dict[str, Any] = {"class": request_class(event)}
+    if event.guarded is not None:
+        request["guarded"] = event.guarded
+    alert.setdefault("imdswatch", {})["request"] = request
 
 
 class AlertWriter:

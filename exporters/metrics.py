@@ -9,6 +9,9 @@ they are unbounded and may carry secrets; they travel only in the (redacted) ale
 Metric catalog (the alert rules and the Grafana dashboard rely on these names):
 
 - `imdswatch_metadata_connections_total{host,endpoint,process,user,k8s_namespace}`
+- `imdswatch_metadata_requests_total{endpoint,class,guarded}` - HTTP requests seen on
+  metadata connections, by what they asked for (a class of scoring.endpoints, never the path)
+  and whether they carried the anti-SSRF header (`true`, `false`, `unknown`)
 - `imdswatch_anomalies_total{detector,severity}` - alerts written
 - `imdswatch_anomaly_score{detector,severity,rule,host,process,executable,user,k8s_namespace,
   k8s_pod,entity,reason}` - latest score of each currently anomalous entity; a series
@@ -54,6 +57,7 @@ from prometheus_client.registry import Collector
 
 from exporters.httpserver import HealthState, start_server
 from exporters.redact import redact
+from scoring.detectors import request_class
 
 OVERFLOW = "__other__"
 # Label values are names and paths; anything longer is noise that bloats every scrape.
@@ -216,6 +220,11 @@ class MetricsExporter:
             "imdswatch_metadata_connections",
             "Connections to a cloud metadata endpoint, by endpoint and calling process.",
             ["host", "endpoint", "process", "user", "k8s_namespace"], registry=r)
+        self._requests = Counter(
+            "imdswatch_metadata_requests",
+            "HTTP requests to a cloud metadata endpoint, by endpoint, class of what was asked "
+            "and presence of the anti-SSRF header.",
+            ["endpoint", "class", "guarded"], registry=r)
         self._anomalies = Counter(
             "imdswatch_anomalies", "Anomaly alerts written, by detector and severity.",
             ["detector", "severity"], registry=r)
@@ -279,6 +288,12 @@ class MetricsExporter:
             user=cap("user", event.user if event.user is not None else event.uid),
             k8s_namespace=cap("k8s_namespace", event.namespace),
         ).inc()
+        if getattr(event, "method", None) is not None or getattr(event, "path", None) is not None:
+            guarded = getattr(event, "guarded", None)
+            self._requests.labels(
+                endpoint=cap("endpoint", endpoint), **{"class": request_class(event)},
+                guarded="unknown" if guarded is None else str(bool(guarded)).lower(),
+            ).inc()
         alerting = bool(getattr(outcome, "alert", False))
         if alerting:
             self._anomalies.labels(detector=cap("detector", outcome.detector),

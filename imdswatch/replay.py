@@ -273,6 +273,6 @@ def summary(stats: ReplayStats, scorer: Scorer, seconds: float) -> str:
         f"  anomalies: {stats.anomalies}; alerts: {stats.alerts} ({by_det})",
         f"  model: {sum(size.values())} entities "
         + "(" + ", ".join(f"{k} {v}" for k, v in size.items()) + ")",
-        f"  learning: {'yes, no alerts yet' if scorer.learning else 'done'}",
+        f"  learning: {'yes (only history-free rules alert)' if scorer.learning else 'done'}",
     ]
     return "\n".join(lines)

@@ -342,10 +342,13 @@ def _new_user_agent(e: Event, r: Rarity, others: list, span: str) -> str:
 
 
 def _unguarded_credential_request(e: Event, r: Rarity, others: list, span: str) -> str:
-    return (f"{_who(e)} asked the metadata service for {request_class(e)} without the "
+    head = (f"{_who(e)} asked the metadata service for {request_class(e)} without the "
             f"anti-SSRF header, which is suspicious on its own (no history needed): it is "
-            f"not a known agent, and its {_requests(r.n_context)} of this kind in {span} "
-            f"all carried the header")
+            f"not a known agent")
+    if r.n_context <= 0:
+        return f"{head}, and it made no such request before in {span}"
+    return (f"{head}, and its {_requests(r.n_context)} of this kind in {span} all carried "
+            f"the header")
 
 
 _DESCRIBE = {

@@ -396,3 +396,44 @@ def test_replay_reads_request_fields_from_an_ecs_export(tmp_path):
     hosts = {a["host"]["name"] for a in alerts}
     assert {"node-9", "node-1"} <= hosts, alerts
     assert len(alerts) == 2, [(a["host"]["name"], a["anomaly"]["reason"]) for a in alerts]
+
+
+# -- alerts and metrics carry the class, never the path as a label ------------------------------
+
+def test_alert_document_and_metrics_of_a_request_alert():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from exporters.alerts import build_alert
+    from exporters.metrics import MetricsExporter
+
+    scorer = Scorer(ScorerSettings(learning_period=DAY))
+    e = req(T0, "curl", "/usr/bin/curl", "ubuntu", "GET", CREDS, query="token=s3cr3tvalue",
+            guarded=False, ua="curl/7.88.1", host="fresh-node", parent="bash")
+    e._doc = ecs(e, 0)
+    out = scorer.process(e)
+    alert = build_alert(out)
+    assert alert["anomaly"]["detector"] == "unguarded_credential_request"
+    assert alert["imdswatch"]["request"] == {"class": "credentials", "guarded": False}
+    assert alert["url"]["path"] == CREDS and "s3cr3tvalue" not in alert["url"]["query"]
+    assert alert["http"]["request"]["method"] == "GET"
+    assert alert["user_agent"]["original"] == "curl/7.88.1"
+
+    exp = MetricsExporter(CollectorRegistry(), host="n")
+    exp.observe(out)
+    exp.observe(scorer.process(req(T0 + 1, "curl", "/usr/bin/curl", "ubuntu", "PUT",
+                                   "/latest/api/token", guarded=True, ua="curl/7.88.1",
+                                   host="fresh-node", parent="bash")))
+    exp.observe(scorer.process(Event(T0 + 2, IMDS, "curl", dst_port=80, exe="/usr/bin/curl")))
+    text = generate_latest(exp.registry).decode()
+    assert ('imdswatch_metadata_requests_total{class="credentials",endpoint="imds",'
+            'guarded="false"} 1.0') in text
+    assert ('imdswatch_metadata_requests_total{class="session",endpoint="imds",'
+            'guarded="true"} 1.0') in text
+    assert ('imdswatch_anomalies_total{detector="unguarded_credential_request",'
+            'severity="critical"} 1.0') in text or (
+        'imdswatch_anomalies_total{detector="unguarded_credential_request",'
+        'severity="high"} 1.0') in text
+    requests_lines = [x for x in text.splitlines()
+                      if x.startswith("imdswatch_metadata_requests_total{")]
+    assert len(requests_lines) == 2  # the connection event is no request
+    assert not any("/latest" in x for x in requests_lines)
