@@ -38,6 +38,10 @@ static __always_inline void imds_cgroup_connect(struct bpf_sock_addr *ctx, __u16
 
     imds_fill_task(&ev, IMDS_PROBE_CGROUP);
     ev.result = IMDS_RESULT_UNKNOWN;
+    /* The socket's cookie ties this connect to the segments request capture copies
+     * (bpf/requests.h); tracking starts before the SYN leaves. */
+    ev.cookie = bpf_get_socket_cookie(ctx);
+    imds_track(ev.cookie, &ev);
     imds_emit(ctx, &ev);
 }
 

@@ -18,15 +18,33 @@
 #define IMDS_PROBE_KPROBE 2
 #define IMDS_PROBE_FENTRY 3
 #define IMDS_PROBE_CGROUP 4
+#define IMDS_PROBE_CGROUP_SKB 5
 
 /* The probe's result field when it cannot see connect()'s return value. */
 #define IMDS_RESULT_UNKNOWN 1
 
 #define IMDS_COMM_LEN 16
+#define IMDS_EXE_LEN 48
+
+/* Record kinds in the output buffer: the first 4 bytes of every record. */
+#define IMDS_KIND_CONNECT 1  /* a connect to an endpoint (struct imds_event) */
+#define IMDS_KIND_SYN 2      /* request capture: first SYN of a connection (struct imds_event) */
+#define IMDS_KIND_DATA 3     /* request capture: payload bytes of a segment (struct imds_data) */
+#define IMDS_KIND_CLOSE 4    /* request capture: FIN or RST sent (struct imds_data, no bytes) */
+
+/* imds_event.flags */
+#define IMDS_F_IDENTITY 1    /* leader_comm, exe_name, exe_ino were read from the task */
+#define IMDS_F_NAT 2         /* SYN: the packet's destination differs from the socket's */
+#define IMDS_F_SOCK_MATCH 4  /* SYN: the socket's own destination is an endpoint, so the
+                              * connect probe reported it too (joined by thread id) */
 
 struct imds_event {
+    __u32 kind;        /* IMDS_KIND_CONNECT or IMDS_KIND_SYN */
+    __u32 flags;       /* IMDS_F_* */
     __u64 ts_ns;       /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, converted in userspace */
     __u64 cgroup_id;   /* cgroup v2 id of the caller */
+    __u64 cookie;      /* socket cookie; 0 where the probe cannot see the socket */
+    __u64 exe_ino;     /* inode number of the process's executable at connect time */
     __u32 pid;         /* thread id (kernel pid) */
     __u32 tgid;        /* process id (userspace pid) */
     __u32 uid;
@@ -35,9 +53,14 @@ struct imds_event {
     __u16 family;      /* IMDS_AF_INET or IMDS_AF_INET6 as the socket saw it */
     __u16 dport;       /* host byte order */
     __u8 daddr[16];    /* v4: first 4 bytes; v6 (including v4-mapped): all 16 */
-    char comm[IMDS_COMM_LEN];
+    __u16 sock_family; /* SYN: the socket's own destination (what connect() asked for) */
+    __u16 sock_dport;
+    __u8 sock_daddr[16];
+    char comm[IMDS_COMM_LEN];        /* the calling thread's name */
+    char leader_comm[IMDS_COMM_LEN]; /* the thread-group leader's (the process's) name */
+    char exe_name[IMDS_EXE_LEN];     /* file name of the executable at connect time */
     __u8 probe;        /* IMDS_PROBE_* */
-    __u8 pad[7];
+    __u8 pad[3];
 };
 
 /* LPM keys: prefix length in bits, then the address in network byte order. */
@@ -60,8 +83,10 @@ struct imds_ports {
     __u64 bits[1024];
 };
 
-/* Per (comm, uid, cgroup) connection counts. Counted before the event is reserved, so a
- * flood that overruns the output buffer still counts every connection. */
+/* Per (process name, uid, cgroup) connection counts. Counted before the event is reserved,
+ * so a flood that overruns the output buffer still counts every connection. An LRU map:
+ * a flood of distinct names evicts the least recently counted keys instead of filling up
+ * (the totals in `stats` stay exact). */
 struct imds_count_key {
     char comm[IMDS_COMM_LEN];
     __u32 uid;
@@ -73,9 +98,12 @@ enum imds_stat {
     IMDS_STAT_MATCHED = 0,   /* connections to an endpoint */
     IMDS_STAT_EMITTED = 1,   /* events handed to the output buffer */
     IMDS_STAT_DROPPED = 2,   /* events the output buffer had no room for */
-    IMDS_STAT_COUNT_FULL = 3,/* matches whose (comm, uid, cgroup) key did not fit the map */
+    IMDS_STAT_COUNT_FULL = 3,/* count updates that failed */
     IMDS_STAT_PENDING_FULL = 4, /* entry/return probes: in-flight table full */
-    IMDS_STAT_MAX = 5,
+    IMDS_STAT_SEGMENTS = 5,  /* request capture: payload records handed to the buffer */
+    IMDS_STAT_SEGMENTS_DROPPED = 6, /* request capture: records the buffer had no room for */
+    IMDS_STAT_TRUNCATED = 7, /* request capture: segments longer than the capture size */
+    IMDS_STAT_MAX = 8,
 };
 
 BPF_LPM_TRIE(endpoints4, struct imds_key4, struct imds_ports, 1024);
@@ -87,7 +115,7 @@ BPF_LPM_TRIE(endpoints6, struct imds_key6, struct imds_ports, 1024);
  * removing the last one, so a reload never hides an endpoint. */
 BPF_ARRAY(first4, __u32, 256);
 BPF_ARRAY(first6, __u32, 256);
-BPF_HASH(conn_counts, struct imds_count_key, __u64, IMDS_COUNT_ENTRIES);
+BPF_TABLE("lru_hash", struct imds_count_key, __u64, conn_counts, IMDS_COUNT_ENTRIES);
 BPF_PERCPU_ARRAY(stats, __u64, IMDS_STAT_MAX);
 
 #ifdef IMDS_USE_RINGBUF
@@ -157,7 +185,7 @@ static __always_inline int imds_match(__u16 family, const __u8 *daddr, __u16 por
 static __always_inline void imds_count(struct imds_event *ev)
 {
     struct imds_count_key key = {};
-    __builtin_memcpy(key.comm, ev->comm, IMDS_COMM_LEN);
+    __builtin_memcpy(key.comm, ev->leader_comm, IMDS_COMM_LEN);
     key.uid = ev->uid;
     key.cgroup_id = ev->cgroup_id;
     __u64 one = 1, *n = conn_counts.lookup(&key);
@@ -165,8 +193,43 @@ static __always_inline void imds_count(struct imds_event *ev)
         __sync_fetch_and_add(n, 1);
         return;
     }
-    if (conn_counts.update(&key, &one) != 0)   /* only fails when the map is full */
+    /* LRU: never full; COUNT_FULL now counts failures of a concurrent insert only */
+    if (conn_counts.update(&key, &one) != 0)
         imds_stat_inc(IMDS_STAT_COUNT_FULL);
+}
+
+/* The process's identity as the kernel sees it at this moment: the thread-group leader's
+ * name (a thread's own comm is "iou-wrk-12" for io_uring workers, a JVM thread name...) and
+ * the executable's file name and inode (what runs, before anything can exec another binary).
+ * Offsets come from the running kernel's BTF (tracer/btf.py passes them as -D constants);
+ * without them the leader name falls back to the thread's and no exe is read. */
+static __always_inline void imds_fill_identity(struct imds_event *ev)
+{
+#ifdef IMDS_OFF_TASK_GROUP_LEADER
+    char *task = (char *)bpf_get_current_task();
+    char *leader = 0, *mm = 0, *file = 0, *dentry = 0, *inode = 0, *name = 0;
+    bpf_probe_read_kernel(&leader, sizeof(leader), task + IMDS_OFF_TASK_GROUP_LEADER);
+    if (leader)
+        bpf_probe_read_kernel(ev->leader_comm, IMDS_COMM_LEN, leader + IMDS_OFF_TASK_COMM);
+    else
+        __builtin_memcpy(ev->leader_comm, ev->comm, IMDS_COMM_LEN);
+    bpf_probe_read_kernel(&mm, sizeof(mm), task + IMDS_OFF_TASK_MM);
+    if (mm)
+        bpf_probe_read_kernel(&file, sizeof(file), mm + IMDS_OFF_MM_EXE_FILE);
+    if (file) {
+        bpf_probe_read_kernel(&dentry, sizeof(dentry), file + IMDS_OFF_FILE_DENTRY);
+        bpf_probe_read_kernel(&inode, sizeof(inode), file + IMDS_OFF_FILE_INODE);
+    }
+    if (dentry)
+        bpf_probe_read_kernel(&name, sizeof(name), dentry + IMDS_OFF_DENTRY_NAME);
+    if (name)
+        bpf_probe_read_kernel_str(ev->exe_name, IMDS_EXE_LEN, name);
+    if (inode)
+        bpf_probe_read_kernel(&ev->exe_ino, sizeof(ev->exe_ino), inode + IMDS_OFF_INODE_INO);
+    ev->flags |= IMDS_F_IDENTITY;
+#else
+    __builtin_memcpy(ev->leader_comm, ev->comm, IMDS_COMM_LEN);
+#endif
 }
 
 /* Fill the process fields the kernel knows for sure. */
@@ -174,6 +237,7 @@ static __always_inline void imds_fill_task(struct imds_event *ev, __u8 probe)
 {
     __u64 id = bpf_get_current_pid_tgid();
     __u64 ug = bpf_get_current_uid_gid();
+    ev->kind = IMDS_KIND_CONNECT;
     ev->ts_ns = bpf_ktime_get_ns();
     ev->pid = (__u32)id;
     ev->tgid = id >> 32;
@@ -182,13 +246,12 @@ static __always_inline void imds_fill_task(struct imds_event *ev, __u8 probe)
     ev->cgroup_id = bpf_get_current_cgroup_id();
     ev->probe = probe;
     bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+    imds_fill_identity(ev);
 }
 
-/* Count, then hand the event to userspace; a full buffer is counted, never silent. */
-static __always_inline void imds_emit(void *ctx, struct imds_event *ev)
+/* Hand a record to userspace; a full buffer is counted, never silent. */
+static __always_inline void imds_output(void *ctx, struct imds_event *ev)
 {
-    imds_stat_inc(IMDS_STAT_MATCHED);
-    imds_count(ev);
 #ifdef IMDS_USE_RINGBUF
     struct imds_event *out = events.ringbuf_reserve(sizeof(*out));
     if (!out) {
@@ -205,5 +268,15 @@ static __always_inline void imds_emit(void *ctx, struct imds_event *ev)
         imds_stat_inc(IMDS_STAT_EMITTED);
 #endif
 }
+
+/* Count, then hand the event to userspace. */
+static __always_inline void imds_emit(void *ctx, struct imds_event *ev)
+{
+    imds_stat_inc(IMDS_STAT_MATCHED);
+    imds_count(ev);
+    imds_output(ctx, ev);
+}
+
+#include "requests.h"
 
 #endif /* IMDSWATCH_H */

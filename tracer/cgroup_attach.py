@@ -26,12 +26,16 @@ from pathlib import Path
 log = logging.getLogger("imdswatch.tracer")
 
 # enum bpf_attach_type (UAPI)
+CGROUP_INET_EGRESS = 1
 CGROUP_INET4_CONNECT = 10
 CGROUP_INET6_CONNECT = 11
 CONNECT_HOOKS = {"connect4": CGROUP_INET4_CONNECT, "connect6": CGROUP_INET6_CONNECT}
+# Every hook imdswatch attaches to (the connect hooks, request capture's egress hook).
+OUR_HOOKS = (CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT, CGROUP_INET_EGRESS)
 BPF_F_ALLOW_MULTI = 1 << 1
-# Every program of this mode is named with this prefix (BPF keeps 15 characters of a name).
-PROGRAM_PREFIX = "imdsw_connect"
+# Every cgroup program of imdswatch is named with one of these prefixes (BPF keeps 15
+# characters of a name): imdsw_connect4/6, imdsw_egress.
+PROGRAM_PREFIX = ("imdsw_connect", "imdsw_egress")
 # The DaemonSet mounts the host's hierarchy at /host/sys/fs/cgroup: in a container,
 # /sys/fs/cgroup is the root of its cgroup namespace (its own cgroup), not the host's root.
 PREFERRED_ROOTS = ("/host/sys/fs/cgroup", "/host/sys/fs/cgroup/unified", "/sys/fs/cgroup",
@@ -166,14 +170,14 @@ def _programs_held_open(proc: str = "/proc") -> set[int]:
 
 
 def remove_stale(root: str, proc: str = "/proc") -> list[int]:
-    """Detach imdswatch connect programs left on the root cgroup by an agent that died
-    without detaching (legacy attach only: links go with their process). A program some
+    """Detach imdswatch cgroup programs (connect hooks, egress) left on the root cgroup by
+    an agent that died without detaching (legacy attach only: links go with their process). A program some
     live process still holds (another agent, a test) is left alone. Returns the ids removed."""
     lib = _libbpf()
     cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     removed: list[int] = []
     try:
-        ours = [(pid, t) for t in CONNECT_HOOKS.values() for pid, name in
+        ours = [(pid, t) for t in OUR_HOOKS for pid, name in
                 attached_programs(cg, t) if name.startswith(PROGRAM_PREFIX)]
         if not ours:
             return []

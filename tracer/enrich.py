@@ -19,6 +19,7 @@ from tracer.passwd import PasswdNames
 class ProcessInfo:
     exited: bool = False
     exe: str | None = None
+    exe_ino: int | None = None  # inode number of /proc/<pid>/exe's target
     command_line: str | None = None
     args: list[str] | None = None
     ppid: int | None = None
@@ -60,14 +61,16 @@ class Enricher:
         self.proc_root = proc_root.rstrip("/") or "/proc"
         self.users = PasswdNames(passwd_path)
         self.cache_ttl = cache_ttl
-        self._cache: dict[tuple[int, str], tuple[float, ProcessInfo]] = {}
+        self._cache: dict[tuple[int, str, int], tuple[float, ProcessInfo]] = {}
 
     def user_name(self, uid: int) -> str | None:
         return self.users.name(uid)
 
-    def lookup(self, tgid: int, tid: int, comm: str) -> ProcessInfo:
+    def lookup(self, tgid: int, tid: int, comm: str, exe_ino: int = 0) -> ProcessInfo:
+        """`exe_ino`: the executable's inode the kernel saw (0: unknown); part of the cache
+        key, so a process that exec'd another binary under the same name is read afresh."""
         now = time.monotonic()
-        key = (tgid, comm)
+        key = (tgid, comm, exe_ino)
         hit = self._cache.get(key)
         if hit is not None and now - hit[0] < self.cache_ttl:
             return hit[1]
@@ -82,11 +85,17 @@ class Enricher:
         base = f"{self.proc_root}/{tgid}"
         # The thread's comm must still be the kernel's: otherwise the thread is gone, or the
         # pid now belongs to another program, and nothing read below would be about our caller.
+        # The kernel ends comm with one newline; a name may itself end in "\n" (prctl), so
+        # only that one is removed.
         now_comm = _read(f"{base}/task/{tid}/comm")
-        if now_comm is None or now_comm.rstrip("\n") != comm:
+        if now_comm is None or now_comm.removesuffix("\n") != comm:
             return ProcessInfo(exited=True)
         info = ProcessInfo()
         info.exe = _readlink(f"{base}/exe")
+        try:
+            info.exe_ino = os.stat(f"{base}/exe").st_ino
+        except OSError:
+            info.exe_ino = None
         cmdline = _read(f"{base}/cmdline")
         if cmdline:
             args = cmdline.rstrip("\0").split("\0")
@@ -108,11 +117,11 @@ class Enricher:
         # Read again: an exec between the first check and the reads above (a shell exec'ing
         # its last command right after connecting) would attribute another program's exe.
         after = _read(f"{base}/task/{tid}/comm")
-        if after is None or after.rstrip("\n") != comm:
+        if after is None or after.removesuffix("\n") != comm:
             return ProcessInfo(exited=True)
         if info.ppid:
             pbase = f"{self.proc_root}/{info.ppid}"
             pcomm = _read(f"{pbase}/comm")
-            info.parent_name = pcomm.rstrip("\n") if pcomm else None
+            info.parent_name = pcomm.removesuffix("\n") if pcomm is not None else None
             info.parent_exe = _readlink(f"{pbase}/exe")
         return info

@@ -11,16 +11,26 @@ AF_INET = 2
 AF_INET6 = 10
 RESULT_UNKNOWN = 1  # IMDS_RESULT_UNKNOWN: the probe does not see connect()'s result
 
-PROBE_NAMES = {1: "tracepoint", 2: "kprobe", 3: "fentry", 4: "cgroup"}
+PROBE_NAMES = {1: "tracepoint", 2: "kprobe", 3: "fentry", 4: "cgroup", 5: "cgroup_skb"}
+
+# Record kinds (IMDS_KIND_*): the first 4 bytes of every record in the output buffer.
+KIND_CONNECT, KIND_SYN, KIND_DATA, KIND_CLOSE = 1, 2, 3, 4
+# imds_event.flags
+F_IDENTITY, F_NAT, F_SOCK_MATCH = 1, 2, 4
 
 # Indexes of the per-CPU `stats` array (enum imds_stat).
-STAT_NAMES = ("matched", "emitted", "dropped", "count_map_full", "pending_full")
+STAT_NAMES = ("matched", "emitted", "dropped", "count_map_full", "pending_full", "segments",
+              "segments_dropped", "segments_truncated")
 
 
 class CEvent(ctypes.Structure):
     _fields_ = [
+        ("kind", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
         ("ts_ns", ctypes.c_uint64),
         ("cgroup_id", ctypes.c_uint64),
+        ("cookie", ctypes.c_uint64),
+        ("exe_ino", ctypes.c_uint64),
         ("pid", ctypes.c_uint32),
         ("tgid", ctypes.c_uint32),
         ("uid", ctypes.c_uint32),
@@ -29,14 +39,35 @@ class CEvent(ctypes.Structure):
         ("family", ctypes.c_uint16),
         ("dport", ctypes.c_uint16),
         ("daddr", ctypes.c_uint8 * 16),
+        ("sock_family", ctypes.c_uint16),
+        ("sock_dport", ctypes.c_uint16),
+        ("sock_daddr", ctypes.c_uint8 * 16),
         ("comm", ctypes.c_char * 16),
+        ("leader_comm", ctypes.c_char * 16),
+        ("exe_name", ctypes.c_char * 48),
         ("probe", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 7),
+        ("pad", ctypes.c_uint8 * 3),
     ]
 
 
 EVENT_SIZE = ctypes.sizeof(CEvent)
-assert EVENT_SIZE == 80, EVENT_SIZE  # must match sizeof(struct imds_event)
+assert EVENT_SIZE == 184, EVENT_SIZE  # must match sizeof(struct imds_event)
+
+DATA_HEADER = 32  # struct imds_data up to its bytes
+
+
+class CDataHeader(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_uint32),
+        ("len", ctypes.c_uint32),
+        ("ts_ns", ctypes.c_uint64),
+        ("cookie", ctypes.c_uint64),
+        ("seq", ctypes.c_uint32),
+        ("captured", ctypes.c_uint32),
+    ]
+
+
+assert ctypes.sizeof(CDataHeader) == DATA_HEADER
 
 
 _MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
@@ -58,22 +89,69 @@ class KernelEvent:
     dst_port: int
     probe: str
     result: int | None  # None when the probe cannot see it
+    kind: int = KIND_CONNECT
+    flags: int = 0
+    cookie: int = 0
+    process_name: str | None = None  # the thread-group leader's comm (kernel), when read
+    exe_name: str | None = None  # the executable's file name at connect time (kernel)
+    exe_ino: int = 0
+    sock_ip: str | None = None  # SYN records: the socket's own destination (before NAT)
+    sock_port: int | None = None
+
+
+@dataclass(slots=True)
+class Segment:
+    """Bytes a tracked connection sent (KIND_DATA), or its end (KIND_CLOSE)."""
+
+    kind: int
+    cookie: int
+    ts_ns: int
+    seq: int
+    length: int  # payload bytes of the segment
+    data: bytes  # the first `captured` of them
+
+
+def _ip(family: int, raw: bytes) -> str:
+    # inet_ntop: the same text as ipaddress, several times faster on the flood path.
+    if family == AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    if raw[:12] == _MAPPED_PREFIX:
+        return "::ffff:" + socket.inet_ntop(socket.AF_INET, raw[12:])
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def record_kind(data: int | bytes) -> int:
+    """The kind of a record (its first 4 bytes)."""
+    if isinstance(data, bytes | bytearray):
+        return int.from_bytes(data[:4], "little")
+    return ctypes.cast(data, ctypes.POINTER(ctypes.c_uint32)).contents.value
+
+
+def decode_segment(data: int | bytes, size: int | None = None) -> Segment:
+    if isinstance(data, bytes | bytearray):
+        raw = bytes(data)
+    else:
+        raw = ctypes.string_at(data, size if size is not None else DATA_HEADER)
+    h = CDataHeader.from_buffer_copy(raw[:DATA_HEADER])
+    n = min(h.captured, max(0, len(raw) - DATA_HEADER))
+    return Segment(h.kind, h.cookie, h.ts_ns, h.seq, h.len, raw[DATA_HEADER:DATA_HEADER + n])
 
 
 def decode(data: int | bytes, size: int | None = None) -> KernelEvent:
-    """Decode a buffer callback's (pointer, size) or raw bytes."""
+    """Decode a buffer callback's (pointer, size) or raw bytes of a connect/SYN record."""
     if isinstance(data, bytes | bytearray):
         ev = CEvent.from_buffer_copy(bytes(data[:EVENT_SIZE]))
     else:
         ev = ctypes.cast(data, ctypes.POINTER(CEvent)).contents
-    raw = bytes(ev.daddr)
-    # inet_ntop: the same text as ipaddress, several times faster on the flood path.
-    if ev.family == AF_INET:
-        ip = socket.inet_ntop(socket.AF_INET, raw[:4])
-    elif raw[:12] == _MAPPED_PREFIX:
-        ip = "::ffff:" + socket.inet_ntop(socket.AF_INET, raw[12:])
-    else:
-        ip = socket.inet_ntop(socket.AF_INET6, raw)
+    ip = _ip(ev.family, bytes(ev.daddr))
+    identity = bool(ev.flags & F_IDENTITY)
+    sock_ip = sock_port = None
+    if ev.kind == KIND_SYN:
+        sock_ip, sock_port = _ip(ev.sock_family, bytes(ev.sock_daddr)), ev.sock_dport
     return KernelEvent(
         ts_ns=ev.ts_ns,
         tid=ev.pid,
@@ -81,10 +159,18 @@ def decode(data: int | bytes, size: int | None = None) -> KernelEvent:
         uid=ev.uid,
         gid=ev.gid,
         cgroup_id=ev.cgroup_id,
-        comm=ev.comm.decode("utf-8", "replace"),
+        comm=_text(ev.comm),
         family=ev.family,
         dst_ip=ip,
         dst_port=ev.dport,
         probe=PROBE_NAMES.get(ev.probe, "unknown"),
         result=None if ev.result == RESULT_UNKNOWN else ev.result,
+        kind=ev.kind,
+        flags=ev.flags,
+        cookie=ev.cookie,
+        process_name=_text(ev.leader_comm) if identity else None,
+        exe_name=(_text(ev.exe_name) or None) if identity else None,
+        exe_ino=ev.exe_ino,
+        sock_ip=sock_ip,
+        sock_port=sock_port,
     )

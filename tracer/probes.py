@@ -64,8 +64,11 @@ def compile_mode(
     ringbuf_pages: int = 256,
     count_entries: int = 16384,
     directory: Path | None = None,
+    offsets: dict[str, int] | None = None,
+    capture_bytes: int = 1024,
 ) -> object:
-    """Compile `mode` to BPF bytecode (no load, no attach). Returns the BCC object."""
+    """Compile `mode` to BPF bytecode (no load, no attach). Returns the BCC object.
+    `offsets`: kernel structure offsets (tracer.btf) for the kernel-side identity."""
     # BCC reads a tracepoint's field layout from tracefs while compiling, so tracefs must be
     # mounted before any compile, not only before attaching.
     for note in kernel.ensure_tracefs():
@@ -74,7 +77,8 @@ def compile_mode(
         ringbuf = kernel.ringbuf_supported()
     text = sources.program_text(mode, directory)
     flags = sources.cflags(ringbuf=ringbuf, ringbuf_pages=ringbuf_pages,
-                           count_entries=count_entries)
+                           count_entries=count_entries, offsets=offsets,
+                           capture_bytes=capture_bytes)
     try:
         return _loader_class()(text=text.encode(), cflags=flags)
     except Exception as exc:  # BCC raises bare Exception
@@ -150,11 +154,45 @@ def _attach_cgroup(b: object, cgroup_root: str | None) -> None:
              else "BPF_PROG_ATTACH with BPF_F_ALLOW_MULTI: detached on exit")
 
 
+REQUEST_PROGRAM = "imdsw_egress"
+
+
+def attach_requests(b: object, cgroup_root: str | None = None) -> None:
+    """Request capture: the cgroup_skb egress program on the cgroup v2 root (any probe
+    mode: it shares the compiled object's maps). Raises ProbeError saying why not."""
+    import bcc
+
+    att = getattr(b, "imdsw_requests", None)
+    try:
+        if att is None:
+            root = cgroup_attach.cgroup2_root(cgroup_root or getattr(b, "imdsw_cgroup_root",
+                                                                     None))
+            try:
+                cgroup_attach.remove_stale(root)
+            except (cgroup_attach.CgroupError, OSError) as exc:
+                log.info("could not look for stale imdswatch cgroup programs: %s", exc)
+            att = cgroup_attach.CgroupAttachment(root)
+            b.imdsw_requests = att
+        fn = b.load_func(REQUEST_PROGRAM.encode(), bcc.BPF.CGROUP_SKB,
+                         attach_type=cgroup_attach.CGROUP_INET_EGRESS)
+        att.attach(fn.fd, cgroup_attach.CGROUP_INET_EGRESS)
+    except Exception as exc:
+        raise ProbeError(f"request capture (cgroup_skb egress): {_errtext(exc)}") from exc
+
+
+def detach_requests(b: object) -> None:
+    att = getattr(b, "imdsw_requests", None)
+    if att is not None:
+        att.detach()
+
+
 def release(b: object) -> None:
     """Detach everything and free the compiled object (programs and maps). Safe twice."""
-    att = getattr(b, "imdsw_cgroup", None)
-    if att is not None:
-        b.imdsw_cgroup = None
+    for attr in ("imdsw_cgroup", "imdsw_requests"):
+        att = getattr(b, attr, None)
+        if att is None:
+            continue
+        setattr(b, attr, None)
         try:
             att.close()
         except Exception as exc:  # never let it keep BCC's programs and maps alive

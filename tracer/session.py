@@ -11,11 +11,20 @@ from pathlib import Path
 from typing import Protocol
 
 from scoring.endpoints import Endpoint
-from tracer import kernel, maps, probes
-from tracer.clock import MonotonicClock
+from tracer import btf, kernel, maps, probes
+from tracer.clock import MonotonicClock, rfc3339
 from tracer.ecs import to_ecs
 from tracer.enrich import Enricher
-from tracer.layout import STAT_NAMES, KernelEvent, decode
+from tracer.layout import (
+    KIND_CLOSE,
+    KIND_DATA,
+    STAT_NAMES,
+    KernelEvent,
+    decode,
+    decode_segment,
+    record_kind,
+)
+from tracer.requests import RequestTracker
 
 log = logging.getLogger("imdswatch.tracer")
 
@@ -59,7 +68,14 @@ class Tracer:
         bpf_directory: Path | None = None,
         pods: PodResolver | None = None,
         cgroup_root: str | None = None,
+        requests: bool = True,
+        capture_bytes: int = 1024,
+        identity: bool = True,
     ) -> None:
+        """`requests`: capture the HTTP requests sent on metadata connections (cgroup_skb
+        egress; without it, or where the kernel refuses it, connections are reported
+        without their requests). `identity`: read the process's leader name and executable
+        in the kernel (needs kernel BTF for the structure offsets)."""
         if probe != "auto" and probe not in probes.MODES:
             raise ValueError(f"probe must be auto or one of {', '.join(probes.MODES)}")
         self.catalog = tuple(catalog)
@@ -71,7 +87,14 @@ class Tracer:
             "ringbuf_pages": ringbuf_pages,
             "count_entries": count_entries,
             "directory": bpf_directory,
+            "capture_bytes": capture_bytes,
         }
+        self.want_requests = requests
+        self.want_identity = identity
+        # Why request capture / kernel identity is off, when it is (None: on or not asked).
+        self.requests_unavailable: str | None = None
+        self.identity_unavailable: str | None = None
+        self.tracker: RequestTracker | None = None
         self.cgroup_root = cgroup_root  # cgroup mode: None = found from /proc/self/mounts
         self.enricher = Enricher(proc_root, passwd_path)
         self.pods = pods
@@ -92,11 +115,30 @@ class Tracer:
     def start(self) -> str:
         """Compile, fill the maps, attach; returns the attached mode. Raises ProbeError."""
         t0 = time.monotonic()
+        offsets = None
+        if self.want_identity:
+            try:
+                offsets = btf.task_offsets()
+            except btf.BTFError as exc:
+                self.identity_unavailable = str(exc)
+                log.warning("kernel-side process identity off (%s): process names are the "
+                            "calling thread's and executables come from /proc only", exc)
         self._bpf, self.probe = probes.open_mode(
             self.requested, prepare=self._fill_maps, cgroup_root=self.cgroup_root,
-            **self._compile_args
+            offsets=offsets, **self._compile_args
         )
         b = self._bpf
+        if self.want_requests:
+            try:
+                probes.attach_requests(b, self.cgroup_root)
+                self.tracker = RequestTracker(self._emit, self._stop_capture, self._wall)
+                log.info("request capture on: HTTP requests on metadata connections are read "
+                         "from the first %d bytes of each segment (cgroup_skb egress)",
+                         self._compile_args["capture_bytes"])
+            except probes.ProbeError as exc:
+                self.requests_unavailable = str(exc)
+                log.warning("request capture unavailable (%s): metadata connections are "
+                            "reported without their HTTP requests", exc)
         if self.ringbuf:
             b[b"events"].open_ring_buffer(self._on_event)
         else:
@@ -127,11 +169,15 @@ class Tracer:
         """Detach the probes, keeping programs and maps (counts survive); `resume()` undoes."""
         if self._bpf is not None and self.probe is not None and not self.paused:
             probes.detach_mode(self._bpf, self.probe)
+            if self.tracker is not None:
+                probes.detach_requests(self._bpf)
             self.paused = True
 
     def resume(self) -> None:
         if self._bpf is not None and self.probe is not None and self.paused:
             probes.attach_mode(self._bpf, self.probe, self.cgroup_root)
+            if self.tracker is not None:
+                probes.attach_requests(self._bpf, self.cgroup_root)
             self.paused = False
 
     def close(self) -> None:
@@ -153,21 +199,53 @@ class Tracer:
     def _on_event(self, _ctx: object, data: int, size: int) -> int:
         # Called from C: an exception would be printed and lost, so it is logged here.
         try:
-            doc = self.document(decode(data, size))
-            self.events_read += 1
-            if self._sink is None:
-                self._out.append(doc)
+            kind = record_kind(data)
+            if kind in (KIND_DATA, KIND_CLOSE):
+                if self.tracker is not None:
+                    self.tracker.segment(decode_segment(data, size))
             else:
-                self._sink(doc)
+                ev = decode(data, size)
+                doc = self.document(ev)  # enriched now, while the process still runs
+                if self.tracker is not None:
+                    self.tracker.connection(ev, doc)
+                else:
+                    self._emit(doc)
         except Exception:
             self.callback_errors += 1
             log.exception("event handling failed")
         self._budget -= 1
         return -1 if self._budget <= 0 else 0  # negative: libbpf stops this poll
 
+    def _emit(self, doc: dict) -> None:
+        self.events_read += 1
+        if self._sink is None:
+            self._out.append(doc)
+        else:
+            self._sink(doc)
+
+    def _wall(self, ts_ns: int) -> str:
+        return rfc3339(self.clock.wall_ns(ts_ns))
+
+    def _stop_capture(self, cookie: int) -> None:
+        """Userspace has read all it will from this connection: the kernel stops copying."""
+        if self._bpf is None:
+            return
+        table = self._bpf[b"tracked"]
+        try:
+            del table[table.Key(cookie)]
+        except KeyError:
+            pass
+
+    def request_stats(self) -> dict[str, int]:
+        """Request capture's counters (requests, unreadable, lost_sync, ...), or {}."""
+        if self.tracker is None:
+            return {}
+        st = self.tracker.stats
+        return {k: getattr(st, k) for k in st.__slots__}
+
     def document(self, ev: KernelEvent) -> dict:
         """The enriched ECS document of one kernel event."""
-        info = self.enricher.lookup(ev.tgid, ev.tid, ev.comm)
+        info = self.enricher.lookup(ev.tgid, ev.tid, ev.comm, ev.exe_ino)
         uid = info.euid if info.euid is not None else ev.uid
         pod = image = None
         cg = info.cgroup
@@ -204,14 +282,17 @@ class Tracer:
                 self._bpf.ring_buffer_poll(timeout_ms)
             else:
                 self._bpf.perf_buffer_poll(timeout_ms)
+            if self.tracker is not None:
+                self.tracker.tick()
         finally:
             self._sink = None
         out, self._out = self._out, []
         return out
 
     def drain(self, sink: Callable[[dict], None] | None = None,
-              max_events: int = 1 << 20) -> list[dict]:
-        """What is already in the buffer, without waiting (bounded by `max_events`)."""
+              max_events: int = 1 << 20, final: bool = False) -> list[dict]:
+        """What is already in the buffer, without waiting (bounded by `max_events`). With
+        `final`, connections still waiting for their requests are reported too (shutdown)."""
         if self._bpf is None:
             return []
         out: list[dict] = []
@@ -221,6 +302,14 @@ class Tracer:
             out += self.poll(0, sink)
             if self.events_read == before:
                 break
+        if final and self.tracker is not None:
+            self._sink = sink
+            try:
+                self.tracker.flush()
+            finally:
+                self._sink = None
+            out += self._out
+            self._out = []
         return out
 
     # -- kernel counters -------------------------------------------------------------------

@@ -60,8 +60,11 @@ def program_text(mode: str, directory: Path | None = None) -> str:
     return "\n".join(_expand(path, set())) + "\n"
 
 
-def cflags(*, ringbuf: bool, ringbuf_pages: int = 256, count_entries: int = 16384) -> list[str]:
-    """Compiler flags that size the maps and pick the output buffer."""
+def cflags(*, ringbuf: bool, ringbuf_pages: int = 256, count_entries: int = 16384,
+           offsets: dict[str, int] | None = None, capture_bytes: int = 1024) -> list[str]:
+    """Compiler flags that size the maps and pick the output buffer. `offsets`: kernel
+    structure offsets from BTF (tracer.btf.task_offsets), which turn on the kernel-side
+    process identity (leader name, executable)."""
     if ringbuf_pages & (ringbuf_pages - 1):
         raise ValueError("ringbuf_pages must be a power of two")
     flags = [
@@ -73,4 +76,9 @@ def cflags(*, ringbuf: bool, ringbuf_pages: int = 256, count_entries: int = 1638
     ]
     if ringbuf:
         flags.append("-DIMDS_USE_RINGBUF=1")
+    if not 64 <= capture_bytes <= 4096:
+        raise ValueError("capture_bytes must be between 64 and 4096")
+    flags.append(f"-DIMDS_CAPTURE_BYTES={capture_bytes}")
+    for name, value in sorted((offsets or {}).items()):
+        flags.append(f"-D{name}={int(value)}")
     return flags

@@ -1,0 +1,148 @@
+"""Field offsets of kernel structures from the running kernel's BTF (/sys/kernel/btf/vmlinux).
+
+BCC compiles against the kernel headers it finds, which on this kind of machine (and in the
+DaemonSet image) are a distribution's headers, not the running kernel's: `task->group_leader`
+compiled from them would read the wrong bytes. The kernel's own BTF describes its real
+layout, so the tracer reads the few offsets it needs here and passes them to the compiler as
+constants: CO-RE done at load time, by us, since BCC does not relocate field accesses.
+
+Only what the BPF side needs is implemented: struct/union members, followed through
+anonymous members and named sub-structures ("f_path.dentry").
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+VMLINUX = "/sys/kernel/btf/vmlinux"
+_MAGIC = 0xEB9F
+
+# kind -> size of the data following the 12-byte btf_type: fixed bytes, bytes per vlen item
+_TRAILER = {
+    1: (4, 0), 2: (0, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 7: (0, 0),
+    8: (0, 0), 9: (0, 0), 10: (0, 0), 11: (0, 0), 12: (0, 0), 13: (0, 8), 14: (4, 0),
+    15: (0, 12), 16: (0, 0), 17: (4, 0), 18: (0, 0), 19: (0, 12),
+}
+_STRUCT, _UNION = 4, 5
+_MODIFIERS = {8, 9, 10, 11, 18}  # typedef, volatile, const, restrict, type tag
+
+
+class BTFError(RuntimeError):
+    pass
+
+
+@dataclass(slots=True)
+class _Type:
+    kind: int
+    name: str
+    size_or_type: int
+    members: list[tuple[str, int, int]]  # (name, type id, bit offset)
+
+
+class BTF:
+    """The structures of one BTF blob (kernel's by default), by name."""
+
+    def __init__(self, data: bytes) -> None:
+        if len(data) < 24:
+            raise BTFError("BTF data too short")
+        magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != _MAGIC:
+            raise BTFError("not BTF data (bad magic)")
+        type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+        strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
+
+        def name(off: int) -> str:
+            end = strings.find(b"\0", off)
+            return strings[off:end].decode("ascii", "replace")
+
+        self.types: list[_Type | None] = [None]  # type ids start at 1
+        self.structs: dict[str, int] = {}
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        while pos < end:
+            name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
+            pos += 12
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            kind_flag = info >> 31
+            if kind not in _TRAILER:
+                raise BTFError(f"unknown BTF kind {kind}")
+            fixed, per = _TRAILER[kind]
+            members: list[tuple[str, int, int]] = []
+            if kind in (_STRUCT, _UNION):
+                for i in range(vlen):
+                    m_name, m_type, m_off = struct.unpack_from("<III", data, pos + 12 * i)
+                    bit = m_off & 0xFFFFFF if kind_flag else m_off
+                    members.append((name(m_name), m_type, bit))
+            pos += fixed + per * vlen
+            t = _Type(kind, name(name_off), size_or_type, members)
+            self.types.append(t)
+            if kind in (_STRUCT, _UNION) and t.name and t.name not in self.structs:
+                self.structs[t.name] = len(self.types) - 1
+
+    @classmethod
+    def kernel(cls, path: str = VMLINUX) -> BTF:
+        try:
+            with open(path, "rb") as f:
+                return cls(f.read())
+        except OSError as exc:
+            raise BTFError(f"no kernel BTF at {path}: {exc.strerror}") from None
+
+    def _resolve(self, type_id: int) -> _Type | None:
+        for _ in range(32):  # modifier chains are short; a bound keeps bad data finite
+            t = self.types[type_id] if 0 < type_id < len(self.types) else None
+            if t is None or t.kind not in _MODIFIERS:
+                return t
+            type_id = t.size_or_type
+        return None
+
+    def _find(self, t: _Type, member: str) -> tuple[int, int] | None:
+        """(byte offset, type id) of `member` in t, looking into anonymous members."""
+        for name, type_id, bit in t.members:
+            if name == member:
+                return bit // 8, type_id
+        for name, type_id, bit in t.members:
+            if not name:
+                inner = self._resolve(type_id)
+                if inner is not None and inner.kind in (_STRUCT, _UNION):
+                    found = self._find(inner, member)
+                    if found is not None:
+                        return bit // 8 + found[0], found[1]
+        return None
+
+    def offset(self, struct_name: str, path: str) -> int:
+        """Byte offset of `path` ("f_path.dentry") inside `struct struct_name`."""
+        if struct_name not in self.structs:
+            raise BTFError(f"struct {struct_name} not in BTF")
+        t = self._resolve(self.structs[struct_name])
+        total = 0
+        for part in path.split("."):
+            if t is None or t.kind not in (_STRUCT, _UNION):
+                raise BTFError(f"{struct_name}.{path}: {part} is not inside a structure")
+            found = self._find(t, part)
+            if found is None:
+                raise BTFError(f"{struct_name} has no member {path}")
+            total += found[0]
+            t = self._resolve(found[1])
+        return total
+
+
+# What the BPF side reads of a task, and the macro each offset becomes.
+TASK_FIELDS = (
+    ("IMDS_OFF_TASK_GROUP_LEADER", "task_struct", "group_leader"),
+    ("IMDS_OFF_TASK_COMM", "task_struct", "comm"),
+    ("IMDS_OFF_TASK_MM", "task_struct", "mm"),
+    ("IMDS_OFF_MM_EXE_FILE", "mm_struct", "exe_file"),
+    ("IMDS_OFF_FILE_DENTRY", "file", "f_path.dentry"),
+    ("IMDS_OFF_FILE_INODE", "file", "f_inode"),
+    ("IMDS_OFF_DENTRY_NAME", "dentry", "d_name.name"),
+    ("IMDS_OFF_DENTRY_PARENT", "dentry", "d_parent"),
+    ("IMDS_OFF_INODE_INO", "inode", "i_ino"),
+)
+
+
+def task_offsets(btf: BTF | None = None) -> dict[str, int]:
+    """The offsets the identity reads need, as macro name -> value. Raises BTFError when
+    the kernel has no BTF or a field moved out of reach (the tracer then runs without
+    kernel-side identity and says so)."""
+    b = btf or BTF.kernel()
+    return {macro: b.offset(s, p) for macro, s, p in TASK_FIELDS}
