@@ -100,7 +100,8 @@ enum imds_stat {
     IMDS_STAT_DROPPED = 2,   /* events the output buffer had no room for */
     IMDS_STAT_COUNT_FULL = 3,/* count updates that failed */
     IMDS_STAT_PENDING_FULL = 4, /* entry/return probes: in-flight table full */
-    IMDS_STAT_SEGMENTS = 5,  /* request capture: payload records handed to the buffer */
+    IMDS_STAT_SEGMENTS = 5,  /* request capture: records handed to the buffer (segments,
+                              * closes, SYN records that pair a connect with its cookie) */
     IMDS_STAT_SEGMENTS_DROPPED = 6, /* request capture: records the buffer had no room for */
     IMDS_STAT_TRUNCATED = 7, /* request capture: segments longer than the capture size */
     IMDS_STAT_MAX = 8,
@@ -249,23 +250,23 @@ static __always_inline void imds_fill_task(struct imds_event *ev, __u8 probe)
     imds_fill_identity(ev);
 }
 
-/* Hand a record to userspace; a full buffer is counted, never silent. */
-static __always_inline void imds_output(void *ctx, struct imds_event *ev)
+/* Hand a record to userspace; a full buffer is counted (in `lost`), never silent. */
+static __always_inline void imds_output(void *ctx, struct imds_event *ev, int sent, int lost)
 {
 #ifdef IMDS_USE_RINGBUF
     struct imds_event *out = events.ringbuf_reserve(sizeof(*out));
     if (!out) {
-        imds_stat_inc(IMDS_STAT_DROPPED);
+        imds_stat_inc(lost);
         return;
     }
     __builtin_memcpy(out, ev, sizeof(*out));
     events.ringbuf_submit(out, 0);
-    imds_stat_inc(IMDS_STAT_EMITTED);
+    imds_stat_inc(sent);
 #else
     if (events.perf_submit(ctx, ev, sizeof(*ev)) != 0)
-        imds_stat_inc(IMDS_STAT_DROPPED);
+        imds_stat_inc(lost);
     else
-        imds_stat_inc(IMDS_STAT_EMITTED);
+        imds_stat_inc(sent);
 #endif
 }
 
@@ -274,7 +275,7 @@ static __always_inline void imds_emit(void *ctx, struct imds_event *ev)
 {
     imds_stat_inc(IMDS_STAT_MATCHED);
     imds_count(ev);
-    imds_output(ctx, ev);
+    imds_output(ctx, ev, IMDS_STAT_EMITTED, IMDS_STAT_DROPPED);
 }
 
 #include "requests.h"

@@ -158,7 +158,7 @@ static __always_inline void imds_syn(struct __sk_buff *skb, __u64 cookie, __u16 
         /* The connect probe saw (and counted) this connection: this record only ties the
          * socket cookie to the connecting thread. */
         ev.flags |= IMDS_F_SOCK_MATCH;
-        imds_output(skb, &ev);
+        imds_output(skb, &ev, IMDS_STAT_SEGMENTS, IMDS_STAT_SEGMENTS_DROPPED);
     } else {
         imds_emit(skb, &ev);    /* seen only after NAT: counted here */
     }

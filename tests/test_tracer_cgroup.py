@@ -38,7 +38,7 @@ V6 = "fd00:ec2::254"
 WIRESERVER = "168.63.129.16"
 DNS_NEIGHBOUR = "169.254.169.253"
 ROOT = Path(__file__).resolve().parent.parent
-HOOKS = (cgroup_attach.CGROUP_INET4_CONNECT, cgroup_attach.CGROUP_INET6_CONNECT)
+HOOKS = cgroup_attach.OUR_HOOKS  # connect4, connect6, and request capture's egress
 
 
 def _connect(comm: str, host: str, port: int, kind: str = "SOCK_STREAM",
@@ -255,7 +255,7 @@ def test_close_detaches_from_the_root_cgroup(ns):
     t.start()
     root = t._bpf.imdsw_cgroup.root
     ours = _our_program_ids(t)
-    assert len(ours) == 2 and ours <= _attached_ids(root)
+    assert len(ours) == 3 and ours <= _attached_ids(root)  # connect4, connect6, egress
     t.close()
     t.close()
     assert not ours & _attached_ids(root)

@@ -171,8 +171,9 @@ def _programs_held_open(proc: str = "/proc") -> set[int]:
 
 def remove_stale(root: str, proc: str = "/proc") -> list[int]:
     """Detach imdswatch cgroup programs (connect hooks, egress) left on the root cgroup by
-    an agent that died without detaching (legacy attach only: links go with their process). A program some
-    live process still holds (another agent, a test) is left alone. Returns the ids removed."""
+    an agent that died without detaching (legacy attach only: links go with their process).
+    A program some live process still holds (another agent, a test) is left alone. Returns
+    the ids removed."""
     lib = _libbpf()
     cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     removed: list[int] = []

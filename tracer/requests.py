@@ -81,7 +81,10 @@ class RequestTracker:
         self.stop = stop
         self.wall = wall
         self.clock = clock
+        # cookie -> connection, least recently active first (evicted first when full)
         self.conns: OrderedDict[int, _Conn] = OrderedDict()
+        # cookies of connections not reported yet, oldest first (the idle check's queue)
+        self._unreported: OrderedDict[int, float] = OrderedDict()
         # probe modes whose connect event has no cookie: connect docs and SYN records by
         # thread id, waiting for each other (tid -> (time, doc or cookie))
         self._connects: dict[int, tuple[float, dict]] = {}
@@ -122,17 +125,21 @@ class RequestTracker:
         if seg.kind == KIND_CLOSE:
             self._close(seg.cookie, conn, seg.ts_ns)
             return
+        self.conns.move_to_end(seg.cookie)
         self._add(seg.cookie, conn, seg)
 
     def tick(self) -> None:
         """Report connections silent for IDLE_SECONDS and unpaired connects (call often)."""
         now = self.clock()
-        for conn in list(self.conns.values()):
-            if now - conn.created < IDLE_SECONDS:
-                break  # ordered by creation
-            if not conn.reported:
+        while self._unreported:
+            cookie, created = next(iter(self._unreported.items()))
+            if now - created < IDLE_SECONDS:
+                break  # oldest first
+            del self._unreported[cookie]
+            conn = self.conns.get(cookie)
+            if conn is not None and not conn.reported:
+                # Still followed afterwards (keep-alive) until it closes or is evicted.
                 self._report_connection(conn)
-            # Reported and idle: keep following it (keep-alive) until it closes or is evicted.
         for tid, (t, doc) in list(self._connects.items()):
             if now - t >= JOIN_SECONDS:
                 # No SYN followed (the connect failed before sending one): a connection.
@@ -163,15 +170,18 @@ class RequestTracker:
         if old is not None:  # a reused cookie cannot happen; an old record can linger
             self._close(cookie, old, None)
         while len(self.conns) >= MAX_CONNECTIONS:
+            # (The kernel's own table is LRU too: no need to tell it.)
             c_old, conn_old = self.conns.popitem(last=False)
+            self._unreported.pop(c_old, None)
             self.stats.evicted += 1
-            self.stop(c_old)
             if not conn_old.reported:
                 self._report_connection(conn_old)
         self.conns[cookie] = _Conn(doc, now)
+        self._unreported[cookie] = now
 
     def _close(self, cookie: int, conn: _Conn, ts_ns: int | None) -> None:
         self.conns.pop(cookie, None)
+        self._unreported.pop(cookie, None)
         if conn.buf and conn.synced:
             kind = http.first_bytes_kind(bytes(conn.buf[:17]))
             req = http.parse_head(bytes(conn.buf[:http.MAX_HEAD]).split(b"\r\n\r\n")[0],
@@ -268,6 +278,7 @@ class RequestTracker:
 
     def _finish(self, cookie: int) -> None:
         self.conns.pop(cookie, None)
+        self._unreported.pop(cookie, None)
         self.stop(cookie)
 
     # -- documents ---------------------------------------------------------------------------
