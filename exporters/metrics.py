@@ -20,7 +20,8 @@ Metric catalog (the alert rules and the Grafana dashboard rely on these names):
   `imdswatch_events_malformed_total`
 - `imdswatch_model_entities{detector}`, `imdswatch_model_hosts`, `imdswatch_learning`
 - `imdswatch_build_info{version,python_version,host}`, `imdswatch_probe_info{mode}`,
-  `imdswatch_probe_fallback`, `imdswatch_ready`
+  `imdswatch_probe_fallback`, `imdswatch_ready`, `imdswatch_request_capture_enabled`,
+  `imdswatch_kernel_segments_dropped_total`
 - `imdswatch_kernel_connections_total`, `imdswatch_kernel_events_dropped_total`
 - `imdswatch_kernel_connections_by_process_total{process,uid}` - the kernel's per-(comm, uid,
   cgroup) counts summed over cgroups (cgroup ids are too many to be labels); counted before
@@ -254,6 +255,16 @@ class MetricsExporter:
             registry=r)
         self._ready = Gauge("imdswatch_ready", "1 once the kernel probe is attached.",
                             registry=r)
+        self._request_capture = Gauge(
+            "imdswatch_request_capture_enabled",
+            "1 when HTTP requests on metadata connections are read (cgroup_skb egress); 0 when "
+            "the kernel refused it and connections are reported without their requests.",
+            registry=r)
+        self._segments_dropped = Counter(
+            "imdswatch_kernel_segments_dropped",
+            "Request-capture records lost in the kernel because the buffer was full.",
+            registry=r)
+        self._segments_dropped_last = 0
         self._kernel_connections = Counter(
             "imdswatch_kernel_connections",
             "Metadata connections counted in the kernel (includes those later dropped).",
@@ -339,6 +350,13 @@ class MetricsExporter:
         self._probe.info({"mode": mode})
         self._probe_fallback.set(1 if fallback else 0)
         self.set_ready(True, f"probe {mode} attached")
+
+    def set_request_capture(self, enabled: bool, segments_dropped: int | None = None) -> None:
+        """Whether request capture runs, and the kernel's running total of its lost records."""
+        self._request_capture.set(1 if enabled else 0)
+        if segments_dropped is not None and segments_dropped > self._segments_dropped_last:
+            self._segments_dropped.inc(segments_dropped - self._segments_dropped_last)
+            self._segments_dropped_last = segments_dropped
 
     def set_ready(self, ready: bool, reason: str = "") -> None:
         self.health.set_ready(ready, reason)

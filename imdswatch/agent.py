@@ -155,6 +155,7 @@ class Agent:
         self.attached = True
         fallback = cfg.agent.probe == "auto" and mode != AUTO_ORDER[0]
         self.metrics.set_probe(mode, fallback)
+        self.metrics.set_request_capture(self.tracer.tracker is not None)
         self.metrics.update_model(self.scorer)
         log.info("agent ready: probe %s, metrics on http://%s/metrics, learning %s",
                  mode, cfg.metrics.address, "on" if self.scorer.learning else "off")
@@ -213,6 +214,8 @@ class Agent:
         self.metrics.update_model(self.scorer)
         k = self.tracer.kernel_stats()
         self.metrics.set_kernel_counts(k["matched"], k["dropped"])
+        self.metrics.set_request_capture(self.tracer.tracker is not None,
+                                         k.get("segments_dropped"))
         # The per-(comm, uid, cgroup) map only changes when `matched` does: a quiet second
         # costs no map walk.
         if k["matched"] != self._matched_read:
@@ -256,7 +259,8 @@ class Agent:
         if self.tracer is not None:
             try:
                 # Bounded: a flood still going on must not delay the exit.
-                self.tracer.drain(self.handle, max_events=20_000)
+                # final: connections still waiting for their first request are reported
+                self.tracer.drain(self.handle, max_events=20_000, final=True)
                 self.housekeeping()
             except Exception as exc:  # never let a last-moment error keep probes attached
                 log.error("while draining events: %s", exc)

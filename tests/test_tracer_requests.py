@@ -479,3 +479,38 @@ def test_egress_detached_on_close(ns):
         assert not ours & left
     finally:
         os.close(fd)
+
+
+def test_request_capture_degrades_with_a_log_line(ns, monkeypatch, caplog):
+    """Where the kernel refuses the egress program, connections are still reported, the
+    reason is logged and the agent's metric says request capture is off."""
+    import logging
+
+    from prometheus_client import CollectorRegistry
+
+    from exporters.metrics import MetricsExporter
+    from scoring.endpoints import EndpointCatalog
+    from tracer import Tracer, probes
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise probes.ProbeError("request capture (cgroup_skb egress): test refusal")
+
+    monkeypatch.setattr(probes, "attach_requests", refuse)
+    caplog.set_level(logging.WARNING, logger="imdswatch.tracer")
+    t = Tracer(EndpointCatalog.from_config(), probe="cgroup")
+    t.start()
+    try:
+        assert t.tracker is None and "test refusal" in t.requests_unavailable
+        assert "request capture unavailable" in caplog.text
+        with Collector(t) as c:
+            pid = _run(ns, ["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/latest/meta-data/"])
+            (d,) = _docs(c, pid)
+        assert d["event"]["action"] == "connection_attempted"
+    finally:
+        t.close()
+    m = MetricsExporter(CollectorRegistry(), host="n")
+    m.set_request_capture(t.tracker is not None, 0)
+    assert m.registry.get_sample_value("imdswatch_request_capture_enabled") == 0
+    m.set_request_capture(True, 5)
+    assert m.registry.get_sample_value("imdswatch_request_capture_enabled") == 1
+    assert m.registry.get_sample_value("imdswatch_kernel_segments_dropped_total") == 5

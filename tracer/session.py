@@ -123,10 +123,22 @@ class Tracer:
                 self.identity_unavailable = str(exc)
                 log.warning("kernel-side process identity off (%s): process names are the "
                             "calling thread's and executables come from /proc only", exc)
-        self._bpf, self.probe = probes.open_mode(
-            self.requested, prepare=self._fill_maps, cgroup_root=self.cgroup_root,
-            offsets=offsets, **self._compile_args
-        )
+        try:
+            self._bpf, self.probe = probes.open_mode(
+                self.requested, prepare=self._fill_maps, cgroup_root=self.cgroup_root,
+                offsets=offsets, **self._compile_args
+            )
+        except probes.ProbeError as exc:
+            if offsets is None:
+                raise
+            # Kernels whose cgroup programs may not read the current task (before the
+            # helpers were opened to every program type) still trace without the identity.
+            self.identity_unavailable = f"programs reading the task failed to load: {exc}"
+            log.warning("kernel-side process identity off (%s); retrying without it", exc)
+            self._bpf, self.probe = probes.open_mode(
+                self.requested, prepare=self._fill_maps, cgroup_root=self.cgroup_root,
+                **self._compile_args
+            )
         b = self._bpf
         if self.want_requests:
             try:
