@@ -66,11 +66,40 @@ def accuracy_rows(ev: Evaluation) -> list[Row]:
     ]
 
 
+def small_rows(title: str, ev: Evaluation) -> list[Row]:
+    """Recall and FP entities on a single-host scenario, next to the best anchor's."""
+    mine = next(r for r in ev.results if r.system == "imdswatch")
+    anchors = [r for r in ev.results if r.system != "imdswatch"]
+    best = max(anchors, key=lambda r: (r.recall, -len(r.fp_entities)))
+    return [
+        Row(f"{title}: recall", round(mine.recall, 2), "",
+            f"best anchor, {best.system.split(' (')[0]}", round(best.recall, 2),
+            ">= every anchor", all(mine.recall >= r.recall for r in anchors)),
+        Row(f"{title}: false-positive entities", len(mine.fp_entities), "",
+            f"best anchor, {best.system.split(' (')[0]}", len(best.fp_entities), "0",
+            len(mine.fp_entities) == 0),
+    ]
+
+
 def section_accuracy(quick: bool, seed: int) -> list[dict]:
+    from bench.evaluate import actor_matrix, evaluate_small, table
+    from bench.small_scenarios import fresh_node, quiet_host
+
     ev = evaluate(seed, 0.5 if quick else 1.0)
     print(report(ev, with_details=True))
     print()
-    return [r.as_dict() for r in accuracy_rows(ev)]
+    rows = accuracy_rows(ev)
+    for title, sc, count_learning in (
+            ("quiet host (3 days, 2 agents), after learning", quiet_host(seed), False),
+            ("fresh node (first hour, no history), learning period counted",
+             fresh_node(seed), True)):
+        small = evaluate_small(sc, count_learning)
+        print(f"{title}: {len(sc.trace)} events, {len(sc.actors)} attack actors")
+        print(table(small.results))
+        print(actor_matrix(sc, small.results))
+        print()
+        rows += small_rows(title.split(" (")[0], small)
+    return [r.as_dict() for r in rows]
 
 
 def section_throughput(quick: bool, seed: int) -> list[dict]:

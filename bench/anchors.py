@@ -1,7 +1,7 @@
 # Metadata addresses in this file are data (event fields, expected matches): nothing here
 # connects to them. Real connections happen only inside a test's own network namespace
 # (netns, tests/netns_fixtures.py).
-"""The three public detections imdswatch is measured against, implemented from their
+"""The public detections imdswatch is measured against, implemented from their
 published definitions (no code of theirs is used; see each class for the source).
 
 Every anchor reads `scoring.events.Event`s in event-time order through `observe(n, ev)`,
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 from collections import defaultdict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -227,4 +228,35 @@ class ElasticNewTermsImds:
         return self.detections
 
 
-ANCHORS = (ElasticRareMetadataProcess, FalcoMetadataFromContainer, ElasticNewTermsImds)
+# Substrings of the credential and token paths of AWS IMDS (and Alibaba's RAM), the ECS
+# and EKS Pod Identity credential endpoints, GCP's service-account tokens and Azure's
+# managed identity, as a hand-written SIEM or Falco rule on `url.path` would list them.
+_SECRET_PATHS = re.compile(
+    r"security-credentials|/v2/credentials|/v1/credentials|/service-accounts/[^/]+/token"
+    r"|/identity/oauth2/token")
+
+
+class PathRuleUnguardedCredentials:
+    """A fixed rule on the request: "credentials or a token asked for without the
+    anti-SSRF header". The simplest request-aware detection (what a team writes once it
+    has request capture): `url.path` matches a credential or token path and
+    `imdswatch.request.guarded` is false. Evaluated inline on each event (as Falco or an
+    agent-side rule would), so an alert is raised at the event's own time, one per event.
+    No history, no exceptions: every unguarded legitimate caller alerts every time.
+    """
+
+    name = "Path rule: credentials/token without the anti-SSRF header"
+
+    def __init__(self) -> None:
+        self.detections: list[Detection] = []
+
+    def observe(self, n: int, ev: Event) -> None:
+        if ev.guarded is False and ev.path is not None and _SECRET_PATHS.search(ev.path):
+            self.detections.append(Detection(ev.ts, n, ("path_rule", n)))
+
+    def finish(self) -> list[Detection]:
+        return self.detections
+
+
+ANCHORS = (ElasticRareMetadataProcess, FalcoMetadataFromContainer, ElasticNewTermsImds,
+           PathRuleUnguardedCredentials)

@@ -61,6 +61,18 @@ class Proc:
 
 
 @dataclass(frozen=True)
+class Req:
+    """The HTTP request a call sends (contract section 1); `guarded` is whether it carries
+    the service's anti-SSRF header (None: the service has none, e.g. WireServer)."""
+
+    method: str
+    path: str
+    query: str | None = None
+    ua: str | None = None
+    guarded: bool | None = True
+
+
+@dataclass(frozen=True)
 class Pod:
     """The container a process runs in, when it runs in one."""
 
@@ -79,8 +91,10 @@ def shape(
     actor: str,
     pod: Pod | None = None,
     transport: str = "tcp",
+    request: Req | None = None,
 ) -> dict:
-    """The static part of an event: everything but @timestamp and event.id."""
+    """The static part of an event: everything but @timestamp and event.id (and
+    event.action, which `Trace` writes from the presence of `http`)."""
     doc: dict = {
         "destination": {"ip": dst_ip, "port": dst_port},
         "network": {"transport": transport, "direction": "egress"},
@@ -105,6 +119,15 @@ def shape(
             "resource": {"name": pod.pod, "type": "pod"},
             "cluster": {"name": host.cluster},
         }
+    if request is not None:
+        doc["http"] = {"request": {"method": request.method}}
+        doc["url"] = {"path": request.path}
+        if request.query:
+            doc["url"]["query"] = request.query
+        if request.ua:
+            doc["user_agent"] = {"original": request.ua}
+        if request.guarded is not None:
+            doc["imdswatch"] = {"request": {"guarded": request.guarded}}
     return doc
 
 
@@ -146,13 +169,13 @@ class Trace:
         `limit` keeps only the first lines."""
         shapes = self.shapes if labels else [_strip_labels(d) for d in self.shape_docs]
         times, refs = self.times, self.refs
+        actions = [_HTTP if "http" in d else _CONNECT for d in self.shape_docs]
         for n, i in enumerate(self.order()[:limit]):
+            ref = refs[i]
             yield b"".join((
                 b'{"@timestamp":"', rfc3339(times[i]).encode(),
                 b'","event":{"id":"', f"{id_prefix}-{n:07d}".encode(),
-                b'","kind":"event","category":["network"],"type":["start"],'
-                b'"action":"connection_attempted"},',
-                shapes[refs[i]], b"\n",
+                actions[ref], shapes[ref], b"\n",
             ))
 
     def write(self, path: Path, id_prefix: str, labels: bool = True,
@@ -170,6 +193,12 @@ class Trace:
             out.write(b"".join(buf))
             n += len(buf)
         return n
+
+
+_CONNECT = (b'","kind":"event","category":["network"],"type":["start"],'
+            b'"action":"connection_attempted"},')
+_HTTP = (b'","kind":"event","category":["network"],"type":["protocol"],'
+         b'"action":"http_request"},')
 
 
 def _strip_labels(doc: dict) -> bytes:

@@ -166,8 +166,8 @@ class ImdswatchRun:
     model_size: dict[str, int]
 
 
-def run_imdswatch(path: Path, labels: Labels, sc: Scenario, learning_period: float | None
-                  ) -> ImdswatchRun:
+def run_imdswatch(path: Path, labels: Labels, sc: Scenario, learning_period: float | None,
+                  count_learning: bool = False) -> ImdswatchRun:
     from imdswatch.replay import replay
     from scoring.scorer import Scorer
     from scoring.settings import ScorerSettings
@@ -187,7 +187,8 @@ def run_imdswatch(path: Path, labels: Labels, sc: Scenario, learning_period: flo
 
     t = time.perf_counter()
     replay(str(path), scorer, on_outcome, on_malformed=lambda *_: None)
-    res = score("imdswatch", dets, labels, sc, sc.start + settings.learning_period)
+    not_before = sc.start if count_learning else sc.start + settings.learning_period
+    res = score("imdswatch", dets, labels, sc, not_before)
     res.seconds = time.perf_counter() - t
     return ImdswatchRun(res, alerts, settings.learning_period, scorer.model_size())
 
@@ -264,6 +265,21 @@ def evaluate(seed: int = 7, scale: float = 1.0, out_dir: Path | None = None,
             not_before = sc.start + ScorerSettings().learning_period
         results.extend(run_anchors(path, labels, sc, not_before))
     return Evaluation(results, run, sc, labels, error)
+
+
+def evaluate_small(sc: Scenario, count_learning: bool, out_dir: Path | None = None
+                   ) -> Evaluation:
+    """One of bench.small_scenarios, every system on it; with `count_learning`, alerts
+    during imdswatch's learning period count for every system (a fresh node's first hour
+    is all learning period)."""
+    labels = labels_of(sc)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        path = Path(tmp) / "small-unlabelled.ndjson.gz"
+        sc.write(path, labels=False)
+        run = run_imdswatch(path, labels, sc, None, count_learning)
+        not_before = sc.start if count_learning else sc.start + run.learning_period
+        results = [run.result, *run_anchors(path, labels, sc, not_before)]
+    return Evaluation(results, run, sc, labels)
 
 
 def details(ev: Evaluation, limit: int = 25) -> str:

@@ -9,6 +9,7 @@ from bench.anchors import (
     ElasticNewTermsImds,
     ElasticRareMetadataProcess,
     FalcoMetadataFromContainer,
+    PathRuleUnguardedCredentials,
     next_run,
 )
 from scoring.events import Event
@@ -140,3 +141,29 @@ def test_next_run_schedule():
     assert next_run(T0 + 1, 900, 420) == T0 + 420
     assert next_run(T0 + 420, 900, 420) == T0 + 420
     assert next_run(T0 + 421, 900, 420) == T0 + 1320
+
+
+# -- the fixed path rule -------------------------------------------------------------------
+
+def req(ts, path, guarded, name="curl"):
+    e = ev(ts, name)
+    e.method, e.path, e.guarded = "GET", path, guarded
+    return e
+
+
+def test_path_rule_fires_on_unguarded_credentials_and_tokens_only():
+    events = [
+        req(T0, "/latest/meta-data/iam/security-credentials/role", False),
+        req(T0 + 1, "/computeMetadata/v1/instance/service-accounts/default/token", False),
+        req(T0 + 2, "/metadata/identity/oauth2/token", False),
+        req(T0 + 3, "/v2/credentials/abc", False),
+        req(T0 + 4, "/latest/meta-data/iam/security-credentials/role", True),  # guarded
+        req(T0 + 5, "/latest/meta-data/instance-id", False),  # not a secret
+        req(T0 + 6, "/latest/dynamic/instance-identity/document", False),  # not in the rule
+        req(T0 + 7, "/latest/meta-data/iam/security-credentials/role", None),  # not seen
+        ev(T0 + 8),  # a connection event
+    ]
+    dets = run(PathRuleUnguardedCredentials(), events)
+    assert [d.n for d in dets] == [0, 1, 2, 3]
+    assert all(d.alert_ts == events[d.n].ts for d in dets)  # inline, at event time
+    assert len({d.key for d in dets}) == 4  # one alert per event: no history, no dedup

@@ -54,7 +54,7 @@ def test_every_event_is_labelled_and_valid(small):
 
 def test_attack_kinds_all_present_in_week_two(small):
     assert {a.kind for a in small.actors} == set(KINDS)
-    assert 15 <= len(small.actors) <= 25
+    assert 25 <= len(small.actors) <= 35
     for a in small.actors:
         assert a.first_ts >= small.start + 7 * 86400
         assert a.last_ts < small.end
@@ -78,7 +78,41 @@ def test_fleet_shape(small):
     assert 36 <= len(full.fleet.hosts) <= 44
     joiners = [h for h in full.fleet.hosts if not h.initial]
     assert joiners and all(full.start < h.join_ts < full.end for h in joiners)
-    assert 300_000 <= len(full.trace) <= 650_000
+    assert 300_000 <= len(full.trace) <= 700_000
+
+
+def test_every_metadata_call_sends_a_classified_request(small):
+    """Issue 8 evaluation: request fields on every call to a metadata endpoint, none on
+    off-target traffic; the classes and the unguarded requests the SSRF cases need."""
+    from scoring.detectors import request_class
+
+    catalog = EndpointCatalog.from_config()
+    classes, unguarded_attacks, benign_unguarded = set(), set(), set()
+    for line in _lines(small):
+        doc = orjson.loads(line)
+        ev = event_from_ecs(doc)
+        meta = catalog.match(ev.dst_ip, ev.dst_port) is not None
+        assert ev.is_request is meta, line[:300]
+        assert doc["event"]["action"] == ("http_request" if meta else "connection_attempted")
+        if not meta:
+            continue
+        classes.add(request_class(ev))
+        if ev.guarded is False:
+            actor = doc["labels"]["imdswatch_actor"]
+            (benign_unguarded if actor.startswith("benign/") else unguarded_attacks).add(actor)
+    assert {"credentials", "token", "identity", "user-data", "session", "metadata"} <= classes
+    assert {"ssrf-storefront-role-creds", "ssrf-checkout-token-no-flavor",
+            "backup-cli-imdsv1-fallback"} <= unguarded_attacks
+    # the legitimate IMDSv1 callers a fixed path rule trips over
+    assert {"benign/yum-amazon-id", "benign/fluentd-imdsv1"} <= benign_unguarded
+
+
+def test_fresh_node_attacks_follow_a_join_by_minutes(small):
+    hosts = {h.name: h for h in small.fleet.hosts}
+    fresh = [a for a in small.actors if a.kind == "fresh_node"]
+    assert len(fresh) == 2
+    for a in fresh:
+        assert 0 < a.first_ts - hosts[a.host].join_ts < 15 * 60
 
 
 def test_unlabelled_output_and_truth_sidecar(tmp_path: Path, small):
@@ -98,3 +132,22 @@ def test_cli_writes_plain(tmp_path: Path):
     first = orjson.loads(out.read_bytes().splitlines()[0])
     assert first["@timestamp"].endswith("Z") and first["event"]["id"]
     assert (tmp_path / "t.truth.json").exists()
+
+
+def test_small_scenarios_quiet_host_and_fresh_node():
+    """The single-host scenarios of `make bench`: labelled, deterministic, and on the fresh
+    node (first hour, no history) imdswatch alerts on both credential thefts while the
+    history-bound anchors (Elastic ML) cannot."""
+    from bench.evaluate import evaluate_small
+    from bench.small_scenarios import fresh_node, quiet_host
+
+    q = quiet_host(seed=3)
+    assert list(q.trace.lines("q")) == list(quiet_host(seed=3).trace.lines("q"))
+    assert [a.kind for a in q.actors] == ["quiet_host"] * 3
+    assert q.actors[2].first_ts - q.actors[0].first_ts < 60
+    ev = evaluate_small(fresh_node(seed=3), count_learning=True)
+    mine = ev.results[0]
+    assert mine.system == "imdswatch" and len(mine.detected) == 2 and not mine.fp_entities
+    assert {d for _, d, _, _ in ev.imdswatch.alerts} == {"unguarded_credential_request"}
+    ml = next(r for r in ev.results if r.system.startswith("Elastic ML"))
+    assert not ml.detected
