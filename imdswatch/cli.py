@@ -4,8 +4,6 @@ file or a missing privilege; the message on stderr says which and what to do."""
 from __future__ import annotations
 
 import sys
-import time
-from pathlib import Path
 
 import click
 
@@ -68,50 +66,14 @@ def replay(events: str, output: str, threshold: float | None, state_path: str | 
            config_path: str | None, learning_period: float | None,
            reorder_window: float) -> None:
     """Score recorded ECS events (NDJSON, plain or .gz, or - for stdin) in event time."""
-    from exporters.alerts import AlertWriter
-    from imdswatch.ndjson import InputError
-    from imdswatch.replay import replay as run_replay
-    from imdswatch.replay import summary
-    from scoring.scorer import Scorer
-    from scoring.state import load_state, save_state
+    from imdswatch.replay_cli import run_replay
 
     cfg = _config(config_path)
     if threshold is not None:
         cfg.scorer.threshold = threshold
     if learning_period is not None:
         cfg.scorer.learning_period = learning_period
-    if events != "-" and not Path(events).is_file():
-        fail(f"{events}: no such file")
-    scorer = Scorer(cfg.scorer, cfg.catalog, cfg.exceptions)
-    if state_path and Path(state_path).exists():
-        try:
-            load_state(state_path, scorer)
-        except StateError as exc:
-            fail(str(exc))
-    try:
-        writer = (AlertWriter(sys.stdout.buffer) if output == "-"
-                  else AlertWriter(output, append=False))
-    except OSError as exc:
-        fail(f"{output}: cannot write alerts ({exc.strerror})")
-
-    def on_outcome(out: object) -> None:
-        if out.alert:  # type: ignore[attr-defined]
-            writer.write(out)  # type: ignore[arg-type]
-
-    started = time.perf_counter()
-    try:
-        stats = run_replay(events, scorer, on_outcome, reorder_window=reorder_window)
-    except InputError as exc:
-        fail(str(exc))
-    finally:
-        writer.close()
-    elapsed = time.perf_counter() - started
-    if state_path:
-        try:
-            save_state(state_path, scorer)
-        except OSError as exc:
-            fail(f"{state_path}: cannot save state ({exc.strerror})")
-    click.echo(summary(stats, scorer, elapsed), err=True)
+    sys.exit(run_replay(cfg, events, output, state_path, reorder_window))
 
 
 @main.command()

@@ -1,93 +1,202 @@
-"""Reading NDJSON input: a path or `-`, plain or gzip (recognised by its magic bytes, so a
-compressed file without the .gz suffix works too), as numbered raw lines.
+"""Reading NDJSON input: a path (a file, a FIFO, `<(process substitution)`) or `-`, plain or
+gzip (recognised by its magic bytes, so a compressed file without the .gz suffix works
+too), as numbered raw lines.
 
 Lines are cut from large blocks rather than read one by one: at hundreds of thousands of
-lines a second, per-line I/O calls would cost more than the JSON parsing.
+lines a second, per-line I/O calls would cost more than the JSON parsing. A line longer
+than `MAX_LINE_BYTES` is not kept: its bytes are dropped as they arrive (the cost stays
+linear and the memory bounded however long it is) and it comes out as `(number, None)`
+so the caller reports it.
+
+`Interrupt` lets a signal handler stop a read: the handler calls `Interrupt.request`, the
+reader stops at the next block boundary (so no line is half-processed), and a read that
+is blocked waiting for input (a quiet pipe) is abandoned at once.
 """
 
 from __future__ import annotations
 
-import io
+import os
+import stat
 import sys
 import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
 BLOCK = 1 << 20
+# A whole `_search` response page of 10,000 hits fits; anything longer is refused.
+MAX_LINE_BYTES = 64 << 20
 
 
 class InputError(OSError):
     """The input cannot be opened or read; the message names it."""
 
 
+class Interrupted(Exception):
+    """The read was stopped on request (`signum`: the signal, None for another cause)."""
+
+    def __init__(self, signum: int | None) -> None:
+        super().__init__("stopped" if signum is None else f"interrupted by signal {signum}")
+        self.signum = signum
+
+
+class Interrupt:
+    """A stop request shared by a signal handler (or an output that failed) and the
+    reader."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+        self.blocked = False  # inside a read that may wait for input
+
+    def request(self, signum: int | None = None) -> None:
+        """Called from a signal handler (always in the main thread, between bytecodes) or
+        by the program itself."""
+        self.requested = True
+        if signum is not None:
+            self.signum = signum
+        if self.blocked:
+            raise Interrupted(signum)
+
+
 def _open_raw(source: str) -> BinaryIO:
     if source == "-":
-        return sys.stdin.buffer
+        stdin = sys.stdin
+        if stdin is None or getattr(stdin, "buffer", None) is None:
+            raise InputError("standard input is closed")
+        return stdin.buffer
+    try:
+        st = os.stat(source)
+    except OSError as exc:
+        raise InputError(f"{source}: cannot open ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{source}: is a directory")
     try:
         return open(source, "rb")  # noqa: SIM115 - closed by numbered_lines
     except OSError as exc:
         raise InputError(f"{source}: cannot open ({exc.strerror})") from None
 
 
-def _is_gzip(raw: BinaryIO, source: str) -> bool:
-    peek = raw.peek(2)[:2] if isinstance(raw, io.BufferedReader) else b""
-    return peek == b"\x1f\x8b" or (not peek and source.endswith(".gz"))
+def _reads(raw: BinaryIO, stop: Interrupt | None) -> Iterator[bytes]:
+    """Chunks as they arrive (read1: a pipe's data is used as soon as it is there)."""
+    read = getattr(raw, "read1", raw.read)
+    while True:
+        if stop is not None:
+            if stop.requested:
+                raise Interrupted(stop.signum)
+            stop.blocked = True
+            try:
+                chunk = read(BLOCK)
+            finally:
+                stop.blocked = False
+        else:
+            chunk = read(BLOCK)
+        if not chunk:
+            return
+        yield chunk
 
 
-def _gunzip_blocks(raw: BinaryIO) -> Iterator[bytes]:
+def _gunzip(chunks: Iterator[bytes], first: bytes) -> Iterator[bytes]:
     """Decompressed blocks of a gzip stream (several members allowed, as `cat a.gz b.gz`
-    makes). zlib checks each member's CRC and length itself; going through it directly
-    rather than GzipFile saves a Python-level read loop and a second CRC pass."""
+    makes). zlib checks each member's CRC and length itself."""
     d = zlib.decompressobj(wbits=31)
     started = False
+    chunk = first
     while True:
-        chunk = raw.read(BLOCK)
-        if not chunk:
-            break
         while chunk:
             started = True
-            out = d.decompress(chunk)
+            # Bounded output per call: a small gzip bomb must not become one huge block.
+            out = d.decompress(chunk, BLOCK)
             if out:
                 yield out
+            while d.unconsumed_tail and not d.eof:
+                out = d.decompress(d.unconsumed_tail, BLOCK)
+                if out:
+                    yield out
             if not d.eof:
                 break
             chunk = d.unused_data.lstrip(b"\x00")  # padding between members is allowed
             d = zlib.decompressobj(wbits=31)
             started = False
+        chunk = next(chunks, b"")
+        if not chunk:
+            break
     if started and not d.eof:
         raise EOFError("compressed file ended before the end-of-stream marker was reached")
 
 
-def _plain_blocks(raw: BinaryIO) -> Iterator[bytes]:
-    while True:
-        block = raw.read(BLOCK)
-        if not block:
-            return
-        yield block
+def _blocks(raw: BinaryIO, stop: Interrupt | None) -> Iterator[bytes]:
+    chunks = _reads(raw, stop)
+    first = b""
+    # A pipe may deliver a single byte first: gather two to see the gzip magic.
+    while len(first) < 2:
+        more = next(chunks, b"")
+        if not more:
+            break
+        first += more
+    if first[:2] == b"\x1f\x8b":
+        yield from _gunzip(chunks, first)
+        return
+    if first:
+        yield first
+    yield from chunks
 
 
-def numbered_lines(source: str) -> Iterator[tuple[int, bytes]]:
-    """(line number from 1, line without its newline) for every non-empty line."""
+def numbered_lines(source: str, stop: Interrupt | None = None,
+                   max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
+    """(line number from 1, line without its newline) for every non-blank line; None in
+    place of a line longer than `max_line`. Raises InputError when the input cannot be
+    read, Interrupted when `stop` was requested."""
     raw = _open_raw(source)
-    blocks = _gunzip_blocks(raw) if _is_gzip(raw, source) else _plain_blocks(raw)
+    blocks = _blocks(raw, stop)
     lineno = 0
-    tail = b""
+    parts: list[bytes] = []  # the current unfinished line, kept as pieces (linear cost)
+    size = 0
+    too_long = False
     try:
         while True:
             try:
                 block = next(blocks, b"")
-            except (OSError, EOFError, zlib.error) as exc:
+            except Interrupted:
+                raise
+            except (OSError, EOFError, zlib.error, ValueError) as exc:
                 raise InputError(f"{source}: read failed after line {lineno} ({exc})") from None
             if not block:
                 break
-            lines = (tail + block).split(b"\n")
+            lines = block.split(b"\n")
             tail = lines.pop()
-            for line in lines:
-                lineno += 1
-                if line and not line.isspace():
-                    yield lineno, line
-        if tail and not tail.isspace():
-            yield lineno + 1, tail
+            if lines:
+                # The first piece ends the line that earlier blocks began.
+                head = lines[0]
+                if too_long or size + len(head) > max_line:
+                    lines[0] = None  # type: ignore[call-overload]
+                elif parts:
+                    parts.append(head)
+                    lines[0] = b"".join(parts)
+                parts.clear()
+                size = 0
+                too_long = False
+                # Pieces after the first lie within this block: only a block longer
+                # than max_line can hold one that is too long.
+                check = len(block) > max_line
+                for line in lines:
+                    lineno += 1
+                    if line is None or (check and len(line) > max_line):
+                        yield lineno, None
+                    elif line and not line.isspace():
+                        yield lineno, line
+            if tail:
+                if too_long or size + len(tail) > max_line:
+                    too_long = True
+                    parts.clear()
+                else:
+                    parts.append(tail)
+                size += len(tail)
+        if too_long:
+            yield lineno + 1, None
+        elif parts:
+            line = b"".join(parts)
+            if not line.isspace():
+                yield lineno + 1, line
     finally:
-        if raw is not sys.stdin.buffer:
+        if source != "-":
             raw.close()

@@ -17,11 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-import orjson
-
-from imdswatch.ndjson import numbered_lines
-from scoring.ecs_schema import SchemaMismatch, decoder
-from scoring.events import MalformedEvent, event_from_ecs, event_from_typed, typed_head
+from imdswatch.join import ProcessJoin
+from imdswatch.ndjson import InputError, Interrupt, Interrupted, numbered_lines
+from imdswatch.reader import Position, read_events
+from scoring.events import NOT_METADATA
 from scoring.scorer import Outcome, Scorer
 
 DEFAULT_REORDER_WINDOW = 600.0
@@ -39,6 +38,16 @@ class ReplayStats:
     anomalies: int = 0
     alerts_by_detector: Counter = field(default_factory=Counter)
     malformed_examples: list[tuple[int, str]] = field(default_factory=list)
+    # Every line that gave no scored event, by reason.
+    malformed_by_kind: Counter = field(default_factory=Counter)
+    skipped_by_reason: Counter = field(default_factory=Counter)
+    joined: int = 0
+    join_evicted: int = 0
+    # Set when the replay was stopped early (`interrupted`: the signal, if one did): the
+    # events read but still waiting in the reorder buffer were not scored.
+    stopped: bool = False
+    interrupted: int | None = None
+    unscored: int = 0
     first_ts: float | None = None
     last_ts: float | None = None
 
@@ -52,9 +61,10 @@ class MalformedReporter:
         self.stream = stream if stream is not None else sys.stderr
         self.limit = limit
 
-    def __call__(self, lineno: int, reason: str) -> None:
+    def __call__(self, lineno: int, reason: str, kind: str = "malformed") -> None:
         st = self.stats
         st.malformed += 1
+        st.malformed_by_kind[kind] += 1
         if st.malformed <= self.limit:
             st.malformed_examples.append((lineno, reason))
             print(f"imdswatch: line {lineno}: skipped malformed event: {reason}",
@@ -70,92 +80,87 @@ def replay(
     on_outcome: Callable[[Outcome], None],
     stats: ReplayStats | None = None,
     reorder_window: float = DEFAULT_REORDER_WINDOW,
-    on_malformed: Callable[[int, str], None] | None = None,
+    on_malformed: Callable[[int, str, str], None] | None = None,
+    stop: Interrupt | None = None,
+    join: ProcessJoin | None = None,
 ) -> ReplayStats:
     """Score every event of `source` (path or '-'); `on_outcome` gets the outcome of each
     metadata event that was scored in full (events of entities known to be common are
-    counted and learned without one). Raises `imdswatch.ndjson.InputError` when the input
-    cannot be read."""
+    counted and learned without one).
+
+    Raises `imdswatch.ndjson.InputError` when the input cannot be read (after scoring what
+    was read before the failure). When `stop` is requested (a signal), reading stops at a
+    block boundary, the events still in the reorder buffer are left unscored (counted in
+    `stats.unscored`), `stats.stopped` is set and `stats.interrupted` holds the signal."""
     stats = stats or ReplayStats()
     report = on_malformed or MalformedReporter(stats)
+    join = join if join is not None else ProcessJoin()
     score = _Scoring(scorer, on_outcome, stats)
     buffer = ReorderBuffer(reorder_window)
     # The buffer's state lives in locals on the inline path and is handed back and forth
     # around the buffer's own methods.
     fifo, heap, window = buffer.fifo, buffer.heap, reorder_window
     newest, released = buffer.newest, buffer.released
-    typed = decoder().decode
-    loads = orjson.loads
-    match = scorer.catalog.match
     learn_quiet = scorer.learn_quiet
     quiet_entity = scorer.quiet_entity
-    lines = skipped = scored = 0
-    # One flat loop: at a few microseconds per line, every generator hop or helper call
-    # is a visible share of replay time. Sorted input (the usual case) takes the inline
-    # path: straight into the FIFO, and the events it releases that belong to common
-    # entities are counted on the spot; everything else goes through the buffer and
-    # `_Scoring`, which do the same thing the long way.
-    for lineno, line in numbered_lines(source):
-        lines += 1
-        try:
-            d = typed(line)
-            head = typed_head(d)
-        except SchemaMismatch:
-            head = None
-        if head is not None:
-            ts, ip, port, sig = head
-            endpoint = match(ip, port)
-            if endpoint is None:
-                skipped += 1
-                continue
+    scored = seq = 0
+    position = Position()
+    events = read_events(numbered_lines(source, stop), scorer.catalog.match, report,
+                         stats.skipped_by_reason, join, position)
+    failure: InputError | None = None
+    try:
+        # Sorted input (the usual case) takes the inline path: straight into the FIFO,
+        # and the events it releases that belong to common entities are counted on the
+        # spot; everything else goes through the buffer and `_Scoring`, which do the same
+        # thing the long way.
+        for _, ev, endpoint in events:
+            seq += 1
+            ts = ev.ts
+            sig = ev.signature()
             # An entity already known to be common at `ts` is still common when its event
             # leaves the buffer (only its own later events could change that), so all the
-            # buffer keeps of such an event is its time and the entity: holding thousands of
-            # decoded documents costs more in cache misses than everything else here.
+            # buffer keeps of such an event is its time and the entity.
             rec = quiet_entity(sig, ts)
-            item = (ts, lineno, rec) if rec is not None else (
-                ts, lineno, None, sig, endpoint, d, line, None)
-        else:
-            try:
-                ev = event_from_ecs(loads(line))
-            except orjson.JSONDecodeError as exc:
-                report(lineno, f"not valid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            except MalformedEvent as exc:
-                report(lineno, str(exc))
-                continue
-            endpoint = match(ev.dst_ip, ev.dst_port)
-            if endpoint is None:
-                skipped += 1
-                continue
-            ts = ev.ts
-            item = (ts, lineno, None, ev.signature(), endpoint, None, line, ev)
-        if ts >= newest and not heap:
-            fifo.append(item)
-            newest = ts
-            horizon = ts - window
-            while fifo and fifo[0][0] <= horizon:
-                ready = fifo.popleft()
-                released = rts = ready[0]
-                rec = ready[2]
-                if rec is not None and learn_quiet(rec, rts):
-                    scored += 1
-                else:
+            item = (ts, seq, rec) if rec is not None else (
+                ts, seq, None, sig, endpoint, ev)
+            if ts >= newest and not heap:
+                fifo.append(item)
+                newest = ts
+                horizon = ts - window
+                while fifo and fifo[0][0] <= horizon:
+                    ready = fifo.popleft()
+                    released = rts = ready[0]
+                    rec = ready[2]
+                    if rec is not None and learn_quiet(rec, rts):
+                        scored += 1
+                    else:
+                        score(ready)
+            else:
+                buffer.newest, buffer.released = newest, released
+                for ready in buffer.push(item):
                     score(ready)
-        else:
-            buffer.newest, buffer.released = newest, released
-            for ready in buffer.push(item):
-                score(ready)
-            newest, released = buffer.newest, buffer.released
+                newest, released = buffer.newest, buffer.released
+    except Interrupted as exc:
+        stats.stopped = True
+        stats.interrupted = exc.signum
+    except InputError as exc:
+        failure = exc
     buffer.newest, buffer.released = newest, released
-    for ready in buffer.drain():
-        score(ready)
-    stats.lines += lines
-    stats.skipped += skipped
+    if not stats.stopped:
+        for ready in buffer.drain():
+            score(ready)
+    else:
+        stats.unscored = len(buffer.fifo) + len(buffer.heap)
+    stats.lines += position.lineno
+    stats.skipped = sum(stats.skipped_by_reason.values())
     stats.scored += scored
     stats.late += buffer.late
+    stats.joined += join.filled
+    stats.join_evicted += join.evicted
     stats.last_ts = scorer.last_ts
     stats.first_ts = score.first_ts
+    if failure is not None:
+        raise failure
     return stats
 
 
@@ -232,14 +237,11 @@ class _Scoring:
         rec = item[2]
         if rec is not None and self.learn_quiet(rec, item[0]):
             return
-        ts, _, _, sig, endpoint, d, line, ev = item
+        ts, _, _, sig, endpoint, ev = item
         if self.quiet(sig, ts):
             return
         if self.first_ts is None:
             self.first_ts = ts
-        if ev is None:
-            dst = d.destination
-            ev = event_from_typed(d, line, (ts, dst.ip, dst.port, sig))
         out = self.process(ev, endpoint, False)
         if out is None:
             return
@@ -249,6 +251,13 @@ class _Scoring:
             st.alerts += 1
             st.alerts_by_detector[out.detector] += 1
         self.on_outcome(out)
+
+
+def _by(counts: Counter) -> str:
+    """' (reason 3, other 1)' for a non-empty count by reason."""
+    if not counts:
+        return ""
+    return " (" + ", ".join(f"{k} {v}" for k, v in counts.most_common()) + ")"
 
 
 def summary(stats: ReplayStats, scorer: Scorer, seconds: float) -> str:
@@ -265,11 +274,21 @@ def summary(stats: ReplayStats, scorer: Scorer, seconds: float) -> str:
         f"imdswatch replay: {stats.lines} lines in {seconds:.2f}s ({rate:,.0f} lines/s)",
         f"  metadata events scored: {stats.scored}{span} from {scorer.hosts_seen} host"
         + ("s" if scorer.hosts_seen != 1 else ""),
-        f"  skipped (not a metadata endpoint): {stats.skipped}",
+        f"  skipped (not a metadata endpoint): {stats.skipped_by_reason[NOT_METADATA]}",
+        *([f"  skipped (not a metadata call): {other}" + _by(Counter(
+            {k: v for k, v in stats.skipped_by_reason.items() if k != NOT_METADATA}))]
+          if (other := stats.skipped - stats.skipped_by_reason[NOT_METADATA]) else []),
         f"  malformed lines: {stats.malformed}"
         + (f" (first at line {stats.malformed_examples[0][0]})" if stats.malformed_examples
-           else ""),
+           else "") + _by(stats.malformed_by_kind),
         f"  arrived out of order beyond the reorder window: {stats.late}",
+        *([f"  parent and command line filled from the export's process events: "
+           f"{stats.joined}" + (f" (join memory full: {stats.join_evicted} entities "
+                                f"forgotten)" if stats.join_evicted else "")]
+          if stats.joined or stats.join_evicted else []),
+        *(["  stopped early ("
+           + (f"signal {stats.interrupted}" if stats.interrupted else "output failed")
+           + f"): {stats.unscored} events read but not scored"] if stats.stopped else []),
         f"  anomalies: {stats.anomalies}; alerts: {stats.alerts} ({by_det})",
         f"  model: {sum(size.values())} entities "
         + "(" + ", ".join(f"{k} {v}" for k, v in size.items()) + ")",

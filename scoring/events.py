@@ -1,20 +1,41 @@
-"""The event record every part of imdswatch shares, and its reading from ECS.
+"""The event record every part of imdswatch shares, and the one reader of ECS documents.
 
-Live events (the tracer) and replayed events (ECS NDJSON) both become `Event`s through
-`event_from_ecs`, so the two paths score identically. The original ECS document rides
-along in `doc` so alerts can copy its fields without a second serialisation.
+Live documents (the tracer's dicts) and replayed lines (ECS NDJSON bytes) go through the
+same schema (`scoring.ecs_schema`) and the same rules (`read_doc`), so both paths accept,
+refuse and score exactly alike. The original document rides along (the dict, or the raw
+line decoded on demand) so alerts can copy its fields.
+
+Rules beyond the schema's types:
+- `@timestamp`: RFC 3339 with a zone, or epoch seconds, milliseconds, microseconds or
+  nanoseconds (told apart by magnitude), finite and within 2000-2100; anything else is
+  malformed, so a `nan` or year-9999 time never reaches the reorder buffer or the decay.
+- `process.name` is required; an empty string is a value (a process may rename itself to
+  "" with prctl), not an absence. Other empty strings are treated as absent.
+- Only connection starts and HTTP requests are calls (`is_call`): connection ends and
+  inbound connections in an export are counted and skipped, never scored twice.
+- Strings longer than `MAX_FIELD_CHARS` are cut to it, so no field can grow the model.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import msgspec
 import orjson
+
+from scoring.ecs_schema import EcsDoc, convert
 
 
 class MalformedEvent(ValueError):
-    """A document that is JSON but not a usable event; the message says why."""
+    """A document that is JSON but not a usable event; the message says why, `kind` is
+    a short category for the replay summary's count by reason."""
+
+    def __init__(self, message: str, kind: str = "invalid field") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class Event:
@@ -32,7 +53,8 @@ class Event:
         ts: float,
         dst_ip: str,
         name: str,
-        *,
+        # Positional too: `read_doc` passes every field by position, which costs a
+        # quarter of matching 25 keywords on every replayed event.
         dst_port: int | None = None,
         pid: int | None = None,
         exe: str | None = None,
@@ -97,7 +119,9 @@ class Event:
         """The ECS document the event came from. Replay keeps only the raw line and
         decodes it here, when an alert needs its fields: most events never do."""
         if self._doc is None and self._raw is not None:
-            self._doc = orjson.loads(self._raw)
+            doc = orjson.loads(self._raw)
+            source = doc.get("_source") if isinstance(doc, dict) else None
+            self._doc = source if isinstance(source, dict) else doc  # an Elasticsearch hit
         return self._doc
 
     @property
@@ -123,32 +147,250 @@ class Event:
         )
 
 
-def parse_timestamp(value: Any) -> float:
-    """RFC 3339 string, or epoch seconds or milliseconds, to epoch seconds."""
-    if isinstance(value, bool):
-        raise MalformedEvent("@timestamp is a boolean")
-    if isinstance(value, int | float):
-        # Epoch milliseconds are 13 digits until the year 2286; seconds are 10.
-        return value / 1000.0 if abs(value) >= 1e11 else float(value)
-    if isinstance(value, str):
-        try:
-            # RFC 3339 allows lower-case t and z; fromisoformat does not.
-            dt = datetime.fromisoformat(value.upper() if "t" in value or "z" in value
-                                        else value)
+# -- time --------------------------------------------------------------------------------
+
+# Event times outside [2000, 2100) are refused: no real metadata call happened before
+# 2000, and a bounded spread of times keeps every decay computation finite.
+MIN_TS = 946684800.0  # 2000-01-01T00:00:00Z
+MAX_TS = 4102444800.0  # 2100-01-01T00:00:00Z
+
+
+def _epoch(value: float, text: Any) -> float:
+    """Epoch seconds of a number in seconds, ms, µs or ns. Within 2000-2100 these units
+    occupy disjoint magnitude bands (1e9, 1e12, 1e15, 1e18), so the unit is never guessed
+    wrong for a valid time."""
+    if not math.isfinite(value):
+        raise MalformedEvent(f"@timestamp {text!r} is not a finite time", "bad @timestamp")
+    a = abs(value)
+    if a < 1e11:
+        ts = float(value)
+    elif a < 1e14:
+        ts = value / 1e3
+    elif a < 1e17:
+        ts = value / 1e6
+    else:
+        ts = value / 1e9
+    if not MIN_TS <= ts < MAX_TS:
+        raise MalformedEvent(f"@timestamp {text!r} is outside 2000-2100", "bad @timestamp")
+    return ts
+
+
+# The last time string read and its value, as one tuple: rebinding it is atomic, so a
+# second thread never pairs one string with another's time.
+_last: tuple[str | None, float] = (None, 0.0)
+
+
+def _parse_text(value: str) -> float:
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        try:  # RFC 3339 allows lower-case t and z; fromisoformat does not
+            dt = datetime.fromisoformat(value.upper())
         except ValueError:
             try:
-                return parse_timestamp(float(value))
+                number = float(value)
             except ValueError:
-                raise MalformedEvent(f"@timestamp {value[:40]!r} is not RFC 3339") from None
-        if dt.tzinfo is None:
-            raise MalformedEvent(f"@timestamp {value[:40]!r} has no time zone")
-        return dt.timestamp()
-    raise MalformedEvent("@timestamp is missing or not a string or number")
+                raise MalformedEvent(f"@timestamp {value[:40]!r} is not RFC 3339",
+                                     "bad @timestamp") from None
+            return _epoch(number, value[:40])
+    if dt.tzinfo is None:
+        raise MalformedEvent(f"@timestamp {value[:40]!r} has no time zone", "bad @timestamp")
+    ts = dt.timestamp()
+    if not MIN_TS <= ts < MAX_TS:
+        raise MalformedEvent(f"@timestamp {value[:40]!r} is outside 2000-2100",
+                             "bad @timestamp")
+    return ts
+
+
+def parse_timestamp(value: Any) -> float:
+    """RFC 3339 string, or an epoch number (or decimal string) in s/ms/µs/ns, to epoch
+    seconds within 2000-2100. Raises MalformedEvent."""
+    if value.__class__ is str:
+        # Sorted exports repeat a time string for every event of the same millisecond.
+        global _last
+        last = _last
+        if value == last[0]:
+            return last[1]
+        ts = _parse_text(value)
+        _last = (value, ts)
+        return ts
+    if isinstance(value, bool):
+        raise MalformedEvent("@timestamp is a boolean", "bad @timestamp")
+    if isinstance(value, int | float):
+        try:
+            return _epoch(float(value), value)
+        except OverflowError:  # an integer beyond any float
+            raise MalformedEvent("@timestamp is outside 2000-2100", "bad @timestamp") from None
+    if value is None:
+        raise MalformedEvent("@timestamp is missing", "missing field")
+    raise MalformedEvent("@timestamp is not a string or number", "bad @timestamp")
+
+
+# -- calls ---------------------------------------------------------------------------------
+
+# event.action values that start a connection or carry a request: the contract's own, Elastic
+# Defend's, and Auditd Manager's / Auditbeat's (go-libaudit's names for connect(); a failed
+# connect is reported with the same action and is still an attempt).
+CALL_ACTIONS = frozenset({
+    "connection_attempted", "http_request", "connected-to", "socket_opened",
+})
+# Actions that name something other than a call to the destination: the end of a
+# connection, an inbound connection, a listening or bound socket, data on an existing
+# connection, a DNS lookup.
+NOT_CALL_ACTIONS = frozenset({
+    "disconnect_received", "connection_accepted", "accepted-connection-from",
+    "bound-socket", "listen-for-connections", "received-from", "sent-to", "socket_closed",
+    "lookup_requested", "lookup_result",
+})
+_INBOUND = frozenset({"ingress", "inbound"})
+
+
+def _has(tags: list[str] | str | None, value: str) -> bool:
+    return tags == value if tags.__class__ is str else tags is not None and value in tags
+
+
+def call_skip_reason(d: EcsDoc) -> str | None:
+    """Why `d` is not a call, or None when it is one. A known call action decides; then a
+    known other action; otherwise an event typed `end`, or an inbound connection, is not a
+    call, and anything else (no categorisation at all included) is."""
+    e = d.event
+    if e is not None:
+        action = e.action
+        if action is not None:
+            if action in CALL_ACTIONS:
+                return None
+            if action in NOT_CALL_ACTIONS:
+                return f"not a connection start (event.action {action})"
+        if _has(e.type, "end"):
+            return "not a connection start (event.type end)"
+    n = d.network
+    if n is not None and n.direction in _INBOUND:
+        return "not a connection start (inbound)"
+    return None
+
+
+# -- the rules -------------------------------------------------------------------------------
+
+MAX_FIELD_CHARS = 4096
+NOT_METADATA = "not a metadata endpoint"
+
+_STRING_SLOTS = ("dst_ip", "name", "exe", "command_line", "parent_name", "parent_exe", "user",
+                 "uid", "host", "container_id", "image", "namespace", "pod", "cloud",
+                 "event_id", "action", "method", "path", "query", "user_agent",
+                 "thread_name")
+
+
+def read_doc(
+    d: EcsDoc,
+    match: Callable[[str, int | None], Any] | None = None,
+    raw: bytes | None = None,
+    doc: dict | None = None,
+) -> tuple[Event, Any] | str:
+    """(the Event of `d`, `match(ip, port)`: its endpoint, None without `match`), or the
+    reason `d` is skipped: not a call, or a destination `match` turns down
+    (`NOT_METADATA`). Raises MalformedEvent for a document that breaks a rule. `raw` (the
+    line) or `doc` (the decoded dict) become the Event's `doc`."""
+    hit_id = None
+    if d.source is not None:  # an Elasticsearch hit: the document is its _source
+        hit_id = d.hit_id
+        d = d.source
+    elif d.hits is not None:
+        raise MalformedEvent("a _search response page is read as a whole line only")
+    dst = d.destination
+    ip = dst.ip if dst is not None else None
+    if not ip:
+        e = d.event
+        category = e.category if e is not None else None
+        if category is not None and not _has(category, "network"):
+            first = category if category.__class__ is str else ",".join(category)
+            return f"not a network event (event.category {first or 'empty'})"
+        raise MalformedEvent("destination.ip is missing", "missing field")
+    port = dst.port
+    if port is not None and not 0 <= port <= 65535:
+        raise MalformedEvent(f"destination.port {port} is out of range 0-65535")
+    endpoint = None
+    if match is not None:
+        endpoint = match(ip, port)
+        if endpoint is None:
+            return NOT_METADATA
+    reason = call_skip_reason(d)
+    if reason is not None:
+        return reason
+    ts = parse_timestamp(d.timestamp)
+    p = d.process
+    name = p.name if p is not None else None
+    if name is None:
+        raise MalformedEvent("process.name is missing", "missing field")
+    pid = p.pid
+    if pid is not None and not 0 <= pid <= 0xFFFFFFFF:
+        raise MalformedEvent(f"process.pid {pid} is out of range")
+    parent = p.parent
+    ppid = parent_name = parent_exe = None
+    if parent is not None:
+        ppid = parent.pid
+        if ppid is not None and not 0 <= ppid <= 0xFFFFFFFF:
+            raise MalformedEvent(f"process.parent.pid {ppid} is out of range")
+        parent_name = parent.name or None
+        parent_exe = parent.executable or None
+    user = d.user
+    host = d.host
+    c = d.container
+    o = d.orchestrator
+    e = d.event
+    image = c.image if c is not None else None
+    resource = o.resource if o is not None else None
+    http = d.http
+    url = d.url
+    request = d.imdswatch.request if d.imdswatch is not None else None
+    ev = Event(
+        ts, ip, name, port, pid,
+        p.executable or None,
+        p.command_line or p.title or None,
+        ppid, parent_name, parent_exe,
+        (user.name or None) if user is not None else None,
+        (user.id or None) if user is not None else None,
+        (host.name or host.hostname or host.id or None) if host is not None else None,
+        (c.id or None) if c is not None else None,
+        (image.name or None) if image is not None else None,
+        (o.namespace or None) if o is not None else None,
+        (resource.name or None) if resource is not None else None,
+        (d.cloud.provider or None) if d.cloud is not None else None,
+        ((e.id or None) if e is not None else None) or hit_id,
+        (e.action or None) if e is not None else None,
+        (http.request.method or None) if http is not None and http.request is not None
+        else None,
+        (url.path or None) if url is not None else None,
+        (url.query or None) if url is not None else None,
+        (d.user_agent.original or None) if d.user_agent is not None else None,
+        request.guarded if request is not None else None,
+        (p.thread.name or None) if p.thread is not None else None,
+        doc, raw,
+    )
+    # Only a line longer than the cap can hold a field longer than it.
+    if raw is None or len(raw) > MAX_FIELD_CHARS:
+        for slot in _STRING_SLOTS:
+            v = getattr(ev, slot)
+            if v is not None and len(v) > MAX_FIELD_CHARS:
+                setattr(ev, slot, v[:MAX_FIELD_CHARS])
+    return ev, endpoint
+
+
+# -- other forms of the same document -----------------------------------------------------------
+
+def schema_error(exc: msgspec.ValidationError) -> MalformedEvent:
+    """msgspec's 'Expected `str | null`, got `int` - at `$.process.name`' as a reason
+    that names the field first."""
+    text = str(exc)
+    message, sep, where = text.rpartition(" - at `$.")
+    if sep:
+        field = where.rstrip("`").replace("_source.", "", 1)
+        return MalformedEvent(f"{field}: {message[0].lower()}{message[1:]}")
+    return MalformedEvent(text)
 
 
 def unflatten(doc: dict) -> dict:
     """Turn dotted keys ("process.name": x) into nested objects; Kibana CSV-to-JSON and
-    some exporters write ECS that way."""
+    some exporters write ECS that way, and Elasticsearch `_source` may mix both forms."""
     out: dict = {}
     for key, value in doc.items():
         node = out
@@ -166,162 +408,96 @@ def unflatten(doc: dict) -> dict:
     return out
 
 
-def _obj(doc: dict, key: str) -> dict:
-    v = doc.get(key)
-    return v if isinstance(v, dict) else _EMPTY
+def has_dotted_keys(doc: dict) -> bool:
+    return any("." in k for k in doc if k != "@timestamp")
 
 
-_EMPTY: dict = {}
+# Fields some exporters write as numbers although ECS makes them keywords.
+_IDENTS = frozenset({"user.id", "host.id", "event.id"})
 
 
-def _str(v: Any) -> str | None:
-    if v is None:
-        return None
-    if isinstance(v, str):
-        return v or None
-    if isinstance(v, list):  # ECS allows arrays; the first value is the primary one
-        return _str(v[0]) if v else None
-    return str(v)
+def _plan(cls: type) -> dict[str, tuple[str, Any]]:
+    """Per field of a schema struct: ("struct", its class) or the leaf's kind."""
+    out: dict[str, tuple[str, Any]] = {}
+    for f in msgspec.structs.fields(cls):
+        kinds = set(getattr(f.type, "__args__", (f.type,))) - {type(None)}
+        struct = next((k for k in kinds if isinstance(k, type)
+                       and issubclass(k, msgspec.Struct)), None)
+        if struct is not None:
+            out[f.encode_name] = ("struct", struct)
+        elif kinds == {int}:
+            out[f.encode_name] = ("number", None)
+        elif kinds == {str}:
+            out[f.encode_name] = ("text", None)
+    return out
 
 
-def _int(v: Any, what: str) -> int | None:
-    if v is None:
-        return None
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.isdigit():
-        return int(v)
-    raise MalformedEvent(f"{what} {v!r} is not an integer")
+_PLANS: dict[type, dict[str, tuple[str, Any]]] = {}
 
 
-def _bool(v: Any, what: str) -> bool | None:
-    if v is None or isinstance(v, bool):
-        return v
-    raise MalformedEvent(f"{what} {v!r} is not a boolean")
+def normalize(obj: dict, cls: type = EcsDoc, path: str = "") -> dict:
+    """A copy of the fields of `obj` the schema reads, in their canonical types: an array's
+    first value, a numeric id as text, a decimal pid or port as a number. Anything still
+    wrong is left for the schema to name. Raises MalformedEvent for a number that is not."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = _plan(cls)
+    out = dict(obj)
+    for key, (kind, sub) in plan.items():
+        if key not in obj:
+            continue
+        v = obj[key]
+        if v.__class__ is list:
+            if not v:
+                del out[key]
+                continue
+            v = v[0]
+        where = f"{path}{key}"
+        if kind == "struct":
+            if isinstance(v, dict) and key != "hits":
+                v = normalize(v, sub, f"{where}.")
+        elif kind == "number":
+            if v.__class__ is str:
+                if not (v.isascii() and v.isdigit() and len(v) <= 10):
+                    raise MalformedEvent(f"{where} {v[:40]!r} is not an integer")
+                v = int(v)
+        elif kind == "text" and v.__class__ is int and where in _IDENTS:
+            v = str(v)
+        out[key] = v
+    return out
+
+
+def typed_doc(doc: Any) -> tuple[EcsDoc, dict]:
+    """A decoded JSON value as (schema document, the dict its alerts copy): dotted keys
+    unflattened (in an Elasticsearch hit's `_source` too), other ECS forms normalised.
+    Raises MalformedEvent."""
+    if not isinstance(doc, dict):
+        raise MalformedEvent("line is not a JSON object", "not a JSON object")
+    source = doc.get("_source")
+    if isinstance(source, dict):
+        if has_dotted_keys(source):
+            doc = {**doc, "_source": unflatten(source)}
+        copied = doc["_source"]
+    else:
+        if has_dotted_keys(doc):
+            doc = unflatten(doc)
+        copied = doc
+    try:
+        return convert(doc), copied
+    except msgspec.ValidationError:
+        pass
+    try:
+        return convert(normalize(doc)), copied
+    except msgspec.ValidationError as exc:
+        raise schema_error(exc) from None
 
 
 def event_from_ecs(doc: Any) -> Event:
-    """Read the contract's ECS fields from a decoded JSON document."""
-    if not isinstance(doc, dict):
-        raise MalformedEvent("line is not a JSON object")
-    if any("." in k for k in doc if k != "@timestamp"):
-        doc = unflatten(doc)
-    ts = parse_timestamp(doc.get("@timestamp"))
-    destination = _obj(doc, "destination")
-    dst_ip = _str(destination.get("ip"))
-    if not dst_ip:
-        raise MalformedEvent("destination.ip is missing")
-    process = _obj(doc, "process")
-    name = _str(process.get("name"))
-    if not name:
-        raise MalformedEvent("process.name is missing")
-    parent = _obj(process, "parent")
-    user = _obj(doc, "user")
-    host = _obj(doc, "host")
-    container = _obj(doc, "container")
-    orchestrator = _obj(doc, "orchestrator")
-    event_meta = _obj(doc, "event")
-    http = _obj(doc, "http")
-    url = _obj(doc, "url")
-    return Event(
-        ts,
-        dst_ip,
-        name,
-        dst_port=_int(destination.get("port"), "destination.port"),
-        pid=_int(process.get("pid"), "process.pid"),
-        exe=_str(process.get("executable")),
-        command_line=_str(process.get("command_line")),
-        ppid=_int(parent.get("pid"), "process.parent.pid"),
-        parent_name=_str(parent.get("name")),
-        parent_exe=_str(parent.get("executable")),
-        user=_str(user.get("name")),
-        uid=_str(user.get("id")),
-        host=_str(host.get("name")) or _str(host.get("id")),
-        container_id=_str(container.get("id")),
-        image=_str(_obj(container, "image").get("name")),
-        namespace=_str(orchestrator.get("namespace")),
-        pod=_str(_obj(orchestrator, "resource").get("name")),
-        cloud=_str(_obj(doc, "cloud").get("provider")),
-        event_id=_str(event_meta.get("id")),
-        action=_str(event_meta.get("action")),
-        method=_str(_obj(http, "request").get("method")),
-        path=_str(url.get("path")),
-        query=_str(url.get("query")),
-        user_agent=_str(_obj(doc, "user_agent").get("original")),
-        guarded=_bool(_obj(_obj(doc, "imdswatch"), "request").get("guarded"),
-                      "imdswatch.request.guarded"),
-        thread_name=_str(_obj(process, "thread").get("name")),
-        doc=doc,
-    )
-
-
-def typed_head(d: Any) -> tuple[float, str, int | None, tuple] | None:
-    """(time, destination ip, port, signature) of a `scoring.ecs_schema.EcsDoc`: all the
-    scorer needs for an event of a common entity. None when the document needs the
-    generic path (`event_from_ecs`) to be read or to say what is wrong with it."""
-    ts = d.timestamp
-    if ts is None:
-        return None
-    if ts.__class__ is float:
-        if ts >= 1e11 or ts <= -1e11:
-            ts = ts / 1000.0
-    elif ts.tzinfo is None:
-        return None
-    else:
-        ts = ts.timestamp()
-    dst = d.destination
-    p = d.process
-    if dst is None or p is None or not dst.ip or not p.name:
-        return None
-    if d.http or d.url or d.user_agent or d.imdswatch or p.thread:  # Raw: empty if absent
-        return None
-    parent = p.parent
-    user = d.user
-    host = d.host
-    c = d.container
-    o = d.orchestrator
-    image = c.image if c is not None else None
-    # Same order and normalisation (empty string -> None) as Event.signature().
-    sig = (
-        p.name,
-        p.executable or None,
-        (user.name or None) if user is not None else None,
-        (parent.name or None) if parent is not None else None,
-        (image.name or None) if image is not None else None,
-        (o.namespace or None) if o is not None else None,
-        (host.name or host.id or None) if host is not None else None,
-    )
-    return ts, dst.ip, dst.port, sig
-
-
-def event_from_typed(d: Any, raw: bytes, head: tuple[float, str, int | None, tuple]) -> Event:
-    """The full `Event` of a document whose `typed_head` is `head`."""
-    ts, ip, port, (name, exe, user_name, parent_name, image, namespace, host) = head
-    p = d.process
-    parent = p.parent
-    user = d.user
-    c = d.container
-    o = d.orchestrator
-    resource = o.resource if o is not None else None
-    uid = user.id if user is not None else None
-    return Event(
-        ts, ip, name,
-        dst_port=port,
-        pid=p.pid,
-        exe=exe,
-        command_line=p.command_line,
-        ppid=parent.pid if parent is not None else None,
-        parent_name=parent_name,
-        parent_exe=parent.executable if parent is not None else None,
-        user=user_name,
-        uid=str(uid) if uid is not None else None,
-        host=host,
-        container_id=c.id if c is not None else None,
-        image=image,
-        namespace=namespace,
-        pod=resource.name if resource is not None else None,
-        cloud=d.cloud.provider if d.cloud is not None else None,
-        event_id=d.event.id if d.event is not None else None,
-        action=d.event.action if d.event is not None else None,
-        raw=raw,
-    )
+    """The Event of a decoded ECS document (the live path), under the same rules as a
+    replayed line; a document that is not a call raises MalformedEvent too, since the
+    tracer only ever sends calls."""
+    d, copied = typed_doc(doc)
+    out = read_doc(d, doc=copied)
+    if out.__class__ is str:
+        raise MalformedEvent(out, "not a call")  # type: ignore[arg-type]
+    return out[0]  # type: ignore[index]
