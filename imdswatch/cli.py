@@ -16,17 +16,21 @@ from scoring.state import StateError
 class DurationType(click.ParamType):
     name = "duration"
 
+    def __init__(self, allow_infinite: bool = False) -> None:
+        self.allow_infinite = allow_infinite
+
     def convert(self, value: object, param: click.Parameter | None,
                 ctx: click.Context | None) -> float:
         if isinstance(value, float):
             return value
         try:
-            return parse_duration(str(value))
+            return parse_duration(str(value), self.allow_infinite)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
 
 DURATION = DurationType()
+WINDOW = DurationType(allow_infinite=True)
 
 
 def fail(message: str) -> None:
@@ -59,7 +63,7 @@ def main() -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config.")
 @click.option("--learning-period", type=DURATION, default=None,
               help="No alert before this much event time, e.g. 30s, 15m, 24h, 3d.")
-@click.option("--reorder-window", type=DURATION, default="10m", show_default=True,
+@click.option("--reorder-window", type=WINDOW, default="10m", show_default=True,
               help="How far out of time order input may be and still be scored in order "
                    "(use 'inf' to sort the whole input).")
 def replay(events: str, output: str, threshold: float | None, state_path: str | None,

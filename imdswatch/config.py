@@ -73,26 +73,48 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
         )
 
 
-def _duration(value: Any, where: str) -> float:
+def _duration(value: Any, where: str, positive: bool = False) -> float:
+    """A finite, non-negative duration (TOML's nan and inf are refused here too)."""
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ConfigError(f"{where} must be a duration such as \"30s\" or \"7d\", "
+                          f"not {value!r}")
     try:
-        return parse_duration(value)
+        seconds = parse_duration(value)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    if positive and seconds <= 0:
+        raise ConfigError(f"{where} must be longer than zero")
+    return seconds
 
 
 def _number(value: Any, where: str, lo: float, hi: float) -> float:
+    # `lo <= nan` is False, so NaN is refused along with everything out of range.
     if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
         raise ConfigError(f"{where} must be a number from {lo:g} to {hi:g}, not {value!r}")
     return float(value)
 
 
+def _table(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{where}] must be a table, not {value!r}")
+    return value
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a non-empty string, not {value!r}")
+    return value
+
+
 def _scoring(t: dict) -> ScorerSettings:
+    t = _table(t, "scoring")
     _check_keys(t, {"threshold", "detector_thresholds", "learning_period", "half_life",
                     "suppression_window", "known_caller_factor"}, "scoring")
     s = ScorerSettings()
     if "threshold" in t:
         s.threshold = _number(t["threshold"], "scoring.threshold", 0, 100)
-    for name, value in t.get("detector_thresholds", {}).items():
+    for name, value in _table(t.get("detector_thresholds", {}),
+                              "scoring.detector_thresholds").items():
         if name not in DETECTOR_NAMES:
             raise ConfigError(
                 f"scoring.detector_thresholds: unknown detector {name!r} "
@@ -102,9 +124,7 @@ def _scoring(t: dict) -> ScorerSettings:
     if "learning_period" in t:
         s.learning_period = _duration(t["learning_period"], "scoring.learning_period")
     if "half_life" in t:
-        s.half_life = _duration(t["half_life"], "scoring.half_life")
-        if s.half_life <= 0:
-            raise ConfigError("scoring.half_life must be longer than zero")
+        s.half_life = _duration(t["half_life"], "scoring.half_life", positive=True)
     if "suppression_window" in t:
         s.suppression_window = _duration(t["suppression_window"], "scoring.suppression_window")
     if "known_caller_factor" in t:
@@ -113,31 +133,93 @@ def _scoring(t: dict) -> ScorerSettings:
     return s
 
 
+ENDPOINT_KEYS = {"id", "provider", "address", "ports"}
+# A metadata service is one address; a network wider than these would make ordinary
+# traffic "metadata calls" (and 0.0.0.0/0 or ::/0 all of it).
+MIN_PREFIX = {4: 16, 6: 64}
+
+
+def _endpoint_spec(spec: Any, i: int) -> dict:
+    where = f"endpoints.add #{i}"
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a table such as {{ address = \"10.0.0.5\" }}, "
+                          f"not {spec!r}")
+    _check_keys(spec, ENDPOINT_KEYS, where)
+    _string(spec.get("address"), f"{where}.address")
+    for key in ("id", "provider"):
+        if key in spec:
+            _string(spec[key], f"{where}.{key}")
+    ports = spec.get("ports", [])
+    if not isinstance(ports, list) or any(
+            isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 65536 for p in ports):
+        raise ConfigError(f"{where}.ports must be a list of port numbers 1-65535, "
+                          f"not {ports!r}")
+    return spec
+
+
 def _endpoints(t: dict) -> EndpointCatalog:
+    t = _table(t, "endpoints")
     _check_keys(t, {"add", "remove", "builtin"}, "endpoints")
+    builtin = t.get("builtin", True)
+    if not isinstance(builtin, bool):
+        raise ConfigError(f"endpoints.builtin must be true or false, not {builtin!r}")
+    add = t.get("add", [])
+    remove = t.get("remove", [])
+    if not isinstance(add, list):
+        raise ConfigError("endpoints.add must be a list of tables")
+    if not isinstance(remove, list) or not all(isinstance(r, str) for r in remove):
+        raise ConfigError(f"endpoints.remove must be a list of endpoint ids or addresses, "
+                          f"not {remove!r}")
+    specs = [_endpoint_spec(spec, i) for i, spec in enumerate(add, 1)]
     try:
-        return EndpointCatalog.from_config(
-            add=t.get("add", []), remove=t.get("remove", []), builtin=t.get("builtin", True)
-        )
+        catalog = EndpointCatalog.from_config(add=specs, remove=remove, builtin=builtin)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"endpoints: {exc}") from None
+    for e in catalog:
+        n = e.network
+        if n.prefixlen < MIN_PREFIX[n.version] or n.network_address.is_unspecified:
+            raise ConfigError(
+                f"endpoints: {n} is too broad for a metadata endpoint (at most a /"
+                f"{MIN_PREFIX[n.version]} network, and not the unspecified address): it "
+                "would count ordinary traffic as metadata calls")
+    if not len(catalog):
+        raise ConfigError("endpoints: no endpoint left to watch")
+    return catalog
 
 
-def _exceptions(rules: list) -> tuple[ExceptionRule, ...]:
+def _exceptions(rules: Any) -> tuple[ExceptionRule, ...]:
+    if not isinstance(rules, list):
+        raise ConfigError("exceptions must be an array of tables ([[exceptions]])")
     out = []
     for i, spec in enumerate(rules, 1):
+        if not isinstance(spec, dict):
+            raise ConfigError(f"exceptions #{i} must be a table, not {spec!r}")
         try:
-            out.append(parse_exception(spec))
+            rule = parse_exception(spec)
         except ValueError as exc:
             raise ConfigError(f"exceptions #{i}: {exc}") from None
+        unknown = rule.detectors - set(DETECTOR_NAMES)
+        if unknown:
+            raise ConfigError(f"exceptions #{i}: unknown detectors {', '.join(sorted(unknown))} "
+                              f"(detectors: {', '.join(DETECTOR_NAMES)})")
+        out.append(rule)
     return tuple(out)
 
 
+def _address(value: Any, where: str) -> str:
+    text = _string(value, where)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where} must be HOST:PORT, not {value!r}")
+    return text
+
+
 def _metrics(t: dict) -> MetricsSettings:
+    t = _table(t, "metrics")
     _check_keys(t, {"address", "max_label_values", "anomaly_ttl"}, "metrics")
     m = MetricsSettings()
     if "address" in t:
-        m.address = str(t["address"])
+        m.address = _address(t["address"], "metrics.address")
     if "max_label_values" in t:
         m.max_label_values = int(_number(t["max_label_values"], "metrics.max_label_values",
                                          1, 1_000_000))
@@ -147,6 +229,7 @@ def _metrics(t: dict) -> MetricsSettings:
 
 
 def _agent(t: dict) -> AgentSettings:
+    t = _table(t, "agent")
     _check_keys(t, {"probe", "proc_root", "passwd", "state_save_interval", "node_name",
                     "kubernetes", "kubernetes_api", "cgroup_root"}, "agent")
     a = AgentSettings()
@@ -156,7 +239,7 @@ def _agent(t: dict) -> AgentSettings:
         a.probe = t["probe"]
     for key in ("proc_root", "passwd", "node_name", "cgroup_root"):
         if key in t:
-            setattr(a, key, str(t[key]))
+            setattr(a, key, _string(t[key], f"agent.{key}"))
     if "kubernetes" in t:
         value = t["kubernetes"]
         if isinstance(value, bool):  # kubernetes = true / false reads naturally too
@@ -165,12 +248,13 @@ def _agent(t: dict) -> AgentSettings:
             raise ConfigError(f"agent.kubernetes must be one of {', '.join(KUBERNETES_MODES)}")
         a.kubernetes = value
     if "kubernetes_api" in t:
-        api = str(t["kubernetes_api"])
+        api = _string(t["kubernetes_api"], "agent.kubernetes_api")
         if not api.startswith(("http://", "https://")):
             raise ConfigError("agent.kubernetes_api must be an http:// or https:// URL")
         a.kubernetes_api = api
     if "state_save_interval" in t:
-        a.state_save_interval = _duration(t["state_save_interval"], "agent.state_save_interval")
+        a.state_save_interval = _duration(t["state_save_interval"],
+                                          "agent.state_save_interval")
     return a
 
 

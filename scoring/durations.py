@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 
 
-def parse_duration(text: str | int | float) -> float:
-    """Seconds in `text`; compound forms such as 1h30m work. Raises ValueError."""
-    if isinstance(text, int | float) and not isinstance(text, bool):
+def parse_duration(text: str | int | float, allow_infinite: bool = False) -> float:
+    """Seconds in `text`; compound forms such as 1h30m work. NaN is never a duration;
+    infinity only where `allow_infinite` (a reorder window that sorts everything). Raises
+    ValueError."""
+    value = _parse(text)
+    if math.isnan(value):
+        raise ValueError(f"duration {text!r} is not a number")
+    if math.isinf(value) and not allow_infinite:
+        raise ValueError(f"duration {text!r} is not finite")
+    return value
+
+
+def _parse(text: str | int | float) -> float:
+    if isinstance(text, bool):
+        raise ValueError(f"duration {text!r} is a boolean")
+    if isinstance(text, int | float):
         if text < 0:
             raise ValueError(f"duration {text} is negative")
         return float(text)

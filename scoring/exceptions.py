@@ -55,8 +55,19 @@ def parse_exception(spec: dict) -> ExceptionRule:
     exe = spec["executable"]
     if not exe.startswith("/") or exe.startswith("/*") or exe.startswith("*"):
         raise ValueError(f"exception executable {exe!r} must be an absolute path")
+    writable = _matches_writable(exe)
+    if writable:
+        raise ValueError(
+            f"exception executable {exe!r} also matches {writable}, a path any user can "
+            "write: name the directory the vetted binary is installed in")
+    for key in ("user", "image", "namespace", "comment"):
+        if key in spec and not isinstance(spec[key], str):
+            raise ValueError(f"exception '{key}' must be a string, not {spec[key]!r}")
+    for key in ("image", "namespace"):
+        if spec.get(key) is not None and fnmatchcase(_PROBE, spec[key]):
+            raise ValueError(f"exception {key} {spec[key]!r} matches everything")
     detectors = spec.get("detectors", [])
-    if not isinstance(detectors, list):
+    if not isinstance(detectors, list) or not all(isinstance(d, str) for d in detectors):
         raise ValueError("exception 'detectors' must be a list of detector names")
     return ExceptionRule(
         name=spec["name"],
@@ -67,6 +78,33 @@ def parse_exception(spec: dict) -> ExceptionRule:
         detectors=frozenset(detectors),
         comment=str(spec.get("comment", "")),
     )
+
+
+# Directories any local user (or any container image) can put an executable in. An
+# exception whose executable pattern reaches into one would let anyone pass as the vetted
+# caller by copying a binary there under the right name.
+_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/user/1000", "/home/user",
+                  "/root", "/proc/self/fd", "/imdswatch-probe")
+_PROBE = "imdswatch-probe/x y.z:1"
+_GLOB = set("*?[")
+
+
+def _matches_writable(exe: str) -> str | None:
+    """A path under a user-writable (or arbitrary) directory that `exe` matches: one with
+    the pattern's own file name when that is literal, else any name."""
+    parts = exe.split("/")
+    literal = len(parts)
+    while literal > 1 and not _GLOB & set(parts[literal - 1]):
+        literal -= 1
+    # The pattern's literal tail (the components after its last glob), and bare names.
+    tail = "/".join(parts[literal:])
+    names = ["x", "imdswatch-probe"] + ([tail, f"x/{tail}"] if tail else [])
+    for d in _WRITABLE_DIRS:
+        for name in names:
+            for path in (f"{d}/{name}", f"{d}/.hidden/{name}"):
+                if fnmatchcase(path, exe):
+                    return path
+    return None
 
 
 def first_match(

@@ -58,7 +58,7 @@ def replay(*args, stdin=None, input=None, timeout=120, **kw):
                           input=input, capture_output=True, timeout=timeout, **kw)
 
 
-# -- timestamps ------------------------------------------------------------------------------
+# -- timestamps -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", [
     0, -1, 1e20, -1e20, "inf", "-inf", "nan", "NaN", "Infinity", "1e20", "0", "-1",
@@ -109,7 +109,7 @@ def test_nan_timestamp_never_blocks_the_events_behind_it(tmp_path):
     assert "malformed lines: 2" in err and "bad @timestamp 2" in err
 
 
-# -- types, names ------------------------------------------------------------------------------
+# -- types, names -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", [5, 1.5, True, {"a": 1}, [1], [{"x": 1}], {"": []}])
 def test_a_name_that_is_not_text_is_malformed_with_its_line(name):
@@ -178,7 +178,7 @@ def test_long_fields_are_cut_not_refused():
     assert len(events[0].command_line) == 4096 and len(events[0].exe) == 4096
 
 
-# -- nesting and length ---------------------------------------------------------------------------
+# -- nesting and length ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("depth", [1000, 100_000])
 def test_deep_nesting_in_an_unknown_field_is_one_malformed_line(depth):
@@ -233,7 +233,7 @@ def test_a_huge_line_is_refused_with_its_number_in_linear_time(tmp_path):
     assert b"metadata events scored: 2" in r.stderr
 
 
-# -- stdio, output failures, odd inputs -------------------------------------------------------------
+# -- stdio, output failures, odd inputs --------------------------------------------------------
 
 def alerting_trace(path: Path) -> Path:
     events = fleet_events(hosts=4, days=2)
@@ -390,7 +390,7 @@ def test_a_signal_during_a_replay_saves_the_state(trace, tmp_path, sig):
     assert f"metadata events scored: {n}".encode() in shown
 
 
-# -- the one parser ---------------------------------------------------------------------------------
+# -- the one parser ----------------------------------------------------------------------------
 
 def test_schema_and_rules_agree_on_a_canonical_line():
     line = orjson.dumps(doc(user={"name": "root", "id": "0"}))
