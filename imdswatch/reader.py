@@ -108,8 +108,7 @@ def read_events(
 
 def _skip(d: EcsDoc, reason: str, skipped: Counter, join: ProcessJoin | None) -> None:
     src = d.source if d.source is not None else d
-    if join is not None and _is_process_event(src):
-        join.learn(src, _time_or_none(src))
+    if join is not None and _is_process_event(src) and join.learn(src, _time_or_none(src)):
         skipped["process event (kept for the entity-id join)"] += 1
     else:
         skipped[reason] += 1

@@ -313,10 +313,16 @@ def read_doc(
         endpoint = match(ip, port)
         if endpoint is None:
             return NOT_METADATA
-    reason = call_skip_reason(d)
-    if reason is not None:
-        return reason
-    ts = parse_timestamp(d.timestamp)
+    e = d.event
+    if e is None or e.action not in CALL_ACTIONS:  # the common case decides at once
+        reason = call_skip_reason(d)
+        if reason is not None:
+            return reason
+    ts = d.timestamp
+    if ts.__class__ is str and ts == _last[0]:  # parse_timestamp's cache, inline
+        ts = _last[1]
+    else:
+        ts = parse_timestamp(ts)
     p = d.process
     name = p.name if p is not None else None
     if name is None:
@@ -336,7 +342,6 @@ def read_doc(
     host = d.host
     c = d.container
     o = d.orchestrator
-    e = d.event
     image = c.image if c is not None else None
     resource = o.resource if o is not None else None
     http = d.http

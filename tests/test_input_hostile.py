@@ -157,6 +157,22 @@ def test_any_value_anywhere_gives_an_event_or_a_reason(junk):
         assert len(events) + len(bad) + sum(skipped.values()) >= 1
 
 
+def test_empty_and_odd_names_are_scored_by_the_cli(trace, tmp_path):
+    docs = [orjson.loads(line) for line in trace.read_bytes().splitlines()]
+    last = docs[-1]["@timestamp"]
+    for i, name in enumerate(["", "evil\n", "\u202egnp.exe", " "]):
+        docs.append({**doc(process={"name": name, "executable": f"/tmp/x{i}"}),
+                     "@timestamp": last, "host": {"name": "node-1"}})
+    path = tmp_path / "names.ndjson"
+    path.write_bytes(b"".join(orjson.dumps(d) + b"\n" for d in docs))
+    r = replay(path, "--learning-period", "1h")
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert f"metadata events scored: {len(docs)}" in err and "malformed lines: 0" in err
+    names = {orjson.loads(line)["process"]["name"] for line in r.stdout.splitlines()}
+    assert {"", "evil\n"} <= names
+
+
 def test_live_and_replayed_documents_read_alike():
     d = doc(process={"name": "", "pid": "42", "parent": {"name": ["bash"]}},
             user={"id": 0}, host={"hostname": "h1"}, event={"id": 7})
