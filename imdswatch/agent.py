@@ -77,6 +77,19 @@ def start_pod_directory(agent_settings: Any) -> PodDirectory | None:
     return pods
 
 
+def _alert_writer(output: str | IO[Any]) -> AlertWriter:
+    """The alert writer for `--output`; RuntimeError (exit 2) when it cannot be opened."""
+    if output == "-":
+        stdout = sys.stdout
+        if stdout is None or getattr(stdout, "buffer", None) is None:
+            raise RuntimeError("standard output is closed; give --output FILE")
+        return AlertWriter(stdout.buffer)
+    try:
+        return AlertWriter(output)
+    except OSError as exc:
+        raise RuntimeError(f"{output}: cannot write alerts ({exc.strerror or exc})") from None
+
+
 def _fail(message: str) -> int:
     print(f"imdswatch run: {message}", file=sys.stderr, flush=True)
     return 2
@@ -106,6 +119,9 @@ class Agent:
         self.pods: PodDirectory | None = None
         self.server: Any = None
         self.attached = False
+        # Set when the alert output failed (a full disk, a closed pipe): the agent stops,
+        # saves its state and exits 2 with this message.
+        self.output_error: str | None = None
         self._last_loop = time.monotonic()
         self._matched_read: int | None = None
 
@@ -134,7 +150,7 @@ class Agent:
             self.server = self.metrics.serve(cfg.metrics.address)
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"cannot serve metrics on {cfg.metrics.address}: {exc}") from None
-        self.writer = AlertWriter(sys.stdout.buffer if self.output == "-" else self.output)
+        self.writer = _alert_writer(self.output)
         # Started before attaching, so that the first list is usually done by the first event.
         self.pods = start_pod_directory(cfg.agent)
         self.tracer = Tracer(
@@ -188,7 +204,15 @@ class Agent:
         self.metrics.observe(outcome)
         if outcome.alert:
             s.alerts += 1
-            self.writer.write(outcome)
+            if self.output_error is not None:
+                return
+            try:
+                self.writer.write(outcome)
+            except OSError as exc:
+                name = "standard output" if self.output == "-" else str(self.output)
+                self.output_error = f"{name}: cannot write alerts ({exc.strerror or exc})"
+                log.error("%s: stopping", self.output_error)
+                self.stop.set()
 
     def run(self) -> None:
         assert self.tracer is not None and self.metrics is not None
@@ -269,7 +293,10 @@ class Agent:
             self.pods.close()
         self.save()
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as exc:
+                log.error("closing the alert output: %s", exc)
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
@@ -329,6 +356,8 @@ def run_agent(
         except RuntimeError as exc:
             return _fail(str(exc))
         agent.run()
+        if agent.output_error is not None:
+            return _fail(agent.output_error)
         return 0
     finally:
         agent.shutdown()

@@ -431,3 +431,47 @@ def test_non_canonical_forms_are_normalised_not_refused():
 def test_validation_error_names_the_field():
     with pytest.raises(msgspec.ValidationError):
         decoder().decode(orjson.dumps(doc(process={"name": 5})))
+
+
+# -- the live agent's output --------------------------------------------------------------
+
+def _credential_request() -> dict:
+    """Alerts on a fresh node (the history-free rule): no warm model needed."""
+    return {"@timestamp": "2026-11-30T10:00:00Z",
+            "destination": {"ip": "169.254.169.254", "port": 80},
+            "process": {"name": "curl", "executable": "/usr/bin/curl"},
+            "user": {"name": "www-data"}, "host": {"name": "n1"},
+            "event": {"action": "http_request"}, "http": {"request": {"method": "GET"}},
+            "url": {"path": "/latest/meta-data/iam/security-credentials/role"},
+            "imdswatch": {"request": {"guarded": False}}}
+
+
+def test_agent_stops_on_a_failing_alert_output():
+    """`run` goes through the same code: an alert that cannot be written stops the agent
+    (which then saves its state and exits 2) instead of raising out of the event loop."""
+    from exporters.metrics import MetricsExporter
+    from imdswatch.agent import Agent, _alert_writer
+    from imdswatch.config import Config
+
+    cfg = Config()
+    cfg.scorer.learning_period = 0
+    agent = Agent(cfg, output="/dev/full")
+    agent.metrics = MetricsExporter()
+    agent.writer = _alert_writer("/dev/full")
+    agent.handle(_credential_request())
+    assert agent.stats.alerts == 1
+    assert agent.output_error == "/dev/full: cannot write alerts (No space left on device)"
+    assert agent.stop.is_set()
+    agent.handle(_credential_request())  # later alerts are not attempted again
+    assert agent.stats.scored == 2
+
+
+@pytest.mark.parametrize(("redirect", "words"), [
+    (">&-", b"standard output is closed"),
+    ("--output /nonexistent-dir/alerts.ndjson", b"cannot write alerts"),
+])
+def test_run_with_an_unusable_output_exits_2_with_one_message(redirect, words):
+    r = subprocess.run(["bash", "-c", f"exec {IMDSWATCH} run --metrics-address 127.0.0.1:0 "
+                                      f"{redirect}"], capture_output=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert words in r.stderr and b"Traceback" not in r.stderr
