@@ -58,6 +58,7 @@ def read_events(
     is one `ndjson.numbered_lines` refused as too long."""
     decode = decoder().decode
     pos = position if position is not None else Position()
+    lines = _one_document_if_pretty(iter(lines))
     not_metadata = 0
     try:
         for lineno, line in lines:
@@ -104,6 +105,32 @@ def read_events(
     finally:
         if not_metadata:
             skipped[NOT_METADATA] += not_metadata
+
+
+def _one_document_if_pretty(lines: Iterator[tuple[int, bytes | None]]
+                            ) -> Iterator[tuple[int, bytes | None]]:
+    """The lines as they are, or, when the first is a lone `{` or `[` (pretty-printed JSON:
+    a `_search` response copied from Kibana Dev Tools, `curl ...?pretty`, `jq .`), the whole
+    input as one line numbered 1 (None when it is longer than MAX_LINE_BYTES). NDJSON never
+    starts that way: its first line is a whole document."""
+    first = next(lines, None)
+    if first is None:
+        return
+    if first[1] is None or first[1].strip() not in (b"{", b"["):
+        yield first
+        yield from lines
+        return
+    parts = [first[1]]
+    size = len(first[1])
+    for _, line in lines:
+        if line is None or size + len(line) + 1 > MAX_LINE_BYTES:
+            for _ in lines:  # read to the end; the whole input is one refused line
+                pass
+            yield first[0], None
+            return
+        parts.append(line)
+        size += len(line) + 1
+    yield first[0], b"\n".join(parts)
 
 
 def _skip(d: EcsDoc, reason: str, skipped: Counter, join: ProcessJoin | None) -> None:

@@ -321,3 +321,22 @@ def test_replay_of_a_defend_export_counts_every_line(tmp_path):
     assert "disconnect_received) 2" in err and "connection_accepted) 1" in err
     assert "filled from the export's process events: 2" in err
     assert "malformed lines: 0" in err
+
+
+def test_a_pretty_printed_search_response_is_read_whole(tmp_path):
+    """As Kibana Dev Tools or `curl ...?pretty` show it: one document over many lines."""
+    import json
+
+    page = {"took": 3, "hits": {"total": {"value": 2}, "hits": [
+        _hit(_plain(1), 1), _hit(_plain(2, "wget"), 2)]}}
+    path = tmp_path / "page.json"
+    path.write_text(json.dumps(page, indent=2) + "\n")
+    r = subprocess.run([str(IMDSWATCH), "replay", str(path), "--output", os.devnull],
+                       capture_output=True, timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "metadata events scored: 2 " in err and "malformed lines: 0" in err
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([_plain(3), _plain(4)], indent=1))
+    events, bad, _, _ = read(array.read_bytes().splitlines())
+    assert not bad and len(events) == 2
