@@ -24,7 +24,6 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-import orjson
 
 from scoring.ecs_schema import EcsDoc, convert
 
@@ -116,13 +115,22 @@ class Event:
 
     @property
     def doc(self) -> dict | None:
-        """The ECS document the event came from. Replay keeps only the raw line and
-        decodes it here, when an alert needs its fields: most events never do."""
-        if self._doc is None and self._raw is not None:
-            doc = orjson.loads(self._raw)
+        """The ECS document the event came from, made safe to serialise (`safe_doc`).
+        Replay keeps only the raw line and decodes it here, when an alert needs its
+        fields: most events never do."""
+        doc = self._doc
+        if self._raw is _SAFE:
+            return doc
+        if doc is None:
+            if self._raw is None:
+                return None
+            # msgspec, not orjson: it reads integers beyond 64 bits, as the line's decoder did.
+            doc = msgspec.json.decode(self._raw)
             source = doc.get("_source") if isinstance(doc, dict) else None
-            self._doc = source if isinstance(source, dict) else doc  # an Elasticsearch hit
-        return self._doc
+            doc = source if isinstance(source, dict) else doc  # an Elasticsearch hit
+        self._doc = doc = safe_doc(doc)
+        self._raw = _SAFE
+        return doc
 
     @property
     def is_request(self) -> bool:
@@ -145,6 +153,45 @@ class Event:
             f"Event(ts={self.ts}, name={self.name!r}, exe={self.exe!r}, user={self.user!r}, "
             f"dst={self.dst_ip}:{self.dst_port}, host={self.host!r})"
         )
+
+
+# Nesting kept in a document that leaves in an alert; deeper values are replaced. The
+# parser itself refuses lines nested past the interpreter's recursion guard (~1000).
+MAX_DOC_DEPTH = 32
+_INT64 = (-(2**63), 2**64 - 1)
+_SAFE: Any = object()  # in `_raw`: the doc has been made safe
+
+
+def safe_doc(doc: Any) -> Any:
+    """`doc` itself when every value can be written back as JSON by the alert writer, else a
+    copy where containers nested deeper than MAX_DOC_DEPTH are the string "[nested too
+    deeply]" and integers beyond 64 bits are strings."""
+    stack = [(doc, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if v.__class__ is dict:
+            if depth >= MAX_DOC_DEPTH:
+                return _pruned(doc, 0)
+            stack.extend((x, depth + 1) for x in v.values())
+        elif v.__class__ is list:
+            if depth >= MAX_DOC_DEPTH:
+                return _pruned(doc, 0)
+            stack.extend((x, depth + 1) for x in v)
+        elif v.__class__ is int and not _INT64[0] <= v <= _INT64[1]:
+            return _pruned(doc, 0)
+    return doc
+
+
+def _pruned(v: Any, depth: int) -> Any:
+    if v.__class__ is dict or v.__class__ is list:
+        if depth >= MAX_DOC_DEPTH:
+            return "[nested too deeply]"
+        if v.__class__ is dict:
+            return {k: _pruned(x, depth + 1) for k, x in v.items()}
+        return [_pruned(x, depth + 1) for x in v]
+    if v.__class__ is int and not _INT64[0] <= v <= _INT64[1]:
+        return str(v)
+    return v
 
 
 # -- time --------------------------------------------------------------------------------

@@ -475,3 +475,39 @@ def test_run_with_an_unusable_output_exits_2_with_one_message(redirect, words):
                                       f"{redirect}"], capture_output=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert words in r.stderr and b"Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("junk", [
+    b"[" * 400 + b"]" * 400,                      # deeper than the alert writer can write
+    b"123456789012345678901234567890",            # an integer beyond 64 bits
+])
+def test_an_alert_on_an_odd_document_is_still_written(junk, tmp_path):
+    d = _credential_request()
+    line = orjson.dumps(d)[:-1] + b',"process":{"name":"curl","executable":"/usr/bin/curl",' \
+        b'"junk":' + junk + b"}}"
+    path = tmp_path / "odd.ndjson"
+    path.write_bytes(line + b"\n")
+    r = replay(path)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    alert = orjson.loads(r.stdout.splitlines()[0])
+    assert alert["process"]["name"] == "curl"
+
+
+def test_safe_doc_cuts_depth_and_big_integers_and_keeps_the_rest():
+    from scoring.events import MAX_DOC_DEPTH, safe_doc
+
+    fine = doc()
+    assert safe_doc(fine) is fine
+    deep: dict = {}
+    node = deep
+    for _ in range(100):
+        node["a"] = {}
+        node = node["a"]
+    out = safe_doc({"process": {"name": "x", "deep": deep}, "n": 2**70})
+    assert out["process"]["name"] == "x" and out["n"] == str(2**70)
+    orjson.dumps(out)  # the alert writer's serialiser takes it
+    depth, node = 0, out
+    while isinstance(node, dict):
+        node = next(iter(node.values())) if node else None
+        depth += 1
+    assert depth <= MAX_DOC_DEPTH + 1
