@@ -104,7 +104,7 @@ KEYS = [("scoring", "threshold"), ("scoring", "learning_period"), ("scoring", "h
 
 
 @given(st.sampled_from(KEYS), VALUES)
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 def test_any_value_loads_or_is_refused_with_a_config_error(key, value):
     table, name = key
     try:
@@ -114,7 +114,7 @@ def test_any_value_loads_or_is_refused_with_a_config_error(key, value):
 
 
 @given(st.lists(VALUES, max_size=3))
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 def test_any_exceptions_array_loads_or_is_refused(rules):
     try:
         parse_config({"exceptions": rules}, "fuzz.toml")

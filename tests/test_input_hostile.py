@@ -86,7 +86,7 @@ def test_epoch_units_are_recognised(value, expected):
 @given(st.one_of(st.floats(allow_nan=True, allow_infinity=True),
                  st.integers(min_value=-(10**25), max_value=10**25),
                  st.text(max_size=40)))
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_any_timestamp_is_finite_and_in_range_or_malformed(value):
     try:
         ts = parse_timestamp(value)
@@ -128,7 +128,7 @@ def test_every_field_is_type_checked(field, value):
 
 
 @given(st.text(max_size=60))
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_any_text_name_is_an_event_with_that_name(name):
     """"" (prctl), newlines, control characters, any unicode: a value, scored."""
     events, bad, _ = read_lines([orjson.dumps(doc(process={"name": name}))])
@@ -140,7 +140,7 @@ def test_any_text_name_is_an_event_with_that_name(name):
                     | st.floats() | st.text(),
                     lambda inner: st.lists(inner, max_size=3)
                     | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8))
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_any_value_anywhere_gives_an_event_or_a_reason(junk):
     """Whatever JSON sits in any field the reader knows, the result is an event, a skip or
     a malformed report: never an exception."""
@@ -215,7 +215,7 @@ def test_deep_document_is_refused_by_the_cli_too(tmp_path):
 
 @given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=30),
        st.integers(min_value=1, max_value=64), st.integers(min_value=1, max_value=50))
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_lines_cut_at_any_block_size_with_a_length_cap(lines, block, cap):
     """Every line comes back whole with its number, or as None when longer than the cap,
     whatever the block boundaries."""
