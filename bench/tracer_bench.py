@@ -3,7 +3,8 @@ the real agent (`imdswatch run` as a subprocess) and real connects made inside a
 network namespace holding the metadata addresses (never the real service):
 
 1. connect() overhead on non-metadata connections, probe attached vs detached, for the mode
-   `auto` picks and for the tracepoint mode side by side;
+   `auto` picks and for the tracepoint mode side by side; request capture's egress program:
+   its run time per packet (bpf_stats) and loopback bulk throughput attached vs detached;
 2. detection latency, connect() to the alert line and to the metric, p50 and p99;
 3. a connect flood at the mock IMDS: events/s processed, events dropped, kernel counts
    equal to the connects made;
@@ -185,6 +186,157 @@ def _overhead(ns: object, quick: bool) -> list[dict]:
     return rows
 
 
+_BULK_SERVER = """
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 9100))
+s.listen(16)
+print("ready", flush=True)
+buf = bytearray(1 << 20)
+while True:
+    c, _ = s.accept()
+    while c.recv_into(buf):
+        pass
+    c.sendall(b"k")
+    c.close()
+"""
+
+_BULK_CLIENT = """
+import socket, sys, time
+n = int(sys.argv[1])
+chunk = b"x" * (256 * 1024)
+s = socket.create_connection(("127.0.0.1", 9100))
+t = time.perf_counter()
+sent = 0
+while sent < n:
+    s.sendall(chunk)
+    sent += len(chunk)
+s.shutdown(socket.SHUT_WR)
+s.recv(1)
+print(sent / (time.perf_counter() - t) / 1e6)
+"""
+
+# Small segments: one byte per send with TCP_NODELAY, answered, so each is its own packet.
+_PINGPONG_CLIENT = """
+import socket, sys
+n = int(sys.argv[1])
+s = socket.create_connection(("127.0.0.1", 9101))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for _ in range(n):
+    s.sendall(b"p")
+    s.recv(1)
+"""
+_PINGPONG_SERVER = """
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 9101))
+s.listen(4)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while c.recv(1):
+        c.sendall(b"q")
+    c.close()
+"""
+
+
+def _request_capture(ns: object, quick: bool) -> list[dict]:
+    """Request capture's price on traffic that is not to a metadata endpoint: the egress
+    program runs for every packet the machine sends. (1) its run time per packet from the
+    kernel's accounting (bpf_stats), over a loopback ping-pong of one-byte segments and a
+    bulk transfer; (2) loopback bulk-transfer throughput with it attached vs detached, in
+    alternating paired rounds."""
+    import subprocess
+
+    from scoring.endpoints import EndpointCatalog
+    from tracer import Tracer
+
+    rounds, size = (4, 128 << 20) if quick else (12, 512 << 20)
+    stats_knob = Path("/proc/sys/kernel/bpf_stats_enabled")
+    stats_before = stats_knob.read_text().strip() if stats_knob.exists() else None
+    servers = [ns.popen(["python3", "-c", code], stdout=subprocess.PIPE, text=True)
+               for code in (_BULK_SERVER, _PINGPONG_SERVER)]
+    for srv in servers:
+        srv.stdout.readline()
+    t = Tracer(EndpointCatalog.from_config(), probe="cgroup")
+    rows: list[dict] = []
+    try:
+        t.start()
+        if t.tracker is None:
+            return [_row(f"tracer: request capture unavailable ({t.requests_unavailable})",
+                         None, "")]
+        if stats_before is not None:
+            stats_knob.write_text("0")
+        on: list[float] = []
+        off: list[float] = []
+
+        def bulk() -> float:
+            r = ns.run(["python3", "-c", _BULK_CLIENT, str(size)], timeout=120)
+            return float(r.stdout.strip())
+
+        for r in range(rounds):
+            for attached in ((True, False) if r % 2 else (False, True)):
+                t.resume() if attached else t.pause()
+                (on if attached else off).append(bulk())
+        t.resume()
+        a, d = statistics.median(on), statistics.median(off)
+        pct = statistics.median((x - y) / y * 100 for x, y in zip(on, off, strict=True))
+        rows.append(_row(f"tracer: loopback bulk transfer, request capture attached "
+                         f"({rounds}x{size >> 20} MiB each side)", a, "MB/s", "detached", d,
+                         "report"))
+        rows.append(_row("tracer: bulk throughput change with request capture", pct, "%",
+                         target="report (paired median)"))
+        if stats_before is not None:
+            # An empty cgroup_skb program beside ours, timed in the same runs: what the
+            # kernel's accounting and dispatch cost by themselves.
+            import bcc
+
+            from tracer import cgroup_attach
+
+            empty = bcc.BPF(text=b"int imdsw_empty(struct __sk_buff *skb) { return 1; }")
+            efd = empty.load_func(b"imdsw_empty", bcc.BPF.CGROUP_SKB,
+                                  attach_type=cgroup_attach.CGROUP_INET_EGRESS).fd
+            att = cgroup_attach.CgroupAttachment(t._bpf.imdsw_requests.root)
+            att.attach(efd, cgroup_attach.CGROUP_INET_EGRESS)
+            stats_knob.write_text("1")
+            egress = t._bpf.funcs[b"imdsw_egress"].fd
+            for label, argv in (
+                ("one-byte ping-pong segments", ["python3", "-c", _PINGPONG_CLIENT,
+                                                 "20000" if quick else "100000"]),
+                ("bulk-transfer packets", ["python3", "-c", _BULK_CLIENT, str(size)]),
+            ):
+                n0, ns0 = _fd_runs(egress)
+                e0, ens0 = _fd_runs(efd)
+                ns.run(argv, timeout=180)
+                n1, ns1 = _fd_runs(egress)
+                e1, ens1 = _fd_runs(efd)
+                if n1 > n0 and e1 > e0:
+                    rows.append(_row(f"tracer: request capture program time per packet, "
+                                     f"{label} ({n1 - n0:,} runs)", (ns1 - ns0) / (n1 - n0),
+                                     "ns", "empty cgroup_skb program", (ens1 - ens0) / (e1 - e0),
+                                     "report (a few comparisons over the empty program)"))
+            stats_knob.write_text("0")
+            att.close()
+            empty.cleanup()
+    finally:
+        if stats_before is not None:
+            stats_knob.write_text(stats_before)
+        t.close()
+        for srv in servers:
+            srv.kill()
+            srv.wait(5)
+    return rows
+
+
+def _fd_runs(fd: int) -> tuple[int, int]:
+    fields = dict(line.split(":\t", 1) for line in
+                  Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines() if ":\t" in line)
+    return int(fields.get("run_cnt", 0)), int(fields.get("run_time_ns", 0))
+
+
 def _prog_runs(tracer: object) -> tuple[int, int]:
     """(runs, total ns) of the tracer's BPF programs, from their fdinfo (bpf_stats)."""
     runs = total = 0
@@ -333,6 +485,7 @@ def run(quick: bool = False) -> list[dict]:
             MetadataNamespace(v4=(IMDS,), v6=()) as ns:
         tmp = Path(tmpdir)
         rows += _overhead(ns, quick)
+        rows += _request_capture(ns, quick)
         state = tmp / "state.json"
         warm_state(state)
         # Threshold 1: every connect from a new process name becomes an alert line, so each

@@ -105,6 +105,7 @@ class RequestTracker:
                     self._open(ev.cookie, waiting[1], now)
                 else:
                     self._syns[ev.tid] = (now, ev, doc)
+                    self._bound_waiting()
                 return
             self._open(ev.cookie, doc, now)  # seen only after NAT: its own connection
             return
@@ -116,6 +117,7 @@ class RequestTracker:
             self._open(syn[1].cookie, doc, now)
         else:
             self._connects[ev.tid] = (now, doc)
+            self._bound_waiting()
 
     def segment(self, seg: Segment) -> None:
         conn = self.conns.get(seg.cookie)
@@ -151,6 +153,18 @@ class RequestTracker:
                 # The connect event never came (dropped): the SYN record stands for it.
                 del self._syns[tid]
                 self._open(ev.cookie, doc, t)
+
+    def _bound_waiting(self) -> None:
+        """Unpaired records are bounded too: beyond MAX_CONNECTIONS the oldest stands alone
+        at once (dicts keep insertion order)."""
+        while len(self._connects) > MAX_CONNECTIONS:
+            tid = next(iter(self._connects))
+            self.stats.connections_without_request += 1
+            self.emit(self._connects.pop(tid)[1])
+        while len(self._syns) > MAX_CONNECTIONS:
+            tid = next(iter(self._syns))
+            t, ev, doc = self._syns.pop(tid)
+            self._open(ev.cookie, doc, t)
 
     def flush(self) -> None:
         """Report everything still pending (at shutdown)."""

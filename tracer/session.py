@@ -105,7 +105,8 @@ class Tracer:
         self._out: list[dict] = []
         self._sink: Callable[[dict], None] | None = None
         self._budget = MAX_BATCH
-        self.events_read = 0
+        self.events_read = 0  # documents produced
+        self.records_read = 0  # kernel records read (connects, SYNs, segments)
         self.callback_errors = 0
         self.attach_seconds: float | None = None
         self.paused = False
@@ -210,6 +211,7 @@ class Tracer:
 
     def _on_event(self, _ctx: object, data: int, size: int) -> int:
         # Called from C: an exception would be printed and lost, so it is logged here.
+        self.records_read += 1
         try:
             kind = record_kind(data)
             if kind in (KIND_DATA, KIND_CLOSE):
@@ -308,11 +310,11 @@ class Tracer:
         if self._bpf is None:
             return []
         out: list[dict] = []
-        start = self.events_read
-        while self.events_read - start < max_events:
-            before = self.events_read
+        start = self.records_read
+        while self.records_read - start < max_events:
+            before = self.records_read
             out += self.poll(0, sink)
-            if self.events_read == before:
+            if self.records_read == before:
                 break
         if final and self.tracker is not None:
             self._sink = sink
