@@ -541,3 +541,30 @@ def test_python_requests_session_keep_alive(ns, live):
     assert all(r["user_agent"]["original"].startswith("python-requests/") for r in reqs)
     assert len({r["event"]["id"].rsplit("-r", 1)[0] for r in reqs}) == 1
     _no_secret(reqs, TOKEN)
+
+
+def test_agent_alert_carries_the_request(ns, tmp_path):
+    """End to end: the live agent scores the request events like replayed ones, and the
+    alert names the request (method, path, guarded) and the process that sent it."""
+    from netns_fixtures import AgentProcess, wait_for, warm_state
+
+    state = tmp_path / "state.json"
+    warm_state(state)
+    agent = AgentProcess(tmp_path, "--probe", "cgroup", "--state", str(state),
+                         "--learning-period", "0s").start()
+    try:
+        assert agent.metric("imdswatch_request_capture_enabled") == 1
+        pid = _run(ns, ["curl", "-s", "-o", "/dev/null",
+                        f"http://{IMDS}/latest/meta-data/iam/security-credentials/test-role"])
+
+        def ours() -> list[dict]:
+            return [a for a in agent.alert_lines() if a["process"].get("pid") == pid]
+
+        assert wait_for(lambda: ours(), 10), agent.log.read_text()[-2000:]
+        alert = ours()[0]
+        assert alert["http"]["request"]["method"] == "GET"
+        assert alert["url"]["path"].startswith("/latest/meta-data/iam/security-credentials/")
+        assert alert["imdswatch"]["request"]["guarded"] is False
+        assert alert["process"]["name"] == "curl"
+    finally:
+        agent.kill()
