@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import threading
@@ -11,11 +10,58 @@ from typing import IO, Any, Protocol
 
 import orjson
 
-from exporters.redact import redact
+from exporters.alertcap import AlertCap
+from exporters.redact import redact, redact_args
 from scoring.detectors import request_class
 
-# The ECS field sets the contract says an alert copies from its triggering event.
-COPIED_FIELDS = ("process", "user", "host", "container", "orchestrator", "destination")
+# The fields an alert copies from its triggering event: exactly those the contract names
+# (sections 1 and 2), nothing else. An allowlist, not a denylist: an export or a future
+# tracer field such as `process.env_vars`, `process.title`, `process.entry_leader`,
+# `container.labels` or `orchestrator.resource.annotations` must never ride along into the
+# SIEM just because it sits under a copied field set. Values are "text" (redacted), "plain"
+# (copied as they are: numbers, ids, addresses, names) or a nested allowlist.
+_PROCESS_FIELDS: dict = {
+    "name": "plain", "pid": "plain", "executable": "plain",
+    "command_line": "text", "args": "args",
+}
+ALLOWED_FIELDS: dict = {
+    "process": {**_PROCESS_FIELDS, "thread": {"name": "plain"},
+                "parent": dict(_PROCESS_FIELDS)},
+    "user": {"name": "plain", "id": "plain"},
+    "host": {"name": "plain", "id": "plain"},
+    "container": {"id": "plain", "image": {"name": "plain"}},
+    "orchestrator": {"namespace": "plain", "resource": {"name": "plain"}},
+    "destination": {"ip": "plain", "port": "plain"},
+    # The request fields (http.*, url.*, user_agent.*, imdswatch.request.*) come from the
+    # parsed event, redacted, in `_copy_request`.
+}
+# Kept for callers that list the copied field sets.
+COPIED_FIELDS = tuple(ALLOWED_FIELDS)
+
+
+def copy_allowed(value: Any, allowed: dict) -> dict:
+    """The parts of `value` (an ECS object) that `allowed` names, secrets redacted."""
+    out: dict[str, Any] = {}
+    if not isinstance(value, dict):
+        return out
+    for key, kind in allowed.items():
+        if key not in value:
+            continue
+        v = value[key]
+        if isinstance(kind, dict):
+            sub = copy_allowed(v, kind)
+            if sub:
+                out[key] = sub
+        elif kind == "args":
+            if isinstance(v, list):
+                out[key] = redact_args(v)
+        elif isinstance(v, dict | list):
+            continue  # a scalar field holding an object is not what the contract names
+        elif kind == "text" and isinstance(v, str):
+            out[key] = redact(v)
+        else:
+            out[key] = v
+    return out
 
 
 class OutcomeLike(Protocol):
@@ -38,20 +84,6 @@ def rfc3339_millis(ts: float) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
-def _redact_command_lines(process: dict) -> None:
-    cmd = process.get("command_line")
-    if isinstance(cmd, str):
-        process["command_line"] = redact(cmd)
-    parent = process.get("parent")
-    if isinstance(parent, dict) and isinstance(parent.get("command_line"), str):
-        parent["command_line"] = redact(parent["command_line"])
-    # ECS also carries the argument vector; a token in argv is the same token.
-    for holder in (process, parent if isinstance(parent, dict) else {}):
-        args = holder.get("args")
-        if isinstance(args, list):
-            holder["args"] = [redact(a) if isinstance(a, str) else a for a in args]
-
-
 def _endpoint_id(endpoint: Any) -> str | None:
     if endpoint is None:
         return None
@@ -59,10 +91,10 @@ def _endpoint_id(endpoint: Any) -> str | None:
 
 
 def build_alert(outcome: OutcomeLike) -> dict:
-    """The contract §2 alert for `outcome`, with command lines redacted.
+    """The contract §2 alert for `outcome`: the allowed fields only, secrets redacted.
 
-    The event document is deep-copied field set by field set, so redacting the alert never
-    rewrites the event the scorer (or a later alert) still holds.
+    The allowed fields are copied into new objects, so redacting the alert never rewrites
+    the event the scorer (or a later alert) still holds.
     """
     event = outcome.event
     doc = event.doc if isinstance(getattr(event, "doc", None), dict) else {}
@@ -76,27 +108,22 @@ def build_alert(outcome: OutcomeLike) -> dict:
     anomaly: dict[str, Any] = {
         "score": round(float(outcome.score), 1),
         "detector": outcome.detector,
-        "reason": outcome.reason,
+        "reason": redact(outcome.reason) if isinstance(outcome.reason, str) else outcome.reason,
     }
     severity = getattr(outcome, "severity", None)
     if severity:
         anomaly["severity"] = severity
     entity = getattr(outcome, "entity", None)
     if entity:
-        anomaly["entity"] = entity
+        anomaly["entity"] = redact(entity) if isinstance(entity, str) else entity
     scores = getattr(outcome, "scores", None)
     if scores:
         anomaly["scores"] = {k: round(float(v), 1) for k, v in scores.items()}
     alert["anomaly"] = anomaly
-    for key in COPIED_FIELDS:
-        value = doc.get(key)
-        if isinstance(value, dict):
-            alert[key] = copy.deepcopy(value)
-    if "process" in alert:
-        _redact_command_lines(alert["process"])
+    alert.update(copy_allowed(doc, ALLOWED_FIELDS))
     endpoint = _endpoint_id(getattr(outcome, "endpoint", None))
     if endpoint:
-        alert["imdswatch"] = {"endpoint": endpoint}
+        alert.setdefault("imdswatch", {})["endpoint"] = endpoint
     _copy_request(alert, event, doc)
     return alert
 
@@ -131,7 +158,7 @@ class AlertWriter:
     """
 
     def __init__(self, stream: str | os.PathLike[str] | IO[str] | IO[bytes],
-                 append: bool = True) -> None:
+                 append: bool = True, cap: AlertCap | None = None) -> None:
         # A path is appended to by default: a restarted agent must not erase the alerts it
         # wrote before; a replay that should start afresh passes append=False.
         self._owned = isinstance(stream, str | os.PathLike)
@@ -144,12 +171,29 @@ class AlertWriter:
         # The agent may write from the tracer thread while the main thread closes.
         self._lock = threading.Lock()
         self.written = 0
+        # Bounds the lines written (exporters.alertcap); None writes every alert.
+        self.cap = cap
 
-    def write(self, outcome: OutcomeLike) -> dict:
-        """Write one alert line for `outcome` and return the alert document."""
+    def write(self, outcome: OutcomeLike) -> dict | None:
+        """Write one alert line for `outcome` and return the alert document, or None when
+        the alert cap held it back."""
+        if self.cap is not None:
+            admitted, summary = self.cap.admit(outcome.event.ts, outcome.detector)
+            if summary is not None:
+                self.write_document(summary)
+            if not admitted:
+                return None
         alert = build_alert(outcome)
         self.write_document(alert)
         return alert
+
+    def flush_cap(self, now: float | None = None) -> None:
+        """Write the alert cap's summary for a window that ended by event time `now` (None:
+        the end of the run)."""
+        if self.cap is not None:
+            summary = self.cap.flush(now)
+            if summary is not None:
+                self.write_document(summary)
 
     def write_document(self, alert: dict) -> None:
         line = orjson.dumps(alert) + b"\n"
@@ -162,7 +206,10 @@ class AlertWriter:
             self.written += 1
 
     def close(self) -> None:
-        """Close a file this writer opened; a stream passed in is only flushed."""
+        """Write the last cap summary, then close a file this writer opened; a stream passed
+        in is only flushed."""
+        if not self._stream.closed:
+            self.flush_cap()
         with self._lock:
             if self._stream.closed:
                 return

@@ -1,16 +1,35 @@
 """The agent's HTTP endpoint: `/metrics` for Prometheus, `/healthz` and `/readyz` for the
-kubelet's probes, all on one port so the DaemonSet exposes a single container port."""
+kubelet's probes, all on one port so the DaemonSet exposes a single container port.
+
+`/metrics` is prometheus_client's own WSGI app (content negotiation, gzip, `name[]`
+filters); the health routes sit in front of it. It is served by waitress, whose
+asynchronous front end reads each request in full before a worker thread sees it: a client
+that trickles its request, or opens a connection and says nothing, holds a socket but never
+a thread, so scrapes keep being answered. On top of waitress' own limits (open connections,
+header size, inactivity) a request must arrive whole within `request_timeout` seconds of
+the connection opening, which a byte-a-second slowloris cannot stretch.
+"""
 
 from __future__ import annotations
 
-import gzip
-import socket
+import logging
 import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+import waitress
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from waitress import wasyncore
+
+log = logging.getLogger("imdswatch.http")
+
+# A Prometheus server, a kubelet and an operator's curl are the expected clients; a few
+# dozen open connections leave room for several Prometheus replicas.
+MAX_CONNECTIONS = 32
+# Seconds a connection may take to deliver its request (and may stay idle afterwards).
+REQUEST_TIMEOUT = 10
+WORKER_THREADS = 2
 
 
 class HealthState:
@@ -47,75 +66,106 @@ class HealthState:
 def parse_address(address: str) -> tuple[str, int]:
     """`HOST:PORT`, `[v6]:PORT` or `:PORT` (all interfaces) to a (host, port) pair."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"metrics address {address!r} is not HOST:PORT")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+def make_app(registry: CollectorRegistry, health: HealthState) -> Callable:
+    """The WSGI application: health routes in front of prometheus_client's metrics app."""
+    metrics_app = make_wsgi_app(registry)
 
-    def __init__(self, address: tuple[str, int], registry: CollectorRegistry,
-                 health: HealthState) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self.registry = registry
-        self.health = health
-        super().__init__(address, _Handler)
+    def text(start_response: Callable, status: str, body: str) -> Iterable[bytes]:
+        data = body.encode()
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                                ("Content-Length", str(len(data)))])
+        return [data]
 
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        path = self.path.split("?", 1)[0]
+    def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            return text(start_response, "405 Method Not Allowed", "GET only\n")
         if path == "/metrics":
-            self._metrics()
-        elif path == "/healthz":
-            ok = self.server.health.live()
-            self._text(200 if ok else 503, "ok\n" if ok else "event loop stalled\n")
-        elif path == "/readyz":
-            health = self.server.health
-            self._text(200 if health.ready else 503, health.reason + "\n")
-        elif path == "/":
-            self._text(200, "imdswatch: /metrics /healthz /readyz\n")
-        else:
-            self._text(404, "not found\n")
+            try:
+                return metrics_app(environ, start_response)
+            except Exception as exc:  # a failing collector must not kill the worker
+                log.error("collecting metrics failed: %s", exc)
+                return text(start_response, "500 Internal Server Error",
+                            f"collecting metrics failed: {exc}\n")
+        if path == "/healthz":
+            ok = health.live()
+            return text(start_response, "200 OK" if ok else "503 Service Unavailable",
+                        "ok\n" if ok else "event loop stalled\n")
+        if path == "/readyz":
+            return text(start_response,
+                        "200 OK" if health.ready else "503 Service Unavailable",
+                        health.reason + "\n")
+        if path == "/":
+            return text(start_response, "200 OK", "imdswatch: /metrics /healthz /readyz\n")
+        return text(start_response, "404 Not Found", "not found\n")
 
-    def _metrics(self) -> None:
-        encoder, content_type = choose_encoder(self.headers.get("Accept"))
-        try:
-            body = encoder(self.server.registry)
-        except Exception as exc:  # a failing collector must not kill the server thread
-            self._text(500, f"collecting metrics failed: {exc}\n")
+    return app
+
+
+class MetricsServer:
+    """A running server; `.server_address` is the bound (host, port)."""
+
+    def __init__(self, server: Any, request_timeout: float) -> None:
+        self._server = server
+        self._request_timeout = request_timeout
+        # waitress only closes channels idle for `channel_timeout`; this also closes those
+        # whose request is still incomplete `request_timeout` after they connected.
+        server.maintenance = self._maintenance
+        self.server_address = (server.effective_host, int(server.effective_port))
+        self._thread = threading.Thread(target=server.run, name="imdswatch-http", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def _maintenance(self, now: float) -> None:
+        idle_cutoff = now - self._server.adj.channel_timeout
+        open_cutoff = now - self._request_timeout
+        for channel in list(self._server.active_channels.values()):
+            if channel.requests:  # a request is being answered: let it finish
+                continue
+            stalled = channel.request is not None and channel.creation_time < open_cutoff
+            if stalled or channel.last_activity < idle_cutoff:
+                channel.will_close = True
+                self._server.pull_trigger()  # wake the loop so the close happens now
+
+    def shutdown(self) -> None:
+        if self._closed:
             return
-        headers = {"Content-Type": content_type}
-        if "gzip" in (self.headers.get("Accept-Encoding") or ""):
-            body = gzip.compress(body)
-            headers["Content-Encoding"] = "gzip"
-        self._send(200, body, headers)
+        self._closed = True
+        server = self._server
+        # Sockets are closed by the loop's own thread (a trigger thunk), never under it;
+        # with every dispatcher gone from its map the loop returns.
+        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+        self._thread.join(timeout=5)
+        server.task_dispatcher.shutdown(timeout=2)
 
-    def _text(self, status: int, text: str) -> None:
-        self._send(status, text.encode(), {"Content-Type": "text/plain; charset=utf-8"})
-
-    def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        # Probes hit these endpoints every few seconds; access logs would drown the agent's.
-        return
+    def server_close(self) -> None:
+        self.shutdown()
 
 
-def start_server(address: str, registry: CollectorRegistry,
-                 health: HealthState) -> ThreadingHTTPServer:
-    """Serve on `address` from a daemon thread; stop with `.shutdown()` and `.server_close()`."""
-    server = _Server(parse_address(address), registry, health)
-    thread = threading.Thread(target=server.serve_forever, name="imdswatch-http", daemon=True)
-    thread.start()
-    return server
+def start_server(address: str, registry: CollectorRegistry, health: HealthState, *,
+                 max_connections: int = MAX_CONNECTIONS,
+                 request_timeout: float = REQUEST_TIMEOUT) -> MetricsServer:
+    """Serve on `address` from a daemon thread; stop with `.shutdown()`."""
+    host, port = parse_address(address)
+    started = time.monotonic()
+    server = waitress.create_server(
+        make_app(registry, health),
+        host=host, port=port, ipv4=":" not in host, ipv6=":" in host,
+        threads=WORKER_THREADS,
+        connection_limit=max_connections,
+        channel_timeout=max(1, int(request_timeout)),
+        cleanup_interval=1,
+        max_request_header_size=16 * 1024,
+        max_request_body_size=1024,
+        clear_untrusted_proxy_headers=True,
+        ident="imdswatch",
+        asyncore_loop_timeout=0.5,
+    )
+    log.debug("metrics server bound to %s in %.3fs", address, time.monotonic() - started)
+    return MetricsServer(server, request_timeout)

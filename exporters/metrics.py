@@ -1,10 +1,12 @@
 """Prometheus metrics of the agent (and of a replay, when one is served).
 
 Naming follows Prometheus conventions: every name starts with `imdswatch_`, counters end
-in `_total`, units are base units. Label values that come from the traced machine (process,
-user, namespace, ...) are capped per label, because a fork bomb of random process names must
-not turn into a series explosion on the Prometheus server. Command lines are never labels:
-they are unbounded and may carry secrets; they travel only in the (redacted) alerts NDJSON.
+in `_total`, units are base units. Label values come from the traced machine (process, user,
+namespace, ...), so every metric that carries them holds at most `max_series` series, the
+least recently updated evicted first (`exporters.series`): a fork bomb of random process
+names can neither explode the Prometheus server nor hide the callers that come after it.
+Command lines are never labels: they are unbounded and may carry secrets; they travel only
+in the (redacted) alerts NDJSON.
 
 Metric catalog (the alert rules and the Grafana dashboard rely on these names):
 
@@ -18,7 +20,11 @@ Metric catalog (the alert rules and the Grafana dashboard rely on these names):
   disappears `anomaly_ttl` seconds after its last update so Prometheus alerts resolve
 - `imdswatch_events_seen_total`, `imdswatch_events_skipped_total`,
   `imdswatch_events_malformed_total`
-- `imdswatch_model_entities{detector}`, `imdswatch_model_hosts`, `imdswatch_learning`
+- `imdswatch_model_entities{detector}`, `imdswatch_model_hosts`, `imdswatch_learning`,
+  `imdswatch_learning_end_timestamp_seconds` (event time),
+  `imdswatch_learning_end_estimate_timestamp_seconds` (wall clock)
+- `imdswatch_alerts_held_back_total` - alert lines held back by the alert-line cap
+- `imdswatch_events_failed_total`, `imdswatch_log_lines_suppressed_total`
 - `imdswatch_build_info{version,python_version,host}`, `imdswatch_probe_info{mode}`,
   `imdswatch_probe_fallback`, `imdswatch_ready`, `imdswatch_request_capture_enabled`,
   `imdswatch_kernel_segments_dropped_total`
@@ -26,7 +32,7 @@ Metric catalog (the alert rules and the Grafana dashboard rely on these names):
 - `imdswatch_kernel_connections_by_process_total{process,uid}` - the kernel's per-(comm, uid,
   cgroup) counts summed over cgroups (cgroup ids are too many to be labels); counted before
   the ring buffer, so it equals the connects made even when events are dropped
-- `imdswatch_label_overflow_total{label}`
+- `imdswatch_series_evicted_total{metric}` - series dropped to keep a metric under its cap
 - `process_*`, `python_*` from prometheus-client's default collectors
 """
 
@@ -39,7 +45,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
 from importlib import metadata
 from typing import Any
 
@@ -56,14 +61,17 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from exporters.httpserver import HealthState, start_server
+from exporters.httpserver import HealthState, MetricsServer, start_server
 from exporters.redact import redact
+from exporters.series import BoundedCounter
 from scoring.detectors import request_class
 
-OVERFLOW = "__other__"
 # Label values are names and paths; anything longer is noise that bloats every scrape.
 MAX_LABEL_LENGTH = 200
 MAX_REASON_LENGTH = 400
+# Series per metric: a busy node has a few dozen distinct callers; 1000 leaves room for a
+# large fleet behind `imdswatch serve` while a scrape stays well under a megabyte.
+DEFAULT_MAX_SERIES = 1000
 
 ANOMALY_LABELS = ("detector", "severity", "rule", "host", "process", "executable", "user",
                   "k8s_namespace", "k8s_pod", "entity", "reason")
@@ -81,39 +89,6 @@ def _text(value: Any, limit: int = MAX_LABEL_LENGTH) -> str:
         return ""
     text = str(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-class LabelCap:
-    """Admits at most `max_values` distinct values per label name; later newcomers become
-    `__other__` and count in `imdswatch_label_overflow_total{label}`.
-
-    Values already admitted stay admitted, so a flood of new names never evicts the
-    established callers an alert rule or dashboard is watching.
-    """
-
-    def __init__(self, max_values: int, overflow: Counter) -> None:
-        if max_values < 1:
-            raise ValueError("max_label_values must be at least 1")
-        self.max_values = max_values
-        self._overflow = overflow
-        self._seen: dict[str, set[str]] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, label: str, value: Any) -> str:
-        text = _text(value)
-        with self._lock:
-            seen = self._seen.setdefault(label, set())
-            if text in seen:
-                return text
-            if len(seen) < self.max_values:
-                seen.add(text)
-                return text
-        self._overflow.labels(label=label).inc()
-        return OVERFLOW
-
-    def distinct(self, label: str) -> int:
-        with self._lock:
-            return len(self._seen.get(label, ()))
 
 
 @dataclass
@@ -193,9 +168,12 @@ class AnomalyScoreCollector(Collector):
 class MetricsExporter:
     """Turns scorer Outcomes and agent state into Prometheus metrics."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, max_label_values: int = 200,
-                 anomaly_ttl: float = 900.0, *, host: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 max_series: int | None = None, anomaly_ttl: float = 900.0, *,
+                 host: str | None = None, clock: Callable[[], float] = time.time,
+                 max_label_values: int | None = None) -> None:
+        # `max_label_values` is the setting's former name, still accepted.
+        max_series = max_series or max_label_values or DEFAULT_MAX_SERIES
         # `*_created` series double the series count of every counter and no rule or panel
         # here reads them; the switch is process-wide, which is what the agent wants anyway.
         disable_created_metrics()
@@ -212,15 +190,22 @@ class MetricsExporter:
         self.host = host or os.environ.get("NODE_NAME") or socket.gethostname()
         r = registry
 
-        self._overflow = Counter(
-            "imdswatch_label_overflow", "Label values replaced by __other__ because the label "
-            "reached its cap of distinct values.", ["label"], registry=r)
-        self.cap = LabelCap(max_label_values, self._overflow)
+        self.max_series = max_series
+        self._evicted = Counter(
+            "imdswatch_series_evicted", "Series dropped (least recently updated first) to keep "
+            "a metric under its cap of series; a steady rate means more distinct callers than "
+            "the cap.", ["metric"], registry=r)
 
-        self._connections = Counter(
+        def evicted(metric: str, n: int) -> None:
+            self._evicted.labels(metric=metric).inc(n)
+
+        self._connections = BoundedCounter(
             "imdswatch_metadata_connections",
             "Connections to a cloud metadata endpoint, by endpoint and calling process.",
-            ["host", "endpoint", "process", "user", "k8s_namespace"], registry=r)
+            ("host", "endpoint", "process", "user", "k8s_namespace"), max_series, evicted)
+        r.register(self._connections)
+        # Bounded by construction: endpoints come from the catalog, classes and guarded
+        # from fixed sets.
         self._requests = Counter(
             "imdswatch_metadata_requests",
             "HTTP requests to a cloud metadata endpoint, by endpoint, class of what was asked "
@@ -245,6 +230,27 @@ class MetricsExporter:
         self._learning = Gauge(
             "imdswatch_learning", "1 while the model is in its learning period (no alerts).",
             registry=r)
+        self._learning_end = Gauge(
+            "imdswatch_learning_end_timestamp_seconds",
+            "Event time (Unix seconds) at which the learning period ends; NaN until the first "
+            "metadata call starts it.", registry=r)
+        self._learning_end_wall = Gauge(
+            "imdswatch_learning_end_estimate_timestamp_seconds",
+            "Wall-clock estimate (Unix seconds) of the end of the learning period.", registry=r)
+        self._learning_end.set(float("nan"))
+        self._learning_end_wall.set(float("nan"))
+        self._held_back = Counter(
+            "imdswatch_alerts_held_back",
+            "Alert lines not written because the alert-line cap was reached (the anomalies "
+            "are still in imdswatch_anomalies_total and imdswatch_anomaly_score).", registry=r)
+        self._failed = Counter(
+            "imdswatch_events_failed",
+            "Events whose scoring raised an error (logged, rate-limited, and skipped).",
+            registry=r)
+        self._log_suppressed = Counter(
+            "imdswatch_log_lines_suppressed",
+            "Log lines dropped by the log rate limit (reported in summary lines).", registry=r)
+        self._log_suppressed_last = 0
         self._build = Info("imdswatch_build", "Version of the running imdswatch.", registry=r)
         self._build.info({"version": _version(), "python_version": platform.python_version(),
                           "host": self.host})
@@ -273,15 +279,17 @@ class MetricsExporter:
             "imdswatch_kernel_events_dropped",
             "Events lost in the kernel because the ring buffer was full.", registry=r)
         self._kernel_last = {"connections": 0, "dropped": 0}
-        self._kernel_by_process = Counter(
+        self._kernel_by_process = BoundedCounter(
             "imdswatch_kernel_connections_by_process",
             "Metadata connections counted in the kernel, by process name (comm) and real uid; "
-            "includes those whose events were dropped.", ["process", "uid"], registry=r)
+            "includes those whose events were dropped.", ("process", "uid"), max_series,
+            evicted)
+        r.register(self._kernel_by_process)
         self._kernel_keys_last: dict[tuple[str, int, int], int] = {}
 
         self.anomaly_scores = AnomalyScoreCollector(
-            anomaly_ttl, max_label_values,
-            on_evict=lambda: self._overflow.labels(label="entity").inc(), clock=clock)
+            anomaly_ttl, max_series,
+            on_evict=lambda: evicted("imdswatch_anomaly_score", 1), clock=clock)
         r.register(self.anomaly_scores)
 
     # -- events -------------------------------------------------------------------------
@@ -289,26 +297,22 @@ class MetricsExporter:
     def observe(self, outcome: Any) -> None:
         """Count one scored metadata connection and, if it alerts, the anomaly."""
         event = outcome.event
-        cap = self.cap
         self._seen.inc()
         endpoint = getattr(outcome.endpoint, "id", outcome.endpoint)
-        self._connections.labels(
-            host=cap("host", event.host or self.host),
-            endpoint=cap("endpoint", endpoint),
-            process=cap("process", event.name),
-            user=cap("user", event.user if event.user is not None else event.uid),
-            k8s_namespace=cap("k8s_namespace", event.namespace),
-        ).inc()
+        self._connections.inc((
+            _text(event.host or self.host), _text(endpoint), _text(event.name),
+            _text(event.user if event.user is not None else event.uid),
+            _text(event.namespace)))
         if getattr(event, "method", None) is not None or getattr(event, "path", None) is not None:
             guarded = getattr(event, "guarded", None)
             self._requests.labels(
-                endpoint=cap("endpoint", endpoint), **{"class": request_class(event)},
+                endpoint=_text(endpoint), **{"class": request_class(event)},
                 guarded="unknown" if guarded is None else str(bool(guarded)).lower(),
             ).inc()
         alerting = bool(getattr(outcome, "alert", False))
         if alerting:
-            self._anomalies.labels(detector=cap("detector", outcome.detector),
-                                   severity=cap("severity", outcome.severity)).inc()
+            self._anomalies.labels(detector=_text(outcome.detector),
+                                   severity=_text(outcome.severity)).inc()
         # A suppressed outcome would have alerted: it keeps the entity's series alive (and
         # the Prometheus alert firing) for as long as the anomaly goes on.
         if alerting or getattr(outcome, "suppressed", False):
@@ -344,6 +348,22 @@ class MetricsExporter:
         hosts = getattr(scorer, "hosts_seen", None)
         if hosts is not None:
             self._model_hosts.set(hosts if isinstance(hosts, int | float) else len(hosts))
+
+    def set_learning_end(self, event_ts: float | None, wall_ts: float | None) -> None:
+        self._learning_end.set(float("nan") if event_ts is None else event_ts)
+        self._learning_end_wall.set(float("nan") if wall_ts is None else wall_ts)
+
+    def observe_held_back(self, n: int = 1) -> None:
+        self._held_back.inc(n)
+
+    def observe_failed(self, n: int = 1) -> None:
+        self._failed.inc(n)
+
+    def set_log_suppressed(self, total: int) -> None:
+        """Advance the counter to `total`, the log rate limit's running count."""
+        if total > self._log_suppressed_last:
+            self._log_suppressed.inc(total - self._log_suppressed_last)
+            self._log_suppressed_last = total
 
     def set_probe(self, mode: str, fallback: bool) -> None:
         """Record the attached probe; an attached probe makes the agent ready."""
@@ -388,20 +408,19 @@ class MetricsExporter:
         """
         last = self._kernel_keys_last
         deltas: dict[tuple[str, str], int] = {}
-        cap = self.cap
         for key, total in counts.items():
             before = last.get(key, 0)
             delta = total - before if total >= before else total
             if delta > 0:
                 comm, uid, _cgroup = key
-                labels = (cap("process", comm), cap("uid", uid))
+                labels = (_text(comm), _text(uid))
                 deltas[labels] = deltas.get(labels, 0) + delta
         self._kernel_keys_last = dict(counts)
-        for (process, uid), delta in deltas.items():
-            self._kernel_by_process.labels(process=process, uid=uid).inc(delta)
+        for labels, delta in deltas.items():
+            self._kernel_by_process.inc(labels, delta)
 
     # -- serving ------------------------------------------------------------------------
 
-    def serve(self, address: str) -> ThreadingHTTPServer:
+    def serve(self, address: str) -> MetricsServer:
         """Serve `/metrics`, `/healthz` and `/readyz` on `HOST:PORT` from a daemon thread."""
         return start_server(address, self.registry, self.health)

@@ -20,8 +20,10 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from exporters.alertcap import AlertCap
 from exporters.alerts import AlertWriter
 from exporters.metrics import MetricsExporter
+from imdswatch import libout, lograte, status
 from scoring.events import MalformedEvent, event_from_ecs
 from scoring.scorer import Scorer
 from scoring.state import StateError, load_state, save_state
@@ -43,6 +45,7 @@ class AgentStats:
     scored: int = 0
     skipped: int = 0
     malformed: int = 0
+    failed: int = 0
     alerts: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -124,12 +127,16 @@ class Agent:
         self.output_error: str | None = None
         self._last_loop = time.monotonic()
         self._matched_read: int | None = None
+        self.mode: str | None = None
+        self.log_limiter: lograte.RateLimitFilter | None = None
+        self._next_summary = 0.0
 
     # -- start -----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Load state, serve metrics, attach. Raises RuntimeError with a message to print."""
         cfg = self.config
+        self.log_limiter = lograte.install()
         if self.state_path and os.path.exists(self.state_path):
             try:
                 load_state(self.state_path, self.scorer)
@@ -140,7 +147,7 @@ class Agent:
         elif self.state_path:
             log.info("no state at %s yet: starting with an empty model", self.state_path)
         self.metrics = MetricsExporter(
-            max_label_values=cfg.metrics.max_label_values,
+            max_series=cfg.metrics.max_series,
             anomaly_ttl=cfg.metrics.anomaly_ttl,
             host=cfg.agent.node_name,
         )
@@ -150,7 +157,10 @@ class Agent:
             self.server = self.metrics.serve(cfg.metrics.address)
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"cannot serve metrics on {cfg.metrics.address}: {exc}") from None
+        a = cfg.alerts
         self.writer = _alert_writer(self.output)
+        self.writer.cap = AlertCap(a.max_per_window, a.window, a.max_per_run,
+                                   on_held=self.metrics.observe_held_back)
         # Started before attaching, so that the first list is usually done by the first event.
         self.pods = start_pod_directory(cfg.agent)
         self.tracer = Tracer(
@@ -162,19 +172,29 @@ class Agent:
             pods=self.pods,
             cgroup_root=getattr(cfg.agent, "cgroup_root", None),
         )
-        try:
-            mode = self.tracer.start()
-        except ProbeError as exc:
+        failure: ProbeError | None = None
+        # BCC and libbpf print on fd 2 while modes are tried; said once, in our words.
+        with libout.capture_fd2() as library_lines:
+            try:
+                mode = self.tracer.start()
+            except ProbeError as exc:
+                failure = exc
+        line = library_lines.summary("probe attach")
+        if line:
+            log.info("%s", line)
+        if failure is not None:
             raise RuntimeError(
-                f"no probe could attach: {exc}; run `imdswatch doctor` for the fixes"
-            ) from None
+                f"no probe could attach: {failure}; run `imdswatch doctor` for the fixes")
         self.attached = True
+        self.mode = mode
         fallback = cfg.agent.probe == "auto" and mode != AUTO_ORDER[0]
         self.metrics.set_probe(mode, fallback)
         self.metrics.set_request_capture(self.tracer.tracker is not None)
         self.metrics.update_model(self.scorer)
         log.info("agent ready: probe %s, metrics on http://%s/metrics, learning %s",
                  mode, cfg.metrics.address, "on" if self.scorer.learning else "off")
+        log.info("%s", status.learning_status(self.scorer).text)
+        self._next_summary = time.monotonic() + cfg.agent.summary_interval
 
     def _alive(self) -> bool:
         return time.monotonic() - self._last_loop < LIVE_STALL_S
@@ -193,7 +213,15 @@ class Agent:
             self.metrics.observe_malformed()
             log.warning("unusable event from the tracer: %s", exc)
             return
-        outcome = self.scorer.process(event)
+        try:
+            outcome = self.scorer.process(event)
+        except Exception:
+            # One event must never stop the agent; the log rate limit keeps a stream of
+            # such events from flooding the log with tracebacks.
+            s.failed += 1
+            self.metrics.observe_failed()
+            log.exception("scoring an event failed; the event is skipped")
+            return
         if outcome is None:
             # The kernel filter and the catalog agree, so this only happens right after a
             # reload removed an endpoint while its events were in flight.
@@ -245,6 +273,33 @@ class Agent:
         if k["matched"] != self._matched_read:
             self._matched_read = k["matched"]
             self.metrics.set_kernel_connection_counts(self.tracer.connection_counts())
+        self._report(k)
+
+    def _report(self, kernel: dict[str, int]) -> None:
+        """Alert-cap summaries, learning metrics and the periodic one-line summary."""
+        assert self.metrics is not None
+        if self.writer is not None and self.output_error is None:
+            try:
+                # Live events carry the wall clock, so it is also the alert windows' clock.
+                self.writer.flush_cap(time.time())
+            except OSError as exc:
+                self.output_error = f"cannot write alerts ({exc.strerror or exc})"
+                log.error("%s: stopping", self.output_error)
+                self.stop.set()
+        learning = status.learning_status(self.scorer)
+        self.metrics.set_learning_end(learning.ends_event_ts, learning.ends_wall_ts)
+        if self.log_limiter is not None:
+            self.metrics.set_log_suppressed(self.log_limiter.suppressed_total)
+        now = time.monotonic()
+        if now < self._next_summary:
+            return
+        self._next_summary = now + self.config.agent.summary_interval
+        if self.log_limiter is not None:
+            self.log_limiter.flush(log)
+        cap = self.writer.cap if self.writer is not None else None
+        log.info("%s", status.summary_line(self.stats, self.mode, kernel,
+                                           cap.held_total if cap else 0, self.stats.started,
+                                           learning))
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file's endpoints and exceptions, live."""
@@ -302,8 +357,8 @@ class Agent:
             self.server.server_close()
         s = self.stats
         log.info("stopped after %.0fs: %d events, %d scored, %d alerts, %d skipped, "
-                 "%d malformed", time.monotonic() - s.started, s.events, s.scored, s.alerts,
-                 s.skipped, s.malformed)
+                 "%d malformed, %d failed", time.monotonic() - s.started, s.events, s.scored,
+                 s.alerts, s.skipped, s.malformed, s.failed)
 
 
 def _install_signals(agent: Agent) -> dict[int, Any]:

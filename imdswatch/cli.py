@@ -110,9 +110,16 @@ def run(config_path: str | None, state_path: str | None, probe: str | None,
 @main.command()
 def doctor() -> None:
     """Check this machine for live tracing and say how to fix what is missing."""
+    from imdswatch.libout import capture_fd2
     from tracer.doctor import run_doctor
 
-    sys.exit(run_doctor())
+    # The checks load probes: BCC's own fd-2 lines are summarised, not interleaved.
+    with capture_fd2() as library_lines:
+        status = run_doctor()
+    line = library_lines.summary("these checks")
+    if line:
+        click.echo(f"note: {line}")
+    sys.exit(status)
 
 
 @main.group()

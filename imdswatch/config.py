@@ -24,11 +24,24 @@ class ConfigError(ValueError):
 @dataclass
 class MetricsSettings:
     address: str = "0.0.0.0:9464"
-    # Per label: beyond this many distinct values, new ones are reported as "__other__".
-    max_label_values: int = 200
+    # Series per labelled metric; beyond it the least recently updated series is evicted.
+    max_series: int = 1000
+    # The former name of the cap (it was per label); setting it sets max_series.
+    max_label_values: int = 1000
     # An anomalous entity's score gauge disappears this long after its last anomaly,
     # so Prometheus alerts on it resolve.
     anomaly_ttl: float = 900.0
+
+
+@dataclass
+class AlertSettings:
+    # At most this many alert lines per window of event time (0: no cap), then one summary
+    # line per window saying how many were held back: the Elastic rule this project
+    # replaces writes at most 100 alerts per 15-minute run (max_signals).
+    max_per_window: int = 100
+    window: float = 900.0
+    # At most this many alert lines in the whole run (0: no cap).
+    max_per_run: int = 0
 
 
 @dataclass
@@ -37,6 +50,8 @@ class AgentSettings:
     proc_root: str = "/proc"
     passwd: str = "/etc/passwd"
     state_save_interval: float = 300.0
+    # How often the agent logs its one-line summary (events, alerts, probe, drops).
+    summary_interval: float = 300.0
     # host.name of live events: $NODE_NAME (the DaemonSet sets it from the downward API),
     # else the tracer uses the machine's hostname.
     node_name: str | None = field(default_factory=lambda: os.environ.get("NODE_NAME") or None)
@@ -57,6 +72,7 @@ class Config:
     exceptions: tuple[ExceptionRule, ...] = ()
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     path: str | None = None
 
 
@@ -216,21 +232,37 @@ def _address(value: Any, where: str) -> str:
 
 def _metrics(t: dict) -> MetricsSettings:
     t = _table(t, "metrics")
-    _check_keys(t, {"address", "max_label_values", "anomaly_ttl"}, "metrics")
+    _check_keys(t, {"address", "max_series", "max_label_values", "anomaly_ttl"}, "metrics")
     m = MetricsSettings()
     if "address" in t:
         m.address = _address(t["address"], "metrics.address")
-    if "max_label_values" in t:
-        m.max_label_values = int(_number(t["max_label_values"], "metrics.max_label_values",
-                                         1, 1_000_000))
+    for key in ("max_label_values", "max_series"):
+        if key in t:
+            m.max_series = m.max_label_values = int(_number(t[key], f"metrics.{key}",
+                                                            1, 1_000_000))
     if "anomaly_ttl" in t:
         m.anomaly_ttl = _duration(t["anomaly_ttl"], "metrics.anomaly_ttl")
     return m
 
 
+def _alerts(t: dict) -> AlertSettings:
+    t = _table(t, "alerts")
+    _check_keys(t, {"max_per_window", "window", "max_per_run"}, "alerts")
+    a = AlertSettings()
+    for key in ("max_per_window", "max_per_run"):
+        if key in t:
+            setattr(a, key, int(_number(t[key], f"alerts.{key}", 0, 1_000_000_000)))
+    if "window" in t:
+        a.window = _duration(t["window"], "alerts.window")
+        if not 0 < a.window < float("inf"):
+            raise ConfigError("alerts.window must be a finite duration longer than zero")
+    return a
+
+
 def _agent(t: dict) -> AgentSettings:
     t = _table(t, "agent")
-    _check_keys(t, {"probe", "proc_root", "passwd", "state_save_interval", "node_name",
+    _check_keys(t, {"probe", "proc_root", "passwd", "state_save_interval", "summary_interval",
+                    "node_name",
                     "kubernetes", "kubernetes_api", "cgroup_root"}, "agent")
     a = AgentSettings()
     if "probe" in t:
@@ -255,12 +287,16 @@ def _agent(t: dict) -> AgentSettings:
     if "state_save_interval" in t:
         a.state_save_interval = _duration(t["state_save_interval"],
                                           "agent.state_save_interval")
+    if "summary_interval" in t:
+        a.summary_interval = _duration(t["summary_interval"], "agent.summary_interval")
+        if not 1 <= a.summary_interval < float("inf"):
+            raise ConfigError("agent.summary_interval must be a finite duration of 1s or more")
     return a
 
 
 def parse_config(data: dict, path: str | None = None) -> Config:
     try:
-        _check_keys(data, {"scoring", "endpoints", "exceptions", "metrics", "agent"},
+        _check_keys(data, {"scoring", "endpoints", "exceptions", "metrics", "agent", "alerts"},
                     "top level")
         return Config(
             scorer=_scoring(data.get("scoring", {})),
@@ -268,6 +304,7 @@ def parse_config(data: dict, path: str | None = None) -> Config:
             exceptions=_exceptions(data.get("exceptions", [])),
             metrics=_metrics(data.get("metrics", {})),
             agent=_agent(data.get("agent", {})),
+            alerts=_alerts(data.get("alerts", {})),
             path=path,
         )
     except ConfigError as exc:

@@ -48,7 +48,7 @@ class _Alerts:
     """The alert writer; a failed write stops the replay (through `stop`) instead of
     raising through the scorer, and later alerts are counted as not written."""
 
-    def __init__(self, output: str, stop: Any) -> None:
+    def __init__(self, output: str, stop: Any, cap: Any = None) -> None:
         from exporters.alerts import AlertWriter
 
         self.stop = stop
@@ -59,11 +59,11 @@ class _Alerts:
             stdout = sys.stdout
             if stdout is None or getattr(stdout, "buffer", None) is None:
                 raise OSError(f"{self.name} is closed; give --output FILE")
-            self.writer = AlertWriter(stdout.buffer)
+            self.writer = AlertWriter(stdout.buffer, cap=cap)
             self.stdout = True
         else:
             try:
-                self.writer = AlertWriter(output, append=False)
+                self.writer = AlertWriter(output, append=False, cap=cap)
             except OSError as exc:
                 raise OSError(f"{output}: cannot write alerts ({exc.strerror})") from None
             self.stdout = False
@@ -119,9 +119,13 @@ def run_replay(cfg: Config, events: str, output: str, state_path: str | None,
         except StateError as exc:
             _say(str(exc))
             return 2
+    from exporters.alertcap import AlertCap
+
     stop = Interrupt()
+    a = cfg.alerts
+    cap = AlertCap(a.max_per_window, a.window, a.max_per_run)
     try:
-        alerts = _Alerts(output, stop)
+        alerts = _Alerts(output, stop, cap)
     except OSError as exc:
         _say(str(exc))
         return 2
@@ -152,6 +156,10 @@ def run_replay(cfg: Config, events: str, output: str, state_path: str | None,
     click.echo(summary(stats, scorer, elapsed), err=True)
     if alerts.lost:
         click.echo(f"  alerts not written: {alerts.lost}", err=True)
+    if cap.held_total:
+        click.echo(f"  alert lines held back by the alert cap: {cap.held_total} (one summary "
+                   "line per window in the output; alerts.max_per_window in the config)",
+                   err=True)
     if failure is not None:
         _say(failure + (" (the state holds what was read before)" if state_path else ""))
         return 2

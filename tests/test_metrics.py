@@ -12,7 +12,7 @@ from helpers.imdsw_scenario import baseline_events
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporters.metrics import OVERFLOW, MetricsExporter
+from exporters.metrics import MetricsExporter
 from scoring.endpoints import BUILTIN_ENDPOINTS
 from scoring.events import event_from_ecs
 from scoring.scorer import Outcome, Scorer
@@ -66,7 +66,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def exporter(clock) -> MetricsExporter:
-    return MetricsExporter(CollectorRegistry(), max_label_values=5, anomaly_ttl=900,
+    return MetricsExporter(CollectorRegistry(), max_series=5, anomaly_ttl=900,
                            host="node-1", clock=clock)
 
 
@@ -106,20 +106,36 @@ def test_naming_conventions(exporter) -> None:
             assert (kind == "counter") == name.endswith("_total"), (name, kind)
 
 
-def test_process_name_flood_is_capped(exporter) -> None:
+def test_process_name_flood_keeps_newcomers_visible(exporter) -> None:
     for i in range(50):
         exporter.observe(outcome(name=f"rand{i}", user=f"u{i}"))
     procs = {s.labels["process"] for s in samples(exporter)
              if s.name == "imdswatch_metadata_connections_total"}
-    assert len(procs) == 6  # five admitted values plus __other__
-    assert OVERFLOW in procs
-    assert value(exporter, "imdswatch_metadata_connections_total", process=OVERFLOW,
-                 user=OVERFLOW) == 45
-    assert value(exporter, "imdswatch_label_overflow_total", label="process") == 45
-    assert value(exporter, "imdswatch_label_overflow_total", label="user") == 45
-    # Established values keep their own series after the flood.
-    exporter.observe(outcome(name="rand0", user="u0"))
-    assert value(exporter, "imdswatch_metadata_connections_total", process="rand0") == 2
+    # The five most recently updated series, not the first five forever.
+    assert procs == {f"rand{i}" for i in range(45, 50)}
+    assert value(exporter, "imdswatch_series_evicted_total",
+                 metric="imdswatch_metadata_connections") == 45
+    # A caller that comes after the flood is visible at once.
+    exporter.observe(outcome(name="late-attacker"))
+    assert value(exporter, "imdswatch_metadata_connections_total",
+                 process="late-attacker") == 1
+    # An active series is refreshed by its updates and survives newcomers.
+    exporter.observe(outcome(name="rand49", user="u49"))
+    for i in range(3):
+        exporter.observe(outcome(name=f"new{i}"))
+    assert value(exporter, "imdswatch_metadata_connections_total", process="rand49") == 2
+
+
+def test_series_are_bounded_per_metric_not_per_label() -> None:
+    # 200 names x 200 uids: a per-label cap of 200 would still allow 40,000 series.
+    exporter = MetricsExporter(CollectorRegistry(), max_series=200, host="n")
+    for name in range(200):
+        for user in range(0, 200, 7):
+            exporter.observe(outcome(name=f"p{name}", user=f"u{user}"))
+    series = [s for s in samples(exporter) if s.name == "imdswatch_metadata_connections_total"]
+    assert len(series) == 200
+    text = generate_latest(exporter.registry)
+    assert len(text) < 200_000
 
 
 def test_anomaly_gauge_expires_after_ttl(exporter, clock) -> None:
@@ -145,7 +161,8 @@ def test_anomaly_series_are_bounded(exporter, clock) -> None:
     entities = {s.labels["entity"] for s in samples(exporter)
                 if s.name == "imdswatch_anomaly_score"}
     assert entities == {"p3", "p4", "p5", "p6", "p7"}  # the least recently updated made room
-    assert value(exporter, "imdswatch_label_overflow_total", label="entity") == 3
+    assert value(exporter, "imdswatch_series_evicted_total",
+                 metric="imdswatch_anomaly_score") == 3
 
 
 def test_command_lines_never_become_labels(exporter) -> None:
@@ -248,9 +265,6 @@ def test_kernel_counts_by_process_are_capped(exporter) -> None:
     name = "imdswatch_kernel_connections_by_process_total"
     exporter.set_kernel_connection_counts({(f"rand{i}", 0, 1): 2 for i in range(20)})
     procs = {s.labels["process"]: s.value for s in samples(exporter) if s.name == name}
-    assert len(procs) == 6 and procs[OVERFLOW] == 30  # 5 admitted, 15 x 2 overflow
-    assert value(exporter, "imdswatch_label_overflow_total", label="process") == 15
-    # The cap is shared with the event counters: an admitted name keeps its series there too.
-    exporter.observe(outcome(name="rand0"))
-    assert value(exporter, "imdswatch_metadata_connections_total", process="rand0") == 1
-    assert value(exporter, "imdswatch_metadata_connections_total", process=OVERFLOW) is None
+    assert len(procs) == 5 and set(procs.values()) == {2}
+    assert value(exporter, "imdswatch_series_evicted_total",
+                 metric="imdswatch_kernel_connections_by_process") == 15
