@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup run test lint bench bench-quick clean
+.PHONY: setup run demo test lint bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml scripts/setup.sh scripts/kernel-headers.sh
 
 run: setup
 	$(VENV)/bin/imdswatch run $(ARGS)
+
+# A minute-long demonstration in a private network namespace (root): see README.
+demo: setup
+	$(VENV)/bin/imdswatch demo $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

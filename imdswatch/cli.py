@@ -122,6 +122,39 @@ def doctor() -> None:
     sys.exit(status)
 
 
+@main.command()
+@click.option("--keep", is_flag=True,
+              help="Keep the agent running after the simulations, until Ctrl-C.")
+def demo(keep: bool) -> None:
+    """See the agent catch credential theft, in a private network namespace (root)."""
+    from imdswatch.demo import run_demo
+
+    sys.exit(run_demo(keep=keep))
+
+
+@main.command()
+@click.option("--target", type=click.Choice(["sandbox", "metadata"]), default="sandbox",
+              show_default=True,
+              help="sandbox: a private namespace with a mock service (root). metadata: the "
+                   "REAL metadata service of this machine, harmless requests only (instance "
+                   "id, never credentials); must be given explicitly.")
+@click.option("--only", multiple=True, metavar="KEY",
+              help="Run only these simulations (repeatable); see --list.")
+@click.option("--list", "list_only", is_flag=True, help="List the simulations and exit.")
+def simulate(target: str, only: tuple[str, ...], list_only: bool) -> None:
+    """Run the attack simulations, to check that a running agent alerts on them."""
+    from imdswatch.simulate import run_simulate
+
+    sys.exit(run_simulate(target, only, list_only,
+                          explicit=_given_on_command_line("--target")))
+
+
+def _given_on_command_line(option: str) -> bool:
+    # `--target metadata` must be typed, never defaulted: click cannot tell a value from an
+    # environment variable or a default map apart from a typed one, argv can.
+    return any(a == option or a.startswith(option + "=") for a in sys.argv[1:])
+
+
 @main.group()
 def state() -> None:
     """Inspect and merge saved model states."""

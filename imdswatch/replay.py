@@ -13,7 +13,7 @@ import heapq
 import math
 import sys
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -83,6 +83,7 @@ def replay(
     on_malformed: Callable[[int, str, str], None] | None = None,
     stop: Interrupt | None = None,
     join: ProcessJoin | None = None,
+    numbered: Iterable[tuple[int, bytes]] | None = None,
 ) -> ReplayStats:
     """Score every event of `source` (path or '-'); `on_outcome` gets the outcome of each
     metadata event that was scored in full (events of entities known to be common are
@@ -91,7 +92,8 @@ def replay(
     Raises `imdswatch.ndjson.InputError` when the input cannot be read (after scoring what
     was read before the failure). When `stop` is requested (a signal), reading stops at a
     block boundary, the events still in the reorder buffer are left unscored (counted in
-    `stats.unscored`), `stats.stopped` is set and `stats.interrupted` holds the signal."""
+    `stats.unscored`), `stats.stopped` is set and `stats.interrupted` holds the signal.
+    `numbered` replaces the reading of `source` (e.g. wrapped to show progress)."""
     stats = stats or ReplayStats()
     report = on_malformed or MalformedReporter(stats)
     join = join if join is not None else ProcessJoin()
@@ -105,7 +107,8 @@ def replay(
     quiet_entity = scorer.quiet_entity
     scored = seq = 0
     position = Position()
-    events = read_events(numbered_lines(source, stop), scorer.catalog.match, report,
+    lines = numbered_lines(source, stop) if numbered is None else numbered
+    events = read_events(lines, scorer.catalog.match, report,
                          stats.skipped_by_reason, join, position)
     failure: InputError | None = None
     try:

@@ -133,15 +133,23 @@ def run_replay(cfg: Config, events: str, output: str, state_path: str | None,
     def on_signal(signum: int, _frame: object) -> None:
         stop.request(signum)
 
+    from imdswatch.ndjson import numbered_lines
+    from imdswatch.progress import Progress
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     stats = ReplayStats()
     failure: str | None = None
+    # On a terminal only: lines, rate, share of the file and ETA, erased at the end.
+    progress = Progress.for_stream(events)
     started = time.perf_counter()
     try:
-        replay(events, scorer, alerts, stats=stats, reorder_window=reorder_window, stop=stop)
+        replay(events, scorer, alerts, stats=stats, reorder_window=reorder_window, stop=stop,
+               numbered=progress.wrap(numbered_lines(events, stop)) if progress else None)
     except InputError as exc:
         failure = str(exc)
     finally:
+        if progress:
+            progress.finish()
         for s, handler in previous.items():
             signal.signal(s, handler)
         alerts.close()

@@ -1,0 +1,416 @@
+"""`imdswatch demo`: see the agent catch metadata credential theft, in under a minute.
+
+Everything happens in a private network namespace served by a mock metadata service
+(`imdswatch.sandbox`), so no real metadata service is ever contacted:
+
+1. a synthetic history (two days of cloud agents calling the service on ten nodes) is
+   replayed into a model, so the agent starts warm instead of learning for a day;
+2. the real agent (`imdswatch run`, the real BPF probe) starts from that model;
+3. a stand-in for the AWS SSM agent, at its packaged path, calls the service: no alert;
+4. the attack simulations of `imdswatch.simulations` run one by one, each shown as it is
+   caught with the alert's detector, score and reason;
+5. the metrics the agent exported are shown, and everything is removed again (also on
+   Ctrl-C or SIGTERM).
+
+Exit status 0 when every simulation was caught and the known agent raised nothing, 1 when
+not, 2 when this machine cannot run the demo (the message says why).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from imdswatch import simulations as sims
+from imdswatch.sandbox import Sandbox, SandboxError
+
+NODE = "demo-node-0"
+HOSTS = 20
+HISTORY_DAYS = 3.0
+# Enough calls that a new name is clearly rare even on a machine where other programs call
+# metadata addresses in their own namespaces meanwhile (the probe sees every namespace).
+HISTORY_EVENTS = 30_000
+ALERT_WAIT = 10.0
+KNOWN_WAIT = 3.0
+KNOWN_AGENT = "/usr/bin/amazon-ssm-agent"
+
+# The process name as the kernel reports it (comm: 15 bytes).
+KNOWN_NAME = "amazon-ssm-agen"
+# The fleet's usual callers: (weight, name, executable, user, parent), names as comm.
+HISTORY_CALLERS = (
+    (60, KNOWN_NAME, KNOWN_AGENT, "root", "systemd"),
+    (25, "ssm-agent-worke", "/usr/bin/ssm-agent-worker", "root", KNOWN_NAME),
+    (10, "aws-k8s-agent", "/app/aws-k8s-agent", "root", "aws-vpc-cni"),
+    (5, "cloud-init", "/usr/bin/cloud-init", "root", "systemd"),
+)
+
+CONFIG = """\
+# Written by `imdswatch demo`.
+[scoring]
+# Every simulation alerts on its own: in production the same caller alerts once an hour.
+suppression_window = "0s"
+
+[agent]
+kubernetes = "off"
+summary_interval = "15s"
+state_save_interval = "1h"
+"""
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run here; the message says why and what to do."""
+
+
+def write_history(path: Path, end: float) -> int:
+    """Synthetic ECS events: the usual callers on `HOSTS` nodes over `HISTORY_DAYS` up to
+    `end`. Deterministic (no randomness), so every demo starts from the same model."""
+    start = end - HISTORY_DAYS * 86400
+    step = (end - start) / HISTORY_EVENTS
+    cycle = [c for c in HISTORY_CALLERS for _ in range(c[0])]
+    with path.open("w") as fh:
+        for i in range(HISTORY_EVENTS):
+            _, name, exe, user, parent = cycle[(i * 7) % len(cycle)]
+            fh.write(json.dumps({
+                "@timestamp": start + i * step,
+                "destination": {"ip": sims.IMDS, "port": 80},
+                "process": {"name": name, "executable": exe, "parent": {"name": parent}},
+                "user": {"name": user, "id": "0"},
+                "host": {"name": f"demo-node-{i % HOSTS}"},
+            }) + "\n")
+    return HISTORY_EVENTS
+
+
+def warm_state(history: Path, state: Path) -> Any:
+    """Replay the history into a model (the replay machinery, as `imdswatch replay --state`
+    does) and save it for the agent."""
+    from imdswatch.replay import replay
+    from scoring.scorer import Scorer
+    from scoring.state import save_state
+
+    scorer = Scorer()
+    replay(str(history), scorer, lambda _out: None)
+    save_state(str(state), scorer)
+    return scorer
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AgentProcess:
+    """The real agent, `imdswatch run`, as a child process of the demo."""
+
+    def __init__(self, workdir: Path, config: Path, state: Path) -> None:
+        self.port = _free_port()
+        self.alerts = workdir / "alerts.ndjson"
+        self.log = workdir / "agent.log"
+        self.argv = [sys.executable, "-m", "imdswatch.cli", "run", "--config", str(config),
+                     "--state", str(state), "--output", str(self.alerts),
+                     "--metrics-address", f"127.0.0.1:{self.port}"]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> float:
+        t0 = time.monotonic()
+        env = {**os.environ, "NODE_NAME": NODE}
+        with self.log.open("wb") as log:
+            # Own session: Ctrl-C reaches the demo only, which stops the agent in order.
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log,
+                                         env=env, start_new_session=True)
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise DemoError(f"the agent exited with status {self.proc.returncode}:\n"
+                                + self.log.read_text(errors="replace")[-2000:])
+            if self.get("/readyz")[0] == 200:
+                return time.monotonic() - t0
+            time.sleep(0.1)
+        raise DemoError(f"the agent was not ready after {timeout:.0f}s; its log: {self.log}")
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=3) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, ""
+        except OSError:
+            return 0, ""
+
+    def alert_lines(self) -> list[dict]:
+        try:
+            text = self.alerts.read_text()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in text.splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line being written right now
+        return out
+
+    def log_lines(self, containing: str) -> list[str]:
+        try:
+            return [x for x in self.log.read_text(errors="replace").splitlines()
+                    if containing in x]
+        except FileNotFoundError:
+            return []
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def _ts(alert: dict) -> float:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(alert["@timestamp"].replace("Z", "+00:00")).timestamp()
+    except (KeyError, ValueError):
+        return 0.0
+
+
+def matching_alerts(alerts: list[dict], process: str, address: str, since: float,
+                    pid: int | None) -> list[dict]:
+    """Alerts for `process` calling `address` since `since`, from the process the demo
+    started (`pid`: the caller or its parent), never from another program on the machine."""
+    found = []
+    for a in alerts:
+        proc = a.get("process", {})
+        if proc.get("name") != process or a.get("destination", {}).get("ip") != address:
+            continue
+        if pid is not None and pid not in (proc.get("pid"), proc.get("parent", {}).get("pid")):
+            continue
+        if _ts(a) >= since - 1.0:
+            found.append(a)
+    return found
+
+
+def wait_for_alert(agent: AgentProcess, process: str, address: str, since: float,
+                   pid: int | None, timeout: float = ALERT_WAIT) -> dict | None:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = matching_alerts(agent.alert_lines(), process, address, since, pid)
+        if found:
+            return found[0]
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+
+
+def describe_alert(alert: dict) -> list[str]:
+    an = alert.get("anomaly", {})
+    proc = alert.get("process", {})
+    user = alert.get("user", {}).get("name") or alert.get("user", {}).get("id") or "?"
+    lines = [f"{an.get('detector')} {an.get('score')} ({an.get('severity', '')}): "
+             f"{an.get('reason')}",
+             f"process {proc.get('name')} pid {proc.get('pid')} exe {proc.get('executable')} "
+             f"user {user} parent {proc.get('parent', {}).get('name')}"]
+    req = alert.get("http", {}).get("request", {})
+    url = alert.get("url", {})
+    if req or url:  # request capture, when the probe sees HTTP requests
+        query = f"?{url['query']}" if url.get("query") else ""
+        guarded = alert.get("imdswatch", {}).get("request", {}).get("guarded")
+        lines.append(f"request {req.get('method', '?')} {url.get('path', '?')}{query}"
+                     + ("" if guarded is None else f" (guarded: {guarded})"))
+    if proc.get("command_line"):
+        lines.append(f"command line {proc['command_line'][:150]}")
+    return lines
+
+
+def known_agent_argv(sandbox: Sandbox, workdir: Path) -> list[str]:
+    """The SSM agent's stand-in at its packaged path: a private mount namespace overlays
+    /usr/bin with one extra file (a copy of curl named amazon-ssm-agent); the host's /usr/bin
+    is not touched. Started by a parent named systemd, as the real one is."""
+    upper, work = workdir / "overlay-upper", workdir / "overlay-work"
+    upper.mkdir(exist_ok=True)
+    work.mkdir(exist_ok=True)
+    curl = shutil.which("curl")
+    if curl is None:
+        raise DemoError("needs curl (apt-get install curl)")
+    shutil.copy(curl, upper / "amazon-ssm-agent")
+    script = (f"mount -t overlay overlay -o lowerdir=/usr/bin,upperdir={upper},"
+              f"workdir={work} /usr/bin && exec \"$@\"")
+    return sandbox.argv([
+        "unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+        "python3", "-c", sims.LAUNCH_AS_SERVICE, KNOWN_AGENT, "-s", "-m", "5",
+        f"http://{sims.IMDS}/latest/meta-data/instance-id"])
+
+
+METRICS_SHOWN = ("imdswatch_anomalies_total", "imdswatch_learning ", "imdswatch_probe_info",
+                 "imdswatch_alerts_held_back")
+
+
+class Demo:
+    def __init__(self, out: Callable[[str], None] = print, keep: bool = False) -> None:
+        self.say = out
+        self.keep = keep
+        self.caught = 0
+        self.missed: list[str] = []
+        self.known_alerted = False
+
+    def check_machine(self) -> None:
+        from tracer import doctor
+
+        if os.geteuid() != 0:
+            raise DemoError("needs root (BPF and network namespaces): sudo make demo")
+        for tool in ("ip", "unshare", "mount", "curl", "python3"):
+            if shutil.which(tool) is None:
+                raise DemoError(f"needs `{tool}` (make setup installs what is missing)")
+        problems = doctor.preflight("auto", None)
+        if problems:
+            raise DemoError("this machine cannot trace: " + "; ".join(problems))
+
+    def run(self) -> int:
+        t_start = time.monotonic()
+        say = self.say
+        self.check_machine()
+        workdir = Path(tempfile.mkdtemp(prefix="imdswatch-demo-"))
+        sandbox: Sandbox | None = None
+        agent: AgentProcess | None = None
+        try:
+            say("imdswatch demo: everything below happens in a private network namespace "
+                "with a mock metadata service; no real metadata service is contacted.")
+            sandbox = Sandbox().__enter__()
+            say(f"[1/5] sandbox: network namespace {sandbox.name}: "
+                f"{', '.join(sandbox.addresses)} on its loopback, served by a mock IMDS "
+                "(IMDSv1, IMDSv2, role credentials) and ECS credentials endpoint")
+            history, state, config = (workdir / "history.ndjson", workdir / "state.json.gz",
+                                      workdir / "imdswatch.toml")
+            n = write_history(history, time.time() - 60)
+            scorer = warm_state(history, state)
+            config.write_text(CONFIG)
+            callers = ", ".join(sorted({c[1] for c in HISTORY_CALLERS}))
+            say(f"[2/5] history: {n} synthetic metadata calls over {HISTORY_DAYS:.0f} days on "
+                f"{HOSTS} nodes ({callers}) replayed into a model: learning "
+                f"{'still on' if scorer.learning else 'done'}, so alerts are on from the start")
+            agent = AgentProcess(workdir, config, state)
+            say(f"[3/5] agent: {' '.join(['imdswatch', *agent.argv[3:]])}")
+            took = agent.start()
+            probe = next((x.split("probe ", 1)[1].split(",")[0]
+                          for x in agent.log_lines("agent ready: probe")), "?")
+            say(f"      ready in {took:.1f}s: probe {probe}, metrics on "
+                f"http://127.0.0.1:{agent.port}/metrics")
+            for line in agent.log_lines("learning: "):
+                say("      agent log: " + line.split(": ", 1)[1][:160])
+            say("[4/5] metadata calls:")
+            self.known_agent(agent, sandbox, workdir)
+            for sim in sims.SIMULATIONS:
+                self.attack(agent, sandbox, workdir, sim)
+            say(f"[5/5] metrics: http://127.0.0.1:{agent.port}/metrics "
+                "(Prometheus format; alert lines were written to "
+                f"{agent.alerts})")
+            self.show_metrics(agent)
+            total = len(sims.SIMULATIONS)
+            ok = self.caught == total and not self.known_alerted
+            say(f"result: {self.caught} of {total} attack simulations caught, "
+                f"{'an alert' if self.known_alerted else 'no alert'} for the known agent, "
+                f"in {time.monotonic() - t_start:.0f}s"
+                + (f"; missed: {', '.join(self.missed)}" if self.missed else ""))
+            if self.keep:
+                say("the agent keeps running (--keep): explore the metrics above, "
+                    "Ctrl-C to stop and clean up")
+                while agent.proc is not None and agent.proc.poll() is None:
+                    time.sleep(0.5)
+            return 0 if ok else 1
+        finally:
+            if agent is not None:
+                agent.stop()
+            if sandbox is not None:
+                sandbox.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+            say(f"cleaned up: agent stopped, namespace removed, {workdir} deleted")
+
+    def known_agent(self, agent: AgentProcess, sandbox: Sandbox, workdir: Path) -> None:
+        selector = f'process="{KNOWN_NAME}"'
+        seen_before = _metric(agent, "imdswatch_metadata_connections_total", selector)
+        known = sims.Simulation("known-agent", "known agent", KNOWN_NAME, sims.IMDS, (),
+                                lambda t, w: [])
+        ran = sims.run_argv(known, known_agent_argv(sandbox, workdir))
+        time.sleep(KNOWN_WAIT)
+        alerts = matching_alerts(agent.alert_lines(), KNOWN_NAME, sims.IMDS, ran.started,
+                                 ran.pid)
+        seen = _metric(agent, "imdswatch_metadata_connections_total", selector) - seen_before
+        self.known_alerted = bool(alerts)
+        verdict = "ALERT" if alerts else "quiet"
+        self.say(f"  {verdict:8} the known agent: amazon-ssm-agent at {KNOWN_AGENT}, started "
+                 f"by systemd, asks for its instance id ({ran.note}); scored, no alert "
+                 f"(calls counted: {seen:.0f})" if not alerts else
+                 f"  {verdict:8} the known agent alerted, which it should not have:")
+        for a in alerts:
+            for line in describe_alert(a):
+                self.say("             " + line)
+
+    def attack(self, agent: AgentProcess, sandbox: Sandbox, workdir: Path,
+               sim: sims.Simulation) -> None:
+        ran = sims.run(sim, sims.SANDBOX, workdir, sandbox.argv)
+        if ran.status is None and ran.note.startswith("skipped"):
+            self.missed.append(sim.key)
+            self.say(f"  {'SKIPPED':8} {sim.title}: {ran.note}")
+            return
+        alert = wait_for_alert(agent, sim.process, sim.address, ran.started, ran.pid)
+        if alert is None:
+            self.missed.append(sim.key)
+            self.say(f"  {'MISSED':8} {sim.title} ({sim.detail}; {ran.note}): no alert "
+                     f"within {ALERT_WAIT:.0f}s")
+            return
+        self.caught += 1
+        delay = max(0.0, _ts(alert) - ran.started)
+        self.say(f"  {'CAUGHT':8} {sim.title} ({sim.detail}), alert {delay:.1f}s after "
+                 "the start")
+        for line in describe_alert(alert):
+            self.say("             " + line)
+
+    def show_metrics(self, agent: AgentProcess) -> None:
+        _, text = agent.get("/metrics")
+        ours = {f'process="{s.process}"' for s in sims.SIMULATIONS} | {f'process="{KNOWN_NAME}"'}
+        for line in text.splitlines():
+            if line.startswith(METRICS_SHOWN) or (
+                    line.startswith("imdswatch_metadata_connections_total{")
+                    and f'host="{NODE}"' in line and any(p in line for p in ours)):
+                self.say("      " + line)
+
+
+def _metric(agent: AgentProcess, name: str, selector: str) -> float:
+    total = 0.0
+    for line in agent.get("/metrics")[1].splitlines():
+        if line.startswith(name + "{") and selector in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def run_demo(keep: bool = False) -> int:
+    """`imdswatch demo`: returns the exit status."""
+    def on_term(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    demo = Demo(lambda text: print(text, flush=True), keep=keep)
+    try:
+        return demo.run()
+    except (DemoError, SandboxError) as exc:
+        print(f"imdswatch demo: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("imdswatch demo: interrupted", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,118 @@
+"""`imdswatch demo` end to end, as CI runs it: real agent, real BPF probe, real curl/wget/
+python3/bash/nc processes, all inside the demo's own network namespace with its mock
+metadata service. The test checks what a newcomer sees and that nothing is left behind.
+
+`imdswatch simulate --target sandbox` is checked alongside; `--target metadata` (the REAL
+service) is never run here, only its refusal when not typed explicitly.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from netns_fixtures import require_bcc
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "imdswatch.cli"]
+
+
+def netns_names() -> set[str]:
+    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+    return {line.split()[0] for line in r.stdout.splitlines() if line.strip()}
+
+
+def demo_tmpdirs() -> set[str]:
+    return {p.name for p in Path("/tmp").glob("imdswatch-demo-*")}
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+def test_demo_catches_every_simulation_and_cleans_up() -> None:
+    require_bcc()
+    before_ns, before_tmp = netns_names(), demo_tmpdirs()
+    t0 = time.monotonic()
+    r = subprocess.run([*CLI, "demo"], capture_output=True, text=True, cwd=ROOT, timeout=240)
+    took = time.monotonic() - t0
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    assert "no real metadata service is contacted" in out
+    assert "learning done" in out
+    assert "learning: done" in out  # the agent's own log line, relayed
+    assert re.search(r"quiet +the known agent: amazon-ssm-agent", out)
+    caught = re.findall(r"^  CAUGHT +(.+)$", out, re.M)
+    assert len(caught) == 8, out
+    for what in ("IMDSv1", "IMDSv2 token flow from netcat", "nobody", "urllib", "/dev/tcp",
+                 "IPv6", "ECS credentials", "SSM agent started from /tmp"):
+        assert any(what in c for c in caught), (what, out)
+    # Each catch shows its reason; the masquerade is told apart by its executable.
+    assert out.count("rare_") >= 8
+    assert re.search(r"rare_executable [0-9.]+ .*otherwise runs from /usr/bin/amazon-ssm-agent",
+                     out)
+    assert "metrics: http://127.0.0.1:" in out
+    assert re.search(r"imdswatch_anomalies_total\{", out)
+    assert "result: 8 of 8 attack simulations caught, no alert for the known agent" in out
+    assert "cleaned up" in out
+    assert not any(n.startswith("imdsw-demo-") for n in netns_names() - before_ns)
+    assert demo_tmpdirs() <= before_tmp
+    print(f"demo took {took:.0f}s")
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+def test_demo_cleans_up_on_ctrl_c() -> None:
+    require_bcc()
+    before_tmp = demo_tmpdirs()
+    proc = subprocess.Popen([*CLI, "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    # Interrupt once the agent is starting: the namespace, the agent and the mock service
+    # exist by then.
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[3/5]"):
+            break
+    ns = re.search(r"network namespace (imdsw-demo-[0-9a-f]+)", "".join(lines)).group(1)
+    assert ns in netns_names()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "cleaned up" in out and "interrupted" in err
+    assert ns not in netns_names()
+    assert demo_tmpdirs() <= before_tmp
+    # No agent or mock service of this demo survives it.
+    leftovers = subprocess.run(["pgrep", "-f", f"imdswatch.mockimds|{ns}"],
+                               capture_output=True, text=True).stdout.split()
+    assert [p for p in leftovers if int(p) != os.getpid()] == []
+
+
+@pytest.mark.root
+def test_simulate_in_the_sandbox_runs_every_simulation() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces")
+    before = netns_names()
+    r = subprocess.run([*CLI, "simulate"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "a real one is never contacted" in r.stdout
+    ran = re.findall(r"^  ran +(\S+) .*\(exit 0", r.stdout, re.M)
+    assert len(ran) == 8, r.stdout
+    assert not any(n.startswith("imdsw-sim-") for n in netns_names() - before)
+
+
+def test_simulate_refuses_the_real_service_unless_typed() -> None:
+    from imdswatch.simulate import run_simulate
+
+    # As if --target metadata came from anywhere but the command line: refused, nothing run.
+    assert run_simulate("metadata", explicit=False) == 2
+    r = subprocess.run([*CLI, "simulate", "--list"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=60)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 8
+    r = subprocess.run([*CLI, "simulate", "--only", "nope"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "unknown simulation nope" in r.stderr
