@@ -25,12 +25,13 @@ _PROCESS_FIELDS: dict = {
     "command_line": "text", "args": "args",
 }
 ALLOWED_FIELDS: dict = {
-    "process": {**_PROCESS_FIELDS, "thread": {"name": "plain"},
+    "process": {**_PROCESS_FIELDS, "thread": {"name": "plain", "id": "plain"},
                 "parent": dict(_PROCESS_FIELDS)},
     "user": {"name": "plain", "id": "plain"},
     "host": {"name": "plain", "id": "plain"},
-    "container": {"id": "plain", "image": {"name": "plain"}},
-    "orchestrator": {"namespace": "plain", "resource": {"name": "plain"}},
+    "container": {"id": "plain", "runtime": "plain", "image": {"name": "plain"}},
+    "orchestrator": {"type": "plain", "namespace": "plain",
+                     "resource": {"type": "plain", "id": "plain", "name": "plain"}},
     "destination": {"ip": "plain", "port": "plain"},
     # The request fields (http.*, url.*, user_agent.*, imdswatch.request.*) come from the
     # parsed event, redacted, in `_copy_request`.

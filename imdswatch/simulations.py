@@ -84,21 +84,26 @@ def _dev_tcp(t: Target, _w: Path) -> list[str]:
     return ["bash", "-c", script]
 
 
-def masquerade_copy(workdir: Path) -> Path:
-    """A copy of curl named like the AWS SSM agent, outside the agent's packaged path."""
+def masquerade_copy(workdir: Path) -> tuple[Path, bool]:
+    """A copy of curl (or, in an image without curl, of python3) named like the AWS SSM
+    agent, outside the agent's packaged path; True when it is curl."""
     fake = workdir / "amazon-ssm-agent"
+    curl = shutil.which("curl")
     if not fake.exists():
-        curl = shutil.which("curl")
-        if curl is None:
-            raise FileNotFoundError("curl")
-        shutil.copy(curl, fake)
+        original = curl or shutil.which("python3")
+        if original is None:
+            raise FileNotFoundError("curl or python3")
+        shutil.copy(original, fake)
         fake.chmod(0o755)
-    return fake
+    return fake, curl is not None
 
 
 def _masquerade(t: Target, w: Path) -> list[str]:
-    return ["python3", "-c", LAUNCH_AS_SERVICE, str(masquerade_copy(w)), "-s", "-m", "5",
-            f"http://{IMDS}{t.credentials_path}"]
+    fake, is_curl = masquerade_copy(w)
+    url = f"http://{IMDS}{t.credentials_path}"
+    request = (["-s", "-m", "5", url] if is_curl else
+               ["-c", f"import urllib.request as u; u.urlopen('{url}', timeout=5).read()"])
+    return ["python3", "-c", LAUNCH_AS_SERVICE, str(fake), *request]
 
 
 SIMULATIONS: tuple[Simulation, ...] = (
@@ -124,7 +129,7 @@ SIMULATIONS: tuple[Simulation, ...] = (
                lambda t, w: _curl(f"http://{ECS}{t.ecs_path}"),
                "curl http://169.254.170.2/v2/credentials/ID"),
     Simulation("masquerade", "a copy of the SSM agent started from /tmp",
-               "amazon-ssm-agen", IMDS, ("curl", "python3"), _masquerade,
+               "amazon-ssm-agen", IMDS, ("python3",), _masquerade,
                "curl copied to /tmp/.../amazon-ssm-agent, started by a parent named systemd"),
 )
 

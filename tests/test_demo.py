@@ -116,3 +116,21 @@ def test_simulate_refuses_the_real_service_unless_typed() -> None:
     r = subprocess.run([*CLI, "simulate", "--only", "nope"], capture_output=True, text=True,
                        cwd=ROOT, timeout=60)
     assert r.returncode == 2 and "unknown simulation nope" in r.stderr
+
+
+def test_simulate_job_manifest() -> None:
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "simulate-job.yaml").read_text())
+    kv = pytest.importorskip("kubernetes_validate")
+    kv.validate(doc, kv.latest_version(), strict=True)
+    container = doc["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["simulate", "--target", "metadata"]
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    # The arguments are the CLI's own (click parses them; --list runs nothing).
+    from click.testing import CliRunner
+
+    from imdswatch.cli import main
+
+    r = CliRunner().invoke(main, [*container["args"], "--list"])
+    assert r.exit_code == 0 and "masquerade" in r.output
