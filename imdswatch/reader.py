@@ -59,6 +59,8 @@ def read_events(
     decode = decoder().decode
     pos = position if position is not None else Position()
     lines = _one_document_if_pretty(iter(lines))
+    # The join's memory, read inline: most exports have no process events to join.
+    joined = join._facts if join is not None else None
     not_metadata = 0
     try:
         for lineno, line in lines:
@@ -95,8 +97,8 @@ def read_events(
                 report(lineno, str(bad), bad.kind)
                 continue
             if out.__class__ is tuple:
-                if join is not None:
-                    join.fill(out[0], d.source if d.source is not None else d)
+                if joined:
+                    join.fill(out[0], d.source if d.source is not None else d)  # type: ignore[union-attr]
                 yield lineno, out[0], out[1]
             elif out is NOT_METADATA:
                 not_metadata += 1
