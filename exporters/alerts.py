@@ -58,8 +58,9 @@ def _endpoint_id(endpoint: Any) -> str | None:
     return getattr(endpoint, "id", None) or str(endpoint)
 
 
-def build_alert(outcome: OutcomeLike) -> dict:
-    """The contract §2 alert for `outcome`, with command lines redacted.
+def build_alert(outcome: OutcomeLike, scored_by: str = "agent") -> dict:
+    """The contract §2 alert for `outcome`, with command lines redacted. `scored_by` says
+    which model judged it: `agent` (on the node) or `fleet` (`imdswatch serve`).
 
     The event document is deep-copied field set by field set, so redacting the alert never
     rewrites the event the scorer (or a later alert) still holds.
@@ -94,9 +95,11 @@ def build_alert(outcome: OutcomeLike) -> dict:
             alert[key] = copy.deepcopy(value)
     if "process" in alert:
         _redact_command_lines(alert["process"])
+    own: dict[str, Any] = {"scored_by": scored_by}
     endpoint = _endpoint_id(getattr(outcome, "endpoint", None))
     if endpoint:
-        alert["imdswatch"] = {"endpoint": endpoint}
+        own["endpoint"] = endpoint
+    alert["imdswatch"] = own
     _copy_request(alert, event, doc)
     return alert
 
@@ -131,7 +134,7 @@ class AlertWriter:
     """
 
     def __init__(self, stream: str | os.PathLike[str] | IO[str] | IO[bytes],
-                 append: bool = True) -> None:
+                 append: bool = True, scored_by: str = "agent") -> None:
         # A path is appended to by default: a restarted agent must not erase the alerts it
         # wrote before; a replay that should start afresh passes append=False.
         self._owned = isinstance(stream, str | os.PathLike)
@@ -144,10 +147,11 @@ class AlertWriter:
         # The agent may write from the tracer thread while the main thread closes.
         self._lock = threading.Lock()
         self.written = 0
+        self.scored_by = scored_by
 
     def write(self, outcome: OutcomeLike) -> dict:
         """Write one alert line for `outcome` and return the alert document."""
-        alert = build_alert(outcome)
+        alert = build_alert(outcome, self.scored_by)
         self.write_document(alert)
         return alert
 
