@@ -66,9 +66,9 @@ def _fail(message: str) -> int:
 
 
 def run_serve(config: Any, opts: ServeOptions, *, stop: threading.Event | None = None) -> int:
-    from imdswatch.agent import _setup_logging
-
-    _setup_logging()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = stop or threading.Event()
     token = None
     if opts.token_file:

@@ -212,7 +212,6 @@ class FleetSink:
                     continue
                 log.error("%s; dropping %d events of %s", exc, seg.events, seg.path.name)
                 self.spool.done(seg, delivered=False)
-                self.spool.dropped += seg.events
                 continue
             self.spool.done(seg)
             self.metrics.sent.inc(seg.events)

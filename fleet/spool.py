@@ -58,6 +58,7 @@ class Spool:
         self._opened_at = 0.0
         self._next = 0
         self.dropped = 0
+        self._warned_at = -1e9
         self.write_error: str | None = None
 
     # -- start ------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ class Spool:
                 log.error("spool %s: cannot write (%s); events are being dropped", self.dir,
                           exc.strerror)
             self.write_error = exc.strerror or str(exc)
-            self._close_open()
+            self.seal()  # what was written before stays sendable
             return
         if self._open_events >= self.segment_events:
             self.seal()
@@ -152,6 +153,7 @@ class Spool:
         except OSError as exc:
             log.warning("spool: fsync failed: %s", exc)
         self._close_open()
+        self._open_events = self._open_bytes = 0
         if not events:
             path.unlink(missing_ok=True)
             return
@@ -168,6 +170,7 @@ class Spool:
 
     def _enforce_bound(self) -> None:
         total = sum(s.size for s in self._sealed)
+        dropped = 0
         while total > self.max_bytes and self._sealed:
             victim = next((s for s in self._sealed if s.path != self._sending), None)
             if victim is None:
@@ -175,9 +178,16 @@ class Spool:
             self._sealed.remove(victim)
             victim.path.unlink(missing_ok=True)
             total -= victim.size
-            self.dropped += victim.events
-            log.warning("spool full (%d bytes max): dropped %d oldest events",
-                        self.max_bytes, victim.events)
+            dropped += victim.events
+        if dropped:
+            self.dropped += dropped
+            # Once a minute at most: a long outage must not flood the log.
+            now = time.monotonic()
+            if now - self._warned_at >= 60:
+                self._warned_at = now
+                log.warning("spool full (%d bytes max): dropping the oldest events (%d so "
+                            "far, see imdswatch_fleet_spool_dropped_total)", self.max_bytes,
+                            self.dropped)
 
     # -- the sender thread ----------------------------------------------------------------
     def oldest(self, timeout: float) -> tuple[Segment, bytes] | None:
@@ -198,11 +208,14 @@ class Spool:
             return None
 
     def done(self, seg: Segment, delivered: bool = True) -> None:
-        """`seg` was acknowledged (or refused for good): delete it."""
+        """`seg` was acknowledged, or refused for good (then its events count as dropped):
+        delete it."""
         with self._cond:
             self._sending = None
             if seg in self._sealed:
                 self._sealed.remove(seg)
+            if not delivered:
+                self.dropped += seg.events
         seg.path.unlink(missing_ok=True)
 
     def release(self) -> None:
