@@ -185,6 +185,9 @@ class FleetCore:
         for ts, order, line in sorted(pending, key=lambda p: p[1]):
             for it in parse(line, catalog).items:
                 self._push((ts, order, it), arrival=time.monotonic())
+        if pending:
+            # Released after the hold like any batch, even if no new event ever comes.
+            self._held.append((time.monotonic(), max(p[0] for p in pending)))
         replayed = 0
         for seq, payload in self.wal.replay(self.applied):
             parsed = parse(payload, catalog)
