@@ -496,10 +496,7 @@ def memory(quick: bool) -> list[Row]:
                         break
                 srv.wait_scored(n - 2000, 600)
                 peak = max(peak, srv.rss())
-                entities = sum(srv.metric("imdswatch_model_entities", detector=det)
-                               for det in ("rare_process", "rare_executable",
-                                           "rare_process_user", "rare_user", "rare_parent",
-                                           "rare_container", "rare_combination"))
+                entities = srv.metric("imdswatch_model_entities")  # all detectors
             finally:
                 srv.stop()
             state = srv.state.stat().st_size if srv.state.exists() else 0
