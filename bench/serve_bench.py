@@ -101,7 +101,7 @@ class Serve:
     def wait_scored(self, n: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.metric("imdswatch_events_seen_total") >= n:
+            if self.metric("imdswatch_fleet_events_scored_total") >= n:
                 return True
             time.sleep(0.2)
         return False
@@ -347,7 +347,7 @@ def ingest(quick: bool) -> list[Row]:
                 t.start()
             time.sleep(seconds)
             a1 = srv.metric("imdswatch_ingest_events_total", result="accepted")
-            scored = srv.metric("imdswatch_events_seen_total")
+            scored = srv.metric("imdswatch_fleet_events_scored_total")
             elapsed = time.monotonic() - start
             busy = srv.metric("imdswatch_ingest_requests_total", code="503")
             stop.set()

@@ -236,6 +236,7 @@ class FleetCore:
                 next_save = time.monotonic() + self.save_interval
 
     def step(self, timeout: float) -> None:
+        before = self.scored
         batches = self.queue.take(timeout)
         if batches:
             self.wal.sync(batches[-1][0])
@@ -244,6 +245,8 @@ class FleetCore:
                 self.queue.done(len(items))
         self._release_held(time.monotonic())
         self.metrics.queue.set(self.queue.events)
+        if self.scored != before:
+            self.metrics.scored.inc(self.scored - before)
 
     def drain_queue(self) -> None:
         """Score what is queued (at shutdown: the ingest server is already closed)."""
@@ -287,7 +290,11 @@ class FleetCore:
         if out is None:  # the catalog changed under a buffered event
             return
         self.scored += 1
-        self.observe(out)
+        # Only anomalies reach the exporter (anomaly series, alert counts): per-event
+        # connection counts by process come from the agents, and labelling every event
+        # would cost serve more than scoring it. Scored events are counted per batch.
+        if out.reason or out.suppressed:
+            self.observe(out)
         if out.alert:
             if it.agent_alerted:
                 self.metrics.agent_alerted.inc()

@@ -11,14 +11,17 @@ A line may also hold a JSON array of events (what Logstash's `json_batch` format
 from __future__ import annotations
 
 import zlib
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 
 from fleet.dedup import digest
+from imdswatch.ndjson import MAX_LINE_BYTES
+from imdswatch.reader import read_events
 from scoring.endpoints import EndpointCatalog
-from scoring.events import Event, MalformedEvent, event_from_ecs
+from scoring.events import Event
 
 # The optional event field an agent sets on an event it already alerted on (scored locally
 # while the fleet scorer was away): the fleet scorer learns it without alerting again.
@@ -81,36 +84,37 @@ def _flag(doc: dict) -> bool:
 
 
 def parse(body: bytes, catalog: EndpointCatalog) -> Parsed:
-    """Every line of `body`; raises NotNdjson when no line at all is JSON."""
+    """Every line of `body`, read by the reader `imdswatch replay` uses (`imdswatch.reader`:
+    the typed ECS schema, Elasticsearch hits and arrays, dotted keys), so serve takes
+    exactly the events replay would. Raises NotNdjson when no line at all is JSON."""
     res = Parsed()
-    loads = orjson.loads
-    match = catalog.match
-    json_lines = 0
+    not_json = 0
     first_error = ""
-    for line in body.split(b"\n"):
-        if not line or line.isspace():
-            continue
-        res.lines += 1
-        try:
-            value: Any = loads(line)
-        except orjson.JSONDecodeError as exc:
-            res.malformed += 1
-            first_error = first_error or f"line {res.lines}: {exc.msg}"
-            continue
-        json_lines += 1
-        docs = value if isinstance(value, list) else (value,)
-        for doc in docs:
-            raw = line if docs is not value else orjson.dumps(doc)
-            try:
-                ev = event_from_ecs(doc)
-            except MalformedEvent:
-                res.malformed += 1
-                continue
-            if match(ev.dst_ip, ev.dst_port) is None:
-                res.skipped += 1
-                continue
-            key = digest(ev.event_id.encode() if ev.event_id else raw)
-            res.items.append(Item(ev, raw, key, _flag(ev.doc or {})))
-    if res.lines and not json_lines:
+
+    def report(lineno: int, reason: str, kind: str) -> None:
+        nonlocal not_json, first_error
+        res.malformed += 1
+        if kind == "not JSON":
+            not_json += 1
+            first_error = first_error or f"line {lineno}: {reason}"
+
+    def lines() -> Iterator[tuple[int, bytes | None]]:
+        for n, line in enumerate(body.split(b"\n"), 1):
+            if line and not line.isspace():
+                res.lines += 1
+                yield n, (line if len(line) <= MAX_LINE_BYTES else None)
+
+    skipped: Counter = Counter()
+    # No entity-id join: a process event would have to be kept with the batch in the
+    # log for a restart to re-read it; agents send calls already enriched.
+    found = list(read_events(lines(), catalog.match, report, skipped))
+    per_line = Counter(n for n, _ev, _e in found)
+    for n, ev, _endpoint in found:
+        raw = ev._raw if per_line[n] == 1 and ev._raw is not None else orjson.dumps(ev.doc)
+        key = digest(ev.event_id.encode() if ev.event_id else raw)
+        flagged = AGENT_ALERTED.encode() in raw and _flag(ev.doc or {})
+        res.items.append(Item(ev, raw, key, flagged))
+    res.skipped = sum(skipped.values())
+    if res.lines and not_json == res.lines:
         raise NotNdjson(f"no line is JSON ({first_error})")
     return res

@@ -5,6 +5,9 @@ Fleet scorer (`imdswatch serve`):
 - `imdswatch_ingest_requests_total{code}` - ingest and model requests by HTTP status
 - `imdswatch_ingest_events_total{result}` - accepted, duplicate, malformed, skipped
 - `imdswatch_ingest_queue_events` - events acknowledged and waiting for the scorer
+- `imdswatch_fleet_events_scored_total` - events scored by the fleet model (serve's
+  `imdswatch_metadata_connections_total` and `imdswatch_events_seen_total` count only
+  anomalous events: the per-process connection counts come from the agents)
 - `imdswatch_fleet_wal_bytes` - write-ahead log on disk
 - `imdswatch_fleet_late_events_total` - scored out of time order (later than the window)
 - `imdswatch_fleet_agent_alerted_total` - alerts the fleet did not repeat because the
@@ -35,6 +38,8 @@ class ServeMetrics:
         self.events = Counter("imdswatch_ingest_events",
                               "Events received by the fleet scorer, by result.",
                               ["result"], registry=r)
+        self.scored = Counter("imdswatch_fleet_events_scored",
+                              "Events scored by the fleet model.", registry=r)
         self.queue = Gauge("imdswatch_ingest_queue_events",
                            "Events acknowledged and waiting for the scorer.", registry=r)
         self.wal_bytes = Gauge("imdswatch_fleet_wal_bytes",

@@ -154,7 +154,7 @@ def comparable(alerts: list[dict]) -> list[dict]:
 
 
 def wait_scored(serve: ServeProcess, n: int, timeout: float = 30.0) -> bool:
-    return wait_for(lambda: serve.metric("imdswatch_events_seen_total") >= n, timeout)
+    return wait_for(lambda: serve.metric("imdswatch_fleet_events_scored_total") >= n, timeout)
 
 
 def settle(seconds: float = 1.0) -> None:
