@@ -114,6 +114,12 @@ def section_memory(quick: bool, seed: int) -> list[dict]:
     return [r.as_dict() for r in run(quick)]
 
 
+def section_fleet(quick: bool, seed: int) -> list[dict]:
+    from bench.serve_bench import run
+
+    return [r.as_dict() for r in run(quick, seed)]
+
+
 def section_tracer(quick: bool, seed: int) -> list[dict] | None:
     try:
         mod = importlib.import_module("bench.tracer_bench")
@@ -128,6 +134,7 @@ SECTIONS: tuple[tuple[str, Callable[[bool, int], list[dict] | None]], ...] = (
     ("accuracy: imdswatch vs the best anchor", section_accuracy),
     ("throughput: imdswatch replay vs JSON parse", section_throughput),
     ("memory: scorer state", section_memory),
+    ("fleet: imdswatch serve vs replay and per-node agents", section_fleet),
     ("tracer", section_tracer),
 )
 

@@ -91,8 +91,10 @@ def _endpoint_id(endpoint: Any) -> str | None:
     return getattr(endpoint, "id", None) or str(endpoint)
 
 
-def build_alert(outcome: OutcomeLike) -> dict:
+def build_alert(outcome: OutcomeLike, scored_by: str = "agent") -> dict:
     """The contract §2 alert for `outcome`: the allowed fields only, secrets redacted.
+    `scored_by` says which model judged it: `agent` (on the node) or `fleet`
+    (`imdswatch serve`).
 
     The allowed fields are copied into new objects, so redacting the alert never rewrites
     the event the scorer (or a later alert) still holds.
@@ -122,9 +124,11 @@ def build_alert(outcome: OutcomeLike) -> dict:
         anomaly["scores"] = {k: round(float(v), 1) for k, v in scores.items()}
     alert["anomaly"] = anomaly
     alert.update(copy_allowed(doc, ALLOWED_FIELDS))
+    own: dict[str, Any] = {"scored_by": scored_by}
     endpoint = _endpoint_id(getattr(outcome, "endpoint", None))
     if endpoint:
-        alert.setdefault("imdswatch", {})["endpoint"] = endpoint
+        own["endpoint"] = endpoint
+    alert["imdswatch"] = own
     _copy_request(alert, event, doc)
     return alert
 
@@ -159,7 +163,8 @@ class AlertWriter:
     """
 
     def __init__(self, stream: str | os.PathLike[str] | IO[str] | IO[bytes],
-                 append: bool = True, cap: AlertCap | None = None) -> None:
+                 append: bool = True, cap: AlertCap | None = None,
+                 scored_by: str = "agent") -> None:
         # A path is appended to by default: a restarted agent must not erase the alerts it
         # wrote before; a replay that should start afresh passes append=False.
         self._owned = isinstance(stream, str | os.PathLike)
@@ -174,6 +179,7 @@ class AlertWriter:
         self.written = 0
         # Bounds the lines written (exporters.alertcap); None writes every alert.
         self.cap = cap
+        self.scored_by = scored_by
 
     def write(self, outcome: OutcomeLike) -> dict | None:
         """Write one alert line for `outcome` and return the alert document, or None when
@@ -184,7 +190,7 @@ class AlertWriter:
                 self.write_document(summary)
             if not admitted:
                 return None
-        alert = build_alert(outcome)
+        alert = build_alert(outcome, self.scored_by)
         self.write_document(alert)
         return alert
 

@@ -108,8 +108,11 @@ class Agent:
         state_path: str | None = None,
         output: str | IO[Any] = "-",
         stop: threading.Event | None = None,
+        fleet: Any = None,
     ) -> None:
         self.config = config
+        self.fleet_options = fleet
+        self.fleet: Any = None  # fleet.sink.FleetSink with --fleet
         self.state_path = state_path
         self.output = output
         self.stop = stop or threading.Event()
@@ -161,6 +164,14 @@ class Agent:
         self.writer = _alert_writer(self.output)
         self.writer.cap = AlertCap(a.max_per_window, a.window, a.max_per_run,
                                    on_held=self.metrics.observe_held_back)
+        if self.fleet_options is not None:
+            from fleet.sink import FleetSink
+
+            try:
+                self.fleet = FleetSink(self.fleet_options, self.scorer, self.metrics)
+            except ValueError as exc:
+                raise RuntimeError(str(exc)) from None
+            self.fleet.start()  # the fleet model before the first event
         # Started before attaching, so that the first list is usually done by the first event.
         self.pods = start_pod_directory(cfg.agent)
         self.tracer = Tracer(
@@ -214,7 +225,10 @@ class Agent:
             log.warning("unusable event from the tracer: %s", exc)
             return
         try:
-            outcome = self.scorer.process(event)
+            if self.fleet is not None:
+                outcome = self.fleet.handle(event)  # scored here only while the fleet is away
+            else:
+                outcome = self.scorer.process(event)
         except Exception:
             # One event must never stop the agent; the log rate limit keeps a stream of
             # such events from flooding the log with tracebacks.
@@ -264,6 +278,8 @@ class Agent:
     def housekeeping(self) -> None:
         assert self.tracer is not None and self.metrics is not None
         self.metrics.update_model(self.scorer)
+        if self.fleet is not None:
+            self.fleet.housekeeping()
         k = self.tracer.kernel_stats()
         self.metrics.set_kernel_counts(k["matched"], k["dropped"])
         self.metrics.set_request_capture(self.tracer.tracker is not None,
@@ -346,6 +362,8 @@ class Agent:
             self.tracer.close()
         if self.pods is not None:
             self.pods.close()
+        if self.fleet is not None:
+            self.fleet.close()
         self.save()
         if self.writer is not None:
             try:
@@ -388,6 +406,7 @@ def run_agent(
     learning_period: float | None = None,
     *,
     stop: threading.Event | None = None,
+    fleet: Any = None,
 ) -> int:
     """`imdswatch run`. Arguments left None keep the config's values. Returns the exit
     status: 0 after a clean stop, 2 when the machine cannot trace or a setting is unusable."""
@@ -403,7 +422,7 @@ def run_agent(
         for p in problems:
             print(f"imdswatch run: {p}", file=sys.stderr)
         return 2
-    agent = Agent(config, state_path=state_path, output=output, stop=stop)
+    agent = Agent(config, state_path=state_path, output=output, stop=stop, fleet=fleet)
     previous = _install_signals(agent)
     try:
         try:

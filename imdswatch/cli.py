@@ -3,6 +3,7 @@ file or a missing privilege; the message on stderr says which and what to do."""
 
 from __future__ import annotations
 
+import re
 import sys
 
 import click
@@ -31,6 +32,28 @@ class DurationType(click.ParamType):
 
 DURATION = DurationType()
 WINDOW = DurationType(allow_infinite=True)
+
+
+class SizeType(click.ParamType):
+    """Bytes, with an optional KiB/MiB/GiB (or K/M/G) suffix."""
+
+    name = "size"
+    UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        m = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", str(value).lower())
+        if m is None:
+            self.fail(f"{value!r} is not a size such as 4096, 64MiB or 1GiB", param, ctx)
+        n = int(m.group(1)) * self.UNITS[m.group(2)]
+        if n <= 0:
+            self.fail("a size must be positive", param, ctx)
+        return n
+
+
+SIZE = SizeType()
 
 
 def fail(message: str) -> None:
@@ -94,17 +117,96 @@ def replay(events: str, output: str, threshold: float | None, state_path: str | 
               help="No alert before this much time, e.g. 30s, 15m, 24h, 7d.")
 @click.option("--threshold", type=click.FloatRange(0, 100), default=None,
               help="Anomaly score that makes an alert [default: 50].")
+@click.option("--fleet", "fleet_url", metavar="URL",
+              help="Send events to the fleet scorer (`imdswatch serve`) at URL, which alerts.")
+@click.option("--spool", "spool_dir", type=click.Path(file_okay=False),
+              help="With --fleet: directory keeping events until the fleet acknowledges them.")
+@click.option("--spool-max-size", type=SIZE, default="256MiB", show_default=True,
+              help="With --fleet: spool bound; past it the oldest events are dropped.")
+@click.option("--fleet-token-file", type=click.Path(dir_okay=False),
+              help="With --fleet: file holding the bearer token serve expects.")
+@click.option("--fleet-ca", type=click.Path(dir_okay=False),
+              help="With an https fleet URL: CA certificate that signed serve's certificate.")
+@click.option("--fleet-model-interval", type=DURATION, default="5m", show_default=True,
+              help="With --fleet: how often to fetch the fleet model.")
 def run(config_path: str | None, state_path: str | None, probe: str | None,
         metrics_address: str | None, output: str, learning_period: float | None,
-        threshold: float | None) -> None:
+        threshold: float | None, fleet_url: str | None, spool_dir: str | None,
+        spool_max_size: int, fleet_token_file: str | None, fleet_ca: str | None,
+        fleet_model_interval: float) -> None:
     """Trace metadata connections live with BPF and score them as they happen."""
     from imdswatch.agent import run_agent
 
+    fleet = None
+    if fleet_url:
+        from fleet.sink import FleetOptions
+
+        if not spool_dir:
+            fail("--fleet needs --spool DIR (events wait there until the fleet scorer has them)")
+        fleet = FleetOptions(fleet_url, spool_dir, fleet_token_file, fleet_ca, spool_max_size,
+                             fleet_model_interval)
+    elif spool_dir or fleet_token_file or fleet_ca:
+        fail("--spool, --fleet-token-file and --fleet-ca go with --fleet URL")
     cfg = _config(config_path)
     if threshold is not None:
         cfg.scorer.threshold = threshold
     sys.exit(run_agent(cfg, state_path=state_path, probe=probe, metrics_address=metrics_address,
-                       output=output, learning_period=learning_period))
+                       output=output, learning_period=learning_period, fleet=fleet))
+
+
+@main.command()
+@click.option("--listen", default="0.0.0.0:9465", show_default=True,
+              help="HOST:PORT of the ingest API (POST /v1/events, GET /v1/model).")
+@click.option("--state", "state_path", required=True, type=click.Path(dir_okay=False),
+              help="The fleet model, loaded at start and saved periodically and on SIGTERM; "
+                   "its write-ahead log lives beside it (FILE.wal/).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config.")
+@click.option("--metrics-address", default=None,
+              help="HOST:PORT serving /metrics, /healthz, /readyz [default: 0.0.0.0:9464].")
+@click.option("--output", "-o", default="-", show_default="standard output",
+              help="Where to write alerts (NDJSON).")
+@click.option("--threshold", type=click.FloatRange(0, 100), default=None,
+              help="Anomaly score that makes an alert [default: 50].")
+@click.option("--learning-period", type=DURATION, default=None,
+              help="No alert before this much event time, e.g. 30s, 15m, 24h, 7d.")
+@click.option("--reorder-window", type=DURATION, default="10m", show_default=True,
+              help="How far out of event-time order agents' events may arrive and still be "
+                   "scored in order.")
+@click.option("--reorder-hold", type=DURATION, default="0.5s", show_default=True,
+              help="Longest wall-clock wait of an event in the reorder buffer (bounds alert "
+                   "latency for live events).")
+@click.option("--token-file", type=click.Path(dir_okay=False),
+              help="Require 'Authorization: Bearer <token in FILE>' on every API request.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="Serve HTTPS: certificate.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="Serve HTTPS: private key.")
+@click.option("--save-interval", type=DURATION, default="60s", show_default=True,
+              help="How often the state is saved and the write-ahead log truncated.")
+@click.option("--max-body", type=SIZE, default="16MiB", show_default=True,
+              help="Largest request body, compressed or not (413 beyond).")
+@click.option("--queue-events", type=click.IntRange(1), default=200_000, show_default=True,
+              help="Acknowledged events waiting for the scorer; past it ingest answers 503.")
+@click.option("--max-connections", type=click.IntRange(1), default=256, show_default=True,
+              help="Concurrent ingest connections.")
+def serve(listen: str, state_path: str, config_path: str | None, metrics_address: str | None,
+          output: str, threshold: float | None, learning_period: float | None,
+          reorder_window: float, reorder_hold: float, token_file: str | None,
+          tls_cert: str | None, tls_key: str | None, save_interval: float, max_body: int,
+          queue_events: int, max_connections: int) -> None:
+    """The fleet scorer: one model for every agent's events (contract section 5)."""
+    from fleet.serve import ServeOptions, run_serve
+
+    cfg = _config(config_path)
+    if threshold is not None:
+        cfg.scorer.threshold = threshold
+    if learning_period is not None:
+        cfg.scorer.learning_period = learning_period
+    opts = ServeOptions(
+        state=state_path, listen=listen, metrics_address=metrics_address, output=output,
+        reorder_window=reorder_window, reorder_hold=reorder_hold, token_file=token_file,
+        tls_cert=tls_cert, tls_key=tls_key, save_interval=save_interval, body_limit=max_body,
+        queue_events=queue_events, max_connections=max_connections,
+    )
+    sys.exit(run_serve(cfg, opts))
 
 
 @main.command()

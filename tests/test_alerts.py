@@ -63,7 +63,8 @@ def test_alert_fields_follow_the_contract() -> None:
     assert alert["anomaly"]["reason"].startswith("curl has never")
     assert alert["anomaly"]["severity"] == "high"
     assert alert["anomaly"]["scores"] == {"rare_process": 87.7, "rare_user": 12.0}
-    assert alert["imdswatch"] == {"endpoint": "imds"}
+    assert alert["imdswatch"] == {"endpoint": "imds", "scored_by": "agent"}
+    assert build_alert(outcome_for(DOC), "fleet")["imdswatch"]["scored_by"] == "fleet"
     for key in ("user", "host", "container", "orchestrator", "destination"):
         assert alert[key] == DOC[key]
     assert alert["process"]["executable"] == "/usr/bin/curl"

@@ -16,7 +16,8 @@ from imdswatch.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
-OVERLAYS = ["base", "overlays/production", "overlays/privileged"]
+OVERLAYS = ["base", "overlays/production", "overlays/privileged", "overlays/per-node"]
+FLEET_OVERLAYS = ["overlays/production", "overlays/privileged"]
 # Versions the manifests must be valid for: an old supported release and the newest
 # schemas kubernetes-validate ships.
 K8S_VERSIONS = ["1.28.0", None]
@@ -69,6 +70,7 @@ def render(directory: Path, namespace: str | None = None) -> list[dict]:
         assert ck["kind"] == "Component"
         for res in ck.get("resources", []):
             docs += load_all(comp / res)
+        docs += generated_secrets(comp, ck)
         docs = apply_patches(comp, ck, docs)
     docs = apply_patches(directory, k, docs)
     for doc in docs:
@@ -82,6 +84,18 @@ def render(directory: Path, namespace: str | None = None) -> list[dict]:
                 if c["image"] == image["name"]:
                     c["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
     return docs
+
+
+def generated_secrets(directory: Path, k: dict) -> list[dict]:
+    """secretGenerator entries as the Secrets Kustomize makes (the files they read are
+    the user's own, e.g. the fleet token, and are not in the repository)."""
+    out = []
+    for gen in k.get("secretGenerator", []):
+        assert gen.get("options", {}).get("disableNameSuffixHash") is True, gen["name"]
+        data = {f.split("=", 1)[0]: "" for f in gen.get("files", [])}
+        out.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                    "metadata": {"name": gen["name"]}, "data": data})
+    return out
 
 
 def apply_patches(directory: Path, k: dict, docs: list[dict]) -> list[dict]:
@@ -125,7 +139,7 @@ def test_operator_objects_are_well_formed(rendered) -> None:
         assert not kinds & OPERATOR_KINDS  # the base applies to clusters without the Operator
         return
     ds = by_kind(docs, "DaemonSet")
-    pm = by_kind(docs, "PodMonitor")
+    pm = next(d for d in docs if d["kind"] == "PodMonitor" and d["metadata"]["name"] == "imdswatch")
     assert pm["apiVersion"] == "monitoring.coreos.com/v1"
     pod_labels = ds["spec"]["template"]["metadata"]["labels"]
     assert pm["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -203,8 +217,12 @@ def test_rbac_is_minimal_and_bound_to_the_pods_account(rendered) -> None:
 @pytest.mark.skipif(shutil.which("kubectl") is None,
                     reason="kubectl not installed; the structural render above still ran")
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_kubectl_kustomize_agrees(overlay: str) -> None:
-    out = subprocess.run(["kubectl", "kustomize", str(K8S / overlay)], check=True,
+def test_kubectl_kustomize_agrees(overlay: str, tmp_path: Path) -> None:
+    # On a copy holding the token file a user creates before applying fleet mode.
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(K8S, tree)
+    (tree / "components" / "fleet" / "fleet-token").write_text("test-token\n")
+    out = subprocess.run(["kubectl", "kustomize", str(tree / overlay)], check=True,
                          capture_output=True, text=True, timeout=60).stdout
     real = [d for d in yaml.safe_load_all(out) if d]
     ours = render(K8S / overlay)
@@ -242,3 +260,74 @@ def test_container_args_are_accepted_by_the_cli() -> None:
         command = main.get_command(None, argv[0])
         assert command is not None, argv[0]
         command.make_context(argv[0], list(argv[1:]))  # raises on an unknown option
+
+
+def _named(docs: list[dict], kind: str, name: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+@pytest.mark.parametrize("overlay", FLEET_OVERLAYS)
+def test_fleet_mode_serve_and_agents(overlay: str) -> None:
+    docs = render(K8S / overlay)
+    dep = _named(docs, "Deployment", "imdswatch-serve")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    pod = dep["spec"]["template"]
+    spec = pod["spec"]
+    (c,) = spec["containers"]
+    assert c["args"][0] == "serve" and c["image"] == "imdswatch:0.1.0"
+    args = dict(a.split("=", 1) for a in c["args"][1:])
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    # State and log on the PersistentVolumeClaim; the token from the Secret.
+    pvc = _named(docs, "PersistentVolumeClaim", "imdswatch-serve-state")
+    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert args["--state"].startswith(mounts["state"]["mountPath"] + "/")
+    secret = _named(docs, "Secret", "imdswatch-fleet-token")
+    assert volumes["fleet-token"]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert args["--token-file"] == mounts["fleet-token"]["mountPath"] + "/token"
+    assert "token" in secret["data"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    # The Service reaches the ingest port of serve's pods, and only serve's.
+    svc = _named(docs, "Service", "imdswatch-serve")
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert svc["spec"]["ports"][0]["targetPort"] == "ingest" and ports["ingest"] == 9465
+    ds = by_kind(docs, "DaemonSet")
+    agent_labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert not ds["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    # Only agents reach ingest; only the monitoring namespace reaches metrics.
+    np = _named(docs, "NetworkPolicy", "imdswatch-serve")
+    assert np["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    rules = {r["ports"][0]["port"]: r["from"] for r in np["spec"]["ingress"]}
+    assert rules["ingest"] == [{"podSelector": {"matchLabels": {
+        k: v for k, v in agent_labels.items() if k == "app.kubernetes.io/name"}}}]
+    assert "namespaceSelector" in rules["metrics"][0]
+    # The agents run in fleet mode with a spool on the node and the same Secret.
+    a = ds["spec"]["template"]["spec"]
+    (ac,) = a["containers"]
+    aargs = dict(x.split("=", 1) for x in ac["args"][1:])
+    host = svc["metadata"]["name"] + "." + svc["metadata"]["namespace"] + ".svc"
+    assert aargs["--fleet"] == f"http://{host}:{svc['spec']['ports'][0]['port']}"
+    spool_mount = next(m for m in ac["volumeMounts"]
+                       if aargs["--spool"].startswith(m["mountPath"] + "/"))
+    assert {v["name"]: v for v in a["volumes"]}[spool_mount["name"]]["hostPath"]
+    amounts = {m["name"]: m for m in ac["volumeMounts"]}
+    avols = {v["name"]: v for v in a["volumes"]}
+    assert avols["fleet-token"]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert aargs["--fleet-token-file"] == amounts["fleet-token"]["mountPath"] + "/token"
+    # Both command lines parse.
+    for argv in (c["args"], ac["args"]):
+        main.get_command(None, argv[0]).make_context(argv[0], list(argv[1:]))
+    # Prometheus Operator: serve's PodMonitor selects serve's pod and its metrics port.
+    pm = _named(docs, "PodMonitor", "imdswatch-serve")
+    assert pm["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+
+def test_per_node_overlay_has_no_fleet() -> None:
+    docs = render(K8S / "overlays/per-node")
+    assert not [d for d in docs if d["kind"] in ("Deployment", "Secret", "NetworkPolicy")]
+    args = by_kind(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not any(a.startswith(("--fleet", "--spool")) for a in args)

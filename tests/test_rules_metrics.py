@@ -12,6 +12,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.metrics import MetricsExporter
+from fleet.metrics import AgentFleetMetrics, ServeMetrics
 from scoring.events import event_from_ecs
 from scoring.scorer import Scorer
 from scoring.settings import ScorerSettings
@@ -82,6 +83,10 @@ def exported_series() -> dict[str, set[str]]:
         else:
             exporter.observe(outcome)
     exporter.observe_malformed()
+    # The fleet scorer's and the fleet-mode agent's metrics, on the same registry as in
+    # `imdswatch serve` and `imdswatch run --fleet`.
+    ServeMetrics(exporter.registry)
+    AgentFleetMetrics(exporter.registry)
     exporter.update_model(scorer)
     exporter.set_probe("fentry", fallback=False)
     exporter.set_kernel_counts(10, 1)

@@ -1,0 +1,162 @@
+"""`imdswatch serve`: the fleet scorer as a process (contract section 5).
+
+Threads: the ingest server's connection threads (parse, log, acknowledge), one scoring
+thread (`FleetCore.run`), the metrics server; the main thread waits for SIGTERM/SIGINT,
+then closes ingest, scores what is queued, saves a checkpoint and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import ssl
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from exporters.metrics import MetricsExporter
+from fleet.core import DEFAULT_HOLD, DEFAULT_QUEUE_EVENTS, AlertSink, FleetCore
+from fleet.dedup import DEFAULT_CAPACITY, IdWindow
+from fleet.metrics import ServeMetrics
+from fleet.server import DEFAULT_BODY_LIMIT, DEFAULT_MAX_CONNECTIONS, IngestServer, tls_context
+from fleet.wal import WalError
+from scoring.scorer import Scorer
+from scoring.state import StateError
+
+log = logging.getLogger("imdswatch.serve")
+
+DEFAULT_LISTEN = "0.0.0.0:9465"
+
+
+@dataclass
+class ServeOptions:
+    state: str
+    listen: str = DEFAULT_LISTEN
+    metrics_address: str | None = None
+    output: str = "-"
+    reorder_window: float = 600.0
+    reorder_hold: float = DEFAULT_HOLD
+    token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    save_interval: float = 60.0
+    body_limit: int = DEFAULT_BODY_LIMIT
+    queue_events: int = DEFAULT_QUEUE_EVENTS
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    dedup_ids: int = DEFAULT_CAPACITY
+
+
+def read_token(path: str, what: str = "--token-file") -> str:
+    """The bearer token in `path` (surrounding whitespace removed). Raises ValueError with a
+    message that names the file, never its content."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} {path}: cannot read ({exc})") from None
+    if not token or any(c.isspace() or not c.isprintable() for c in token):
+        raise ValueError(f"{what} {path}: must hold one token, without spaces")
+    return token
+
+
+def _fail(message: str) -> int:
+    print(f"imdswatch serve: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def run_serve(config: Any, opts: ServeOptions, *, stop: threading.Event | None = None) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = stop or threading.Event()
+    token = None
+    if opts.token_file:
+        try:
+            token = read_token(opts.token_file)
+        except ValueError as exc:
+            return _fail(str(exc))
+    tls = None
+    if bool(opts.tls_cert) != bool(opts.tls_key):
+        return _fail("--tls-cert and --tls-key go together")
+    if opts.tls_cert and opts.tls_key:
+        try:
+            tls = tls_context(opts.tls_cert, opts.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            return _fail(f"cannot load the TLS certificate/key: {exc}")
+    state_dir = Path(opts.state).parent
+    if not state_dir.is_dir():
+        return _fail(f"--state {opts.state}: directory {state_dir} does not exist")
+    metrics_address = opts.metrics_address or config.metrics.address
+    exporter = MetricsExporter(max_label_values=config.metrics.max_label_values,
+                               anomaly_ttl=config.metrics.anomaly_ttl)
+    serve_metrics = ServeMetrics(exporter.registry)
+    exporter.set_ready(False, "restoring state and write-ahead log")
+    scorer = Scorer(config.scorer, config.catalog, config.exceptions)
+    try:
+        alerts = AlertSink(opts.output, sys.stdout.buffer)
+    except OSError as exc:
+        return _fail(f"{opts.output}: cannot write alerts ({exc.strerror})")
+    try:
+        core = FleetCore(scorer, opts.state, alerts, serve_metrics, exporter.observe,
+                         window=opts.reorder_window, hold=opts.reorder_hold,
+                         queue_events=opts.queue_events, save_interval=opts.save_interval,
+                         ids=IdWindow(opts.dedup_ids))
+    except WalError as exc:
+        return _fail(str(exc))
+    try:
+        metrics_server = exporter.serve(metrics_address)
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot serve metrics on {metrics_address}: {exc}")
+    try:
+        core.restore()
+    except (StateError, OSError) as exc:
+        metrics_server.shutdown()
+        return _fail(str(exc))
+    exporter.update_model(scorer)
+    try:
+        server = IngestServer(opts.listen, core, serve_metrics, token=token, tls=tls,
+                              body_limit=opts.body_limit, max_connections=opts.max_connections)
+    except (OSError, ValueError) as exc:
+        metrics_server.shutdown()
+        return _fail(f"cannot listen on {opts.listen}: {exc}")
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        def on_stop(signum: int, _frame: object) -> None:
+            log.info("%s received: stopping", signal.Signals(signum).name)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_stop)
+
+    scoring = threading.Thread(target=core.run, args=(stop,), name="imdswatch-scoring",
+                               daemon=True)
+    scoring.start()
+    server.serve_in_thread()
+    exporter.set_ready(True, f"ingesting on {opts.listen}")
+    log.info("fleet scorer ready: ingest on %s://%s/v1/events%s, metrics on %s, state %s",
+             "https" if tls else "http", opts.listen, ", bearer token required" if token else "",
+             metrics_address, opts.state)
+    try:
+        while not stop.wait(1.0):
+            exporter.update_model(scorer)
+            if not scoring.is_alive():
+                log.error("the scoring thread died; stopping")
+                return 1
+    finally:
+        exporter.set_ready(False, "stopping")
+        server.shutdown()
+        server.server_close()
+        stop.set()
+        scoring.join(30)
+        core.drain_queue()
+        core.checkpoint()
+        core.close()
+        metrics_server.shutdown()
+        metrics_server.server_close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        log.info("stopped: %d events scored, %d alert lines written", core.scored,
+                 alerts.written)
+    return 0
