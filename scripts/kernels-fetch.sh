@@ -80,6 +80,9 @@ fetch() {
   (cd "$dir/debs.new" && apt-get "${opts[@]}" -qq download "${pkgs[@]}" >&2)
   for deb in "$dir"/debs.new/*.deb; do dpkg-deb -x "$deb" "$dir/root.new"; done
   [ -n "$(ls "$dir"/root.new/boot/vmlinuz-* 2>/dev/null)" ] || { log "$label: no vmlinuz"; return 1; }
+  # The package's postinst would build the module index: without it the VM cannot modprobe
+  # (netfilter's NAT for the DNAT tests, for one).
+  depmod -b "$dir/root.new" "$release"
   touch "$dir/root.new/.done"
   rm -rf "$dir/debs" "$dir/root"
   mv "$dir/debs.new" "$dir/debs"; mv "$dir/root.new" "$dir/root"
