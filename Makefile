@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup run demo test lint bench bench-quick clean
+.PHONY: setup run demo test lint bench bench-quick clean test-kernels test-image
 
 setup: $(STAMP)
 
@@ -23,6 +23,14 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The tracer on Debian's 5.10, 6.1 and 6.12 kernels in VMs (KERNELS="6.1" for one); as root.
+test-kernels: setup
+	bash scripts/test-kernels.sh $(KERNELS)
+
+# deploy/Dockerfile built with podman and run as the DaemonSet runs it; as root.
+test-image: setup
+	bash scripts/test-image.sh
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)

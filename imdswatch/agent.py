@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -93,6 +94,20 @@ def _alert_writer(output: str | IO[Any]) -> AlertWriter:
         raise RuntimeError(f"{output}: cannot write alerts ({exc.strerror or exc})") from None
 
 
+def _unwritable(state_path: str) -> str | None:
+    """Why a state could not be written next to `state_path` (the save writes a temporary
+    file there, then renames it), or None. Tried for real: permission bits say nothing about
+    capabilities, read-only mounts or a full disk."""
+    directory = os.path.dirname(os.path.abspath(state_path))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".imdswatch-write-check-", dir=directory)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
 def _fail(message: str) -> int:
     print(f"imdswatch run: {message}", file=sys.stderr, flush=True)
     return 2
@@ -128,6 +143,9 @@ class Agent:
         # Set when the alert output failed (a full disk, a closed pipe): the agent stops,
         # saves its state and exits 2 with this message.
         self.output_error: str | None = None
+        # Why the last save failed (None once one succeeds): a run whose final save fails
+        # exits non-zero, since what it learnt is lost.
+        self.save_error: str | None = None
         self._last_loop = time.monotonic()
         self._matched_read: int | None = None
         self.mode: str | None = None
@@ -140,6 +158,12 @@ class Agent:
         """Load state, serve metrics, attach. Raises RuntimeError with a message to print."""
         cfg = self.config
         self.log_limiter = lograte.install()
+        if self.state_path:
+            problem = _unwritable(self.state_path)
+            if problem:
+                raise RuntimeError(
+                    f"the state cannot be saved to {self.state_path} ({problem}): make its "
+                    f"directory writable for uid {os.geteuid()} or pass another --state")
         if self.state_path and os.path.exists(self.state_path):
             try:
                 load_state(self.state_path, self.scorer)
@@ -345,7 +369,10 @@ class Agent:
         try:
             save_state(self.state_path, self.scorer)
         except OSError as exc:
+            self.save_error = exc.strerror or str(exc)
             log.error("cannot save state to %s: %s", self.state_path, exc)
+        else:
+            self.save_error = None
 
     # -- stop ------------------------------------------------------------------------------
 
@@ -430,10 +457,15 @@ def run_agent(
         except RuntimeError as exc:
             return _fail(str(exc))
         agent.run()
-        if agent.output_error is not None:
-            return _fail(agent.output_error)
-        return 0
     finally:
         agent.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    status = 0
+    if agent.output_error is not None:
+        status = _fail(agent.output_error)
+    if agent.save_error is not None:
+        print(f"imdswatch run: the state was not saved to {state_path} ({agent.save_error}); "
+              "what this run learnt is lost", file=sys.stderr, flush=True)
+        status = status or 1
+    return status

@@ -107,3 +107,51 @@ def test_tracer_mounts_missing_tracefs_in_a_private_mount_namespace():
         pytest.skip("tracefs could not be unmounted in the private namespace")
     assert r.returncode == 0, r.stderr
     assert "mounted tracefs at /sys/kernel/tracing" in r.stdout
+
+
+CHECKOUT_ONLY = (".venv", "scripts/", "make setup")
+
+
+def _unprivileged_doctor(deployment: str, tmp_path) -> subprocess.CompletedProcess:
+    """`imdswatch doctor` as uid 65534 without capabilities, told where it runs."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    code = "import sys; from tracer.doctor import run_doctor; sys.exit(run_doctor())"
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c", code],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(ROOT),
+                            "PYTHONDONTWRITEBYTECODE": "1",
+                            "IMDSWATCH_DEPLOYMENT": deployment})
+    if r.returncode not in (0, 1) and "Permission denied" in r.stderr:
+        pytest.skip(f"the unprivileged user cannot run this checkout: {r.stderr[-200:]}")
+    return r
+
+
+@pytest.mark.parametrize("deployment", ["container", "installed", "checkout"])
+def test_fixes_never_widen_a_shared_interpreter_and_fit_where_they_run(deployment, tmp_path):
+    r = _unprivileged_doctor(deployment, tmp_path)
+    out = r.stdout
+    assert r.returncode == 1 and "[FAIL] privileges: uid 65534" in out, out + r.stderr
+    # file capabilities on an interpreter would hand them to every local user
+    assert "setcap" not in out
+    fixes = "\n".join(line for line in out.splitlines() if line.lstrip().startswith("fix:"))
+    if deployment == "checkout":
+        assert "sudo .venv/bin/imdswatch run" in fixes
+    else:
+        assert not [h for h in CHECKOUT_ONLY if h in fixes], fixes
+    if deployment == "container":
+        assert "runAsUser: 0" in fixes and "--cap-add BPF" in fixes
+    else:
+        assert "AmbientCapabilities=CAP_BPF CAP_PERFMON" in fixes
+
+
+def test_unreadable_tracefs_is_not_called_unmounted(tmp_path):
+    if kernel.tracefs_path() is None:
+        pytest.skip("tracefs is not mounted here for root either")
+    mode = os.stat(kernel.tracefs_path()).st_mode & 0o777
+    if mode & 0o005 == 0o005:
+        pytest.skip(f"tracefs is world-readable here (mode {mode:o})")
+    out = _unprivileged_doctor("installed", tmp_path).stdout
+    assert "tracefs: mounted at" in out and "not readable by uid 65534" in out, out
+    assert "not mounted" not in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tracer import cgroup_attach, kernel, probes
 
@@ -33,6 +34,42 @@ class Check:
         return "FAIL" if "all" in self.blocks else "warn"
 
 
+def deployment() -> str:
+    """Where this imdswatch runs, so that every fix names what exists there: "container"
+    (the image sets IMDSWATCH_DEPLOYMENT: no checkout, no .venv, capabilities come from the
+    pod spec), "checkout" (a source tree run from its own .venv, with scripts/) or
+    "installed" (a package on a host)."""
+    named = os.environ.get("IMDSWATCH_DEPLOYMENT", "")
+    if named in ("container", "checkout", "installed"):
+        return named
+    root = Path(__file__).resolve().parents[1]
+    venv = root / ".venv"
+    if (root / "scripts" / "kernel-headers.sh").is_file() and venv.is_dir() and \
+            Path(sys.prefix).resolve() == venv.resolve():
+        return "checkout"
+    return "installed"
+
+
+def _command() -> str:
+    return ".venv/bin/imdswatch" if deployment() == "checkout" else "imdswatch"
+
+
+# Capabilities are granted to the agent alone: to the container by the pod spec, or to one
+# service by systemd. Never by file capabilities on an interpreter, which every local user
+# can run (issue 11: `setcap` on the system Python makes every user root).
+_SYSTEMD_CAPS = ("or as a systemd service of its own with "
+                 "AmbientCapabilities=CAP_BPF CAP_PERFMON CAP_SYS_ADMIN")
+
+
+def _privileges_fix() -> str:
+    if deployment() == "container":
+        return ("run the container as uid 0 with the capabilities BPF, PERFMON and SYS_ADMIN "
+                "added (Kubernetes: securityContext runAsUser: 0 and capabilities.add, as the "
+                "imdswatch DaemonSet has; podman/docker: --user 0 --cap-add BPF --cap-add "
+                "PERFMON --cap-add SYS_ADMIN)")
+    return f"run as root (sudo {_command()} run), {_SYSTEMD_CAPS}"
+
+
 def _cap_eff() -> int:
     try:
         with open("/proc/self/status") as f:
@@ -53,13 +90,8 @@ def check_privileges() -> Check:
     if has["CAP_SYS_ADMIN"] or (has["CAP_BPF"] and has["CAP_PERFMON"]):
         held = ", ".join(n for n, v in has.items() if v)
         return Check("privileges", True, f"not root, but holds {held}")
-    return Check(
-        "privileges", False, f"uid {os.geteuid()} without CAP_BPF + CAP_PERFMON",
-        "run as root (sudo .venv/bin/imdswatch run), or grant the capabilities: "
-        "sudo setcap cap_bpf,cap_perfmon,cap_sys_admin+ep $(readlink -f .venv/bin/python); "
-        "in Kubernetes set securityContext.capabilities.add [BPF, PERFMON, SYS_ADMIN]",
-        {"all"},
-    )
+    return Check("privileges", False, f"uid {os.geteuid()} without CAP_BPF + CAP_PERFMON",
+                 _privileges_fix(), {"all"})
 
 
 def check_kernel() -> Check:
@@ -76,10 +108,34 @@ def check_bcc() -> Check:
     try:
         bcc = kernel.import_bcc()
     except ImportError as exc:
-        return Check("bcc", False, "python BCC not importable", str(exc).split(": ", 1)[-1],
-                     {"all"})
+        return Check("bcc", False, f"python BCC not importable by {sys.executable}",
+                     _bcc_fix(str(exc)), {"all"})
     version = getattr(bcc, "__version__", "?")
     return Check("bcc", True, f"BCC {version} importable from {sys.executable}")
+
+
+def _bcc_fix(error: str) -> str:
+    where = deployment()
+    if where == "container":
+        return ("this image lacks Debian's python3-bpfcc; use the imdswatch image built from "
+                "its Dockerfile")
+    if where == "checkout":
+        return error.split(": ", 1)[-1]
+    return ("apt-get install python3-bpfcc (BCC's Python bindings come from the distribution "
+            "for its python3; the PyPI package named bcc is another project), then run "
+            "imdswatch with that python3")
+
+
+def _headers_fix(rel: str) -> str:
+    where = deployment()
+    if where == "container":
+        return (f"install linux-headers-{rel} on the node and mount the node's /lib/modules "
+                "and /usr/src read-only into the container (the imdswatch DaemonSet does)")
+    fix = f"apt-get install linux-headers-{rel} where the distribution ships them; otherwise "
+    if where == "checkout":
+        return fix + ("bash scripts/kernel-headers.sh (links Debian's newest cloud headers, "
+                      "enough for the tracepoint probe)")
+    return fix + "modprobe kheaders (kernels built with CONFIG_IKHEADERS carry their own)"
 
 
 def check_headers() -> Check:
@@ -94,35 +150,43 @@ def check_headers() -> Check:
                     "the UAPI struct bpf_sock_addr)")
         return Check("kernel headers", True, f"BCC compiles against {path}{note}")
     rel = kernel.kernel_release()
-    return Check(
-        "kernel headers", False, f"nothing at /lib/modules/{rel}/build",
-        f"apt-get install linux-headers-{rel} where the distribution ships them; otherwise "
-        "bash scripts/kernel-headers.sh (links Debian's newest cloud headers, enough for the "
-        "tracepoint probe)",
-        {"all"},
-    )
+    return Check("kernel headers", False, f"nothing at /lib/modules/{rel}/build",
+                 _headers_fix(rel), {"all"})
+
+
+def _tracefs_mounts() -> list[str]:
+    """Mount points of tracefs (or of debugfs, which carries it under tracing/), from the
+    mount table: unlike the directories, readable by any user."""
+    found = [p for p, t in ((kernel.TRACEFS, "tracefs"), (kernel.DEBUGFS, "debugfs"))
+             if kernel.mounted(p, t)]
+    return [p if p == kernel.TRACEFS else f"{p}/tracing" for p in found]
 
 
 def check_tracefs() -> Check:
     path = kernel.tracefs_path()
     if path:
         return Check("tracefs", True, f"mounted at {path}")
+    mounts = _tracefs_mounts()
+    if mounts:
+        # Mounted, but this user may not look inside (tracefs is mode 700): not a mount
+        # problem, and mounting again would not help.
+        return Check("tracefs", False, f"mounted at {mounts[0]} but not readable by uid "
+                     f"{os.geteuid()}", _privileges_fix(), {"tracepoint", "kprobe"})
     if os.geteuid() == 0:
         return Check("tracefs", True, "not mounted; `imdswatch run` mounts it (running as root)")
-    return Check(
-        "tracefs", False, "tracefs/debugfs not mounted",
-        "sudo mount -t tracefs nodev /sys/kernel/tracing && "
-        "sudo mount -t debugfs nodev /sys/kernel/debug",
-        {"tracepoint", "kprobe"},
-    )
+    fix = ("mount the node's /sys/kernel/tracing and /sys/kernel/debug into the container "
+           "(the imdswatch DaemonSet does)" if deployment() == "container" else
+           "sudo mount -t tracefs nodev /sys/kernel/tracing && "
+           "sudo mount -t debugfs nodev /sys/kernel/debug")
+    return Check("tracefs", False, "tracefs/debugfs not mounted", fix, {"tracepoint", "kprobe"})
 
 
 def check_tracepoint() -> Check:
     path = kernel.tracefs_path()
     if path is None:
         return Check("tracepoint", os.geteuid() == 0,
-                     "cannot be checked until tracefs is mounted",
-                     "" if os.geteuid() == 0 else "mount tracefs (see above)", set())
+                     "cannot be checked until tracefs is mounted and readable",
+                     "" if os.geteuid() == 0 else "see tracefs above", set())
     if os.path.isdir(f"{path}/events/{TRACEPOINT}"):
         return Check("tracepoint", True, "sock:inet_sock_set_state present")
     return Check("tracepoint", False, "sock:inet_sock_set_state missing",
@@ -181,11 +245,12 @@ def check_cgroup2(root: str | None = None) -> Check:
     try:
         path = cgroup_attach.cgroup2_root(root)
     except cgroup_attach.CgroupError as exc:
+        fix = ("mount the node's /sys/fs/cgroup at /host/sys/fs/cgroup (the imdswatch "
+               "DaemonSet does)" if deployment() == "container" else
+               "mount it (mount -t cgroup2 none /sys/fs/cgroup/unified) or set "
+               "agent.cgroup_root")
         return Check("cgroup v2", False, str(exc),
-                     "mount it (mount -t cgroup2 none /sys/fs/cgroup/unified) or set "
-                     "agent.cgroup_root; in Kubernetes mount the host's /sys/fs/cgroup "
-                     "(deploy/kubernetes/base/daemonset.yaml does); until then auto falls back "
-                     "to the tracepoint", {"cgroup"})
+                     f"{fix}; until then auto falls back to the tracepoint", {"cgroup"})
     return Check("cgroup v2", True, f"cgroup2 root at {path}")
 
 

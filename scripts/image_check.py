@@ -1,0 +1,271 @@
+"""`make test-image`'s runtime half: the built image run exactly as the DaemonSet runs it
+(flags derived from deploy/kubernetes/base/daemonset.yaml by scripts/daemonset_podman.py),
+checked from outside as a kubelet and an operator would: doctor, liveness and readiness, a
+connect from a private network namespace seen and alerted, the metrics, SIGTERM within the
+grace period, and the learnt state surviving a restart. One line per step with its time.
+
+    .venv/bin/python scripts/image_check.py IMAGE
+SAFETY: the only metadata traffic is a curl inside this script's own network namespace,
+to its own mock IMDS on that namespace's loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
+
+import yaml  # noqa: E402
+from daemonset_podman import DAEMONSET, translate  # noqa: E402
+from netns_fixtures import MetadataNamespace, free_port, wait_for, warm_state  # noqa: E402
+
+IMDS = "169.254.169.254"
+NODE = "imdswatch-image-node"
+# Hints that exist only in a source checkout: inside the image they would mislead.
+CHECKOUT_HINTS = re.compile(r"\.venv|setcap|scripts/|make setup")
+START_TIMEOUT = 240.0
+
+
+class CheckFailed(AssertionError):
+    pass
+
+
+def check(cond: object, message: str) -> None:
+    if not cond:
+        raise CheckFailed(message)
+
+
+def podman(*args: str, timeout: float = 300, check_rc: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    if check_rc and r.returncode != 0:
+        raise CheckFailed(f"podman {' '.join(args[:3])}... exited {r.returncode}: "
+                          f"{r.stderr.strip()[-1500:]}")
+    return r
+
+
+class Container:
+    """One run of the image with the DaemonSet's flags; its port published on loopback."""
+
+    def __init__(self, image: str, flags: list[str], args: list[str], port: int) -> None:
+        self.name = f"imdswatch-image-test-{secrets.token_hex(4)}"
+        self.host_port = free_port()
+        self.image, self.flags, self.args, self.port = image, flags, args, port
+
+    def start(self) -> None:
+        podman("run", "--detach", "--name", self.name,
+               f"--publish=127.0.0.1:{self.host_port}:{self.port}", *self.flags, self.image,
+               *self.args)
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.host_port}{path}",
+                                        timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, ""
+        except OSError:
+            return 0, ""
+
+    def running(self) -> bool:
+        r = podman("inspect", "--format", "{{.State.Running}}", self.name, check_rc=False)
+        return r.stdout.strip() == "true"
+
+    def logs(self) -> tuple[str, str]:
+        r = podman("logs", self.name, check_rc=False)
+        return r.stdout, r.stderr
+
+    def alerts(self) -> list[dict]:
+        out = []
+        for line in self.logs()[0].splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        total = 0.0
+        for line in self.get("/metrics")[1].splitlines():
+            head, _, value = line.rpartition(" ")
+            metric, _, lab = head.partition("{")
+            if metric == name and all(f'{k}="{v}"' in lab for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def exit_code(self) -> int:
+        return int(podman("inspect", "--format", "{{.State.ExitCode}}", self.name).stdout)
+
+    def remove(self) -> None:
+        podman("rm", "--force", "--time=5", self.name, check_rc=False)
+
+
+def run_steps(steps: list[tuple[str, Callable[[], str]]]) -> bool:
+    ok = True
+    for name, step in steps:
+        t0 = time.monotonic()
+        try:
+            detail = step()
+            status = "pass"
+        except (CheckFailed, subprocess.TimeoutExpired) as exc:
+            detail, status, ok = str(exc), "FAIL", False
+        print(f"  {name:<34} {status}  {detail} ({time.monotonic() - t0:.1f}s)", flush=True)
+        if not ok:
+            break
+    return ok
+
+
+def main() -> int:
+    image = sys.argv[1]
+    state_dir = Path(tempfile.mkdtemp(prefix="imdswatch-image-state-"))
+    state_dir.chmod(0o755)  # as kubelet creates a DirectoryOrCreate hostPath
+    spec = translate(yaml.safe_load(DAEMONSET.read_text()), str(state_dir), NODE)
+    state_file = state_dir / Path(next(a for a in spec.args if a.startswith("--state="))
+                                  .split("=", 1)[1]).name
+    ready_path = spec.probes["readinessProbe"]
+    live_path = spec.probes["livenessProbe"]
+    ctx: dict[str, object] = {}
+    containers: list[Container] = []
+
+    def new_container() -> Container:
+        c = Container(image, spec.run, spec.args, spec.port)
+        containers.append(c)
+        return c
+
+    def doctor_unprivileged() -> str:
+        # The image's own user with the DaemonSet's mounts: what an operator sees running
+        # `doctor` without the securityContext. tracefs is mounted there, only unreadable.
+        flags = [f for f in spec.run if not f.startswith(("--user=", "--cap-add="))]
+        r = podman("run", "--rm", "--user=10001", *flags, image, "doctor", check_rc=False)
+        out = r.stdout + r.stderr
+        check(r.returncode == 1, f"doctor exited {r.returncode} without privileges:\n{out}")
+        check("[FAIL] privileges: uid 10001" in out, f"no privileges failure:\n{out}")
+        check("tracefs: mounted at" in out and "not readable by uid 10001" in out,
+              f"tracefs reported as missing rather than unreadable:\n{out}")
+        bad = CHECKOUT_HINTS.findall(out)
+        check(not bad, f"hints that do not exist in the image ({bad}):\n{out}")
+        return "privileges and tracefs named, fixes fit a container"
+
+    def doctor_as_daemonset() -> str:
+        r = podman("run", "--rm", *spec.run, image, "doctor", check_rc=False)
+        out = r.stdout + r.stderr
+        check(r.returncode == 0, f"doctor exited {r.returncode}:\n{out}")
+        check("[FAIL]" not in out, f"doctor failures:\n{out}")
+        bad = CHECKOUT_HINTS.findall(out)
+        check(not bad, f"hints that do not exist in the image ({bad}):\n{out}")
+        m = re.search(r"probe: auto picks (\w+)", out)
+        check(m, f"doctor named no probe:\n{out}")
+        ctx["mode"] = m.group(1)
+        return f"every check passes or warns with a fix; auto picks {m.group(1)}"
+
+    def start_ready() -> str:
+        warm_state(state_file)  # a model warmed by replay, as the contract's flow has it
+        c = new_container()
+        t0 = time.monotonic()
+        c.start()
+        check(wait_for(lambda: c.get(live_path)[0] == 200 or not c.running(), 60, 0.2)
+              and c.running(), f"{live_path} never answered: {c.logs()[1][-2000:]}")
+        live_after = time.monotonic() - t0
+        check(wait_for(lambda: c.get(ready_path)[0] == 200 or not c.running(),
+                       START_TIMEOUT, 0.5) and c.running(),
+              f"{ready_path} never 200: {c.logs()[1][-2000:]}")
+        ctx["c"] = c
+        return (f"{live_path} after {live_after:.1f}s, {ready_path} after "
+                f"{time.monotonic() - t0:.1f}s")
+
+    def connect_alerted() -> str:
+        c = ctx["c"]
+        with MetadataNamespace(v4=(IMDS,), v6=()) as ns:
+            p = ns.popen(["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/latest/meta-data/"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            p.wait(30)
+
+        def mine() -> list[dict]:
+            return [a for a in c.alerts() if a.get("process", {}).get("pid") == p.pid]
+
+        check(wait_for(mine, 20, 0.5), f"no alert for curl pid {p.pid}: "
+              f"{c.logs()[0][-1500:]} {c.logs()[1][-1500:]}")
+        (alert,) = mine()
+        check(alert["process"]["name"] == "curl", alert)
+        check(alert["destination"]["ip"] == IMDS, alert)
+        check(alert.get("host", {}).get("name") == NODE, f"host.name is not the node: {alert}")
+        ctx["pid"] = p.pid
+        return f"curl pid {p.pid} alerted, score {alert['anomaly']['score']:.0f}, " \
+               f"host.name {NODE}"
+
+    def metrics() -> str:
+        c = ctx["c"]
+        check(wait_for(lambda: c.metric("imdswatch_metadata_connections_total",
+                                        process="curl") >= 1, 10),
+              "imdswatch_metadata_connections_total{process=curl} not counted")
+        mode = str(ctx["mode"])
+        check(c.metric("imdswatch_probe_info", mode=mode) == 1, f"probe_info not {mode}")
+        check(c.metric("imdswatch_anomalies_total") >= 1, "no anomaly counted")
+        check(c.metric("imdswatch_ready") == 1, "imdswatch_ready is not 1")
+        check(c.metric("imdswatch_kernel_events_dropped_total") == 0, "events dropped")
+        return f"connections, anomalies, probe_info{{mode={mode}}}, ready"
+
+    def sigterm() -> str:
+        c = ctx["c"]
+        before = state_file.stat().st_mtime_ns
+        t0 = time.monotonic()
+        podman("stop", f"--time={spec.grace}", c.name, timeout=spec.grace + 60)
+        took = time.monotonic() - t0
+        rc = c.exit_code()
+        err = c.logs()[1]
+        check(rc == 0, f"exit status {rc} after SIGTERM: {err[-2000:]}")
+        check(took < spec.grace, f"took {took:.1f}s, past the {spec.grace}s grace period")
+        check("SIGTERM received" in err, f"no SIGTERM in the log: {err[-1500:]}")
+        check("state was not saved" not in err and "cannot save state" not in err,
+              err[-1500:])
+        check(state_file.stat().st_mtime_ns != before, "the state file was not rewritten")
+        return f"exit 0 in {took:.1f}s, state saved"
+
+    def restart() -> str:
+        c = new_container()
+        c.start()
+        check(wait_for(lambda: c.get(ready_path)[0] == 200 or not c.running(),
+                       START_TIMEOUT, 0.5) and c.running(),
+              f"not ready after restart: {c.logs()[1][-2000:]}")
+        m = re.search(r"state loaded from \S+ \((\d+) events learned\)", c.logs()[1])
+        check(m, f"the restarted agent did not load the state: {c.logs()[1][-1500:]}")
+        learned = int(m.group(1))
+        check(learned >= 3001, f"{learned} events learned: the curl before the restart is lost")
+        check(c.metric("imdswatch_learning") == 0, "restarted agent went back to learning")
+        podman("stop", f"--time={spec.grace}", c.name, timeout=spec.grace + 60)
+        check(c.exit_code() == 0, f"exit {c.exit_code()} at the second stop")
+        return f"state loaded with {learned} events (3000 warmed + the live curl), no " \
+               "learning period"
+
+    steps = [
+        ("doctor without privileges", doctor_unprivileged),
+        ("doctor as the DaemonSet runs it", doctor_as_daemonset),
+        ("start: liveness, readiness", start_ready),
+        ("connect from a private netns", connect_alerted),
+        ("metrics", metrics),
+        ("SIGTERM", sigterm),
+        ("restart keeps the state", restart),
+    ]
+    try:
+        ok = run_steps(steps)
+    finally:
+        for c in containers:
+            c.remove()
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""`make test-image` runs the image with flags derived from the DaemonSet
+(scripts/daemonset_podman.py), so the two cannot drift: every security setting, mount,
+argument and variable of the manifest reaches podman, and a field the translation does not
+know is an error rather than something silently left out of the test."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from daemonset_podman import DAEMONSET, Untranslatable, translate  # noqa: E402
+
+SPEC = yaml.safe_load(DAEMONSET.read_text())
+POD = SPEC["spec"]["template"]["spec"]
+(CONTAINER,) = POD["containers"]
+
+
+def test_security_context_reaches_podman():
+    run = translate(SPEC).run
+    ctx = CONTAINER["securityContext"]
+    assert f"--user={ctx['runAsUser']}" in run
+    assert ("--read-only" in run) == ctx["readOnlyRootFilesystem"]
+    assert ("--privileged" in run) == ctx["privileged"]
+    assert ("--security-opt=no-new-privileges" in run) == (not ctx["allowPrivilegeEscalation"])
+    dropped = {f.split("=", 1)[1] for f in run if f.startswith("--cap-drop=")}
+    added = {f.split("=", 1)[1] for f in run if f.startswith("--cap-add=")}
+    assert dropped == {c.lower() for c in ctx["capabilities"]["drop"]}
+    assert added == {c.lower() for c in ctx["capabilities"]["add"]}
+    assert ("--pid=host" in run) == POD["hostPID"]
+    assert "--network=host" not in run  # the pod has its own network namespace
+
+
+def test_every_mount_args_env_and_limit_reach_podman():
+    r = translate(SPEC, state_dir="/tmp/state", node_name="node-a")
+    mounts = [f for f in r.run if f.startswith(("--volume=", "--tmpfs="))]
+    assert len(mounts) == len(CONTAINER["volumeMounts"])
+    for m in CONTAINER["volumeMounts"]:
+        (flag,) = [f for f in mounts if f":{m['mountPath']}" in f or f"={m['mountPath']}:" in f]
+        assert flag.endswith(":ro") == bool(m.get("readOnly")), flag
+    assert "--volume=/tmp/state:/var/lib/imdswatch" in r.run  # the test's own state dir
+    assert r.host_dirs == ["/tmp/state"]
+    assert r.args == CONTAINER["args"]
+    assert "--env=NODE_NAME=node-a" in r.run and "--env=PYTHONUNBUFFERED=1" in r.run
+    assert f"--memory={CONTAINER['resources']['limits']['memory'][:-2]}m" in r.run
+    assert r.grace == POD["terminationGracePeriodSeconds"]
+    assert r.port == CONTAINER["ports"][0]["containerPort"]
+    assert r.probes == {"livenessProbe": CONTAINER["livenessProbe"]["httpGet"]["path"],
+                        "readinessProbe": CONTAINER["readinessProbe"]["httpGet"]["path"]}
+
+
+@pytest.mark.parametrize("where, key, value", [
+    ("pod", "hostIPC", True),
+    ("container", "command", ["sh"]),
+    ("security", "seccompProfile", {"type": "Unconfined"}),
+    ("mount", "mountPropagation", "Bidirectional"),
+    ("env", "valueFrom", {"fieldRef": {"fieldPath": "status.podIP"}}),
+])
+def test_a_field_the_translation_does_not_know_is_an_error(where, key, value):
+    spec = copy.deepcopy(SPEC)
+    pod = spec["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    target = {"pod": pod, "container": c, "security": c["securityContext"],
+              "mount": c["volumeMounts"][0], "env": c["env"][0]}[where]
+    target[key] = value
+    with pytest.raises(Untranslatable):
+        translate(spec)
