@@ -195,8 +195,10 @@ class AgentProcess:
         self.started_at = 0.0
         self.ready_after: float | None = None
 
-    def start(self, timeout: float = 60.0) -> AgentProcess:
+    def start(self, timeout: float = 180.0) -> AgentProcess:
         self.started_at = time.monotonic()
+        # Generous: auto compiles each probe it tries, which takes tens of seconds on a
+        # loaded 2-core machine; this waits for readiness, it does not time it.
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "wb"), cwd=self.workdir)
         if not wait_for(lambda: self.ready() or self.proc.poll() is not None, timeout, 0.02):
