@@ -53,6 +53,11 @@ def test_demo_catches_every_simulation_and_cleans_up() -> None:
     assert out.count("rare_") >= 8
     assert re.search(r"rare_executable [0-9.]+ .*otherwise runs from /usr/bin/amazon-ssm-agent",
                      out)
+    # With request capture (the probe sees the HTTP request), each catch shows what was
+    # asked for; without it the demo works the same, from the connects alone.
+    for request in re.findall(r"^ +request (.+)$", out, re.M):
+        assert re.match(r"GET /(latest/meta-data/iam/security-credentials/demo-role|"
+                        r"v2/credentials/\S+) \(class credentials", request), request
     assert "metrics: http://127.0.0.1:" in out
     assert re.search(r"imdswatch_anomalies_total\{", out)
     assert "result: 8 of 8 attack simulations caught, no alert for the known agent" in out
