@@ -228,9 +228,13 @@ def describe_alert(alert: dict) -> list[str]:
     url = alert.get("url", {})
     if req or url:  # request capture, when the probe sees HTTP requests
         query = f"?{url['query']}" if url.get("query") else ""
-        guarded = alert.get("imdswatch", {}).get("request", {}).get("guarded")
+        request = alert.get("imdswatch", {}).get("request", {})
+        guarded = request.get("guarded")
+        facts = [f"class {request['class']}"] if request.get("class") else []
+        if guarded is not None:
+            facts.append("anti-SSRF header " + ("sent" if guarded else "missing"))
         lines.append(f"request {req.get('method', '?')} {url.get('path', '?')}{query}"
-                     + ("" if guarded is None else f" (guarded: {guarded})"))
+                     + (f" ({', '.join(facts)})" if facts else ""))
     if proc.get("command_line"):
         lines.append(f"command line {proc['command_line'][:150]}")
     return lines

@@ -140,8 +140,11 @@ class Event:
     def signature(self) -> tuple:
         """Everything the detectors look at, apart from time: events with equal
         signatures are the same entity to the model."""
-        sig = (self.name, self.exe, self.user, self.parent_name, self.image,
-               self.namespace, self.host)
+        # A user without a name is its uid (the detectors judge `uid:N`): two such users
+        # must not share an entity.
+        user = self.user if self.user is not None else (self.uid and f"uid:{self.uid}")
+        sig = (self.name, self.exe, user, self.parent_name, self.image, self.namespace,
+               self.host)
         if self.method is None and self.path is None:
             return sig
         # A request is judged on what it asks too (scoring.detectors): two requests of

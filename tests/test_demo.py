@@ -26,15 +26,37 @@ def netns_names() -> set[str]:
     return {line.split()[0] for line in r.stdout.splitlines() if line.strip()}
 
 
-def demo_tmpdirs() -> set[str]:
-    return {p.name for p in Path("/tmp").glob("imdswatch-demo-*")}
+def netns_inode(name: str) -> int:
+    return os.stat(f"/run/netns/{name}").st_ino
+
+
+def processes_left(ns_inode: int, workdir: str) -> list[int]:
+    """Processes still in the demo's namespace (its mock service, a simulation) or running
+    with its work directory on their command line (its agent). Other demos or tests may run
+    at the same time: only this demo's own namespace and directory count."""
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            in_ns = os.stat(f"/proc/{pid}/ns/net").st_ino == ns_inode
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(pid) != os.getpid() and (in_ns or workdir in cmdline):
+            left.append(int(pid))
+    return left
+
+
+def ours(out: str) -> tuple[str, str]:
+    """The namespace and work directory this demo run reported."""
+    ns = re.search(r"network namespace (imdsw-demo-[0-9a-f]+)", out).group(1)
+    workdir = re.search(r"(/tmp/imdswatch-demo-[^/\s]+)", out).group(1)
+    return ns, workdir
 
 
 @pytest.mark.root
 @pytest.mark.bpf
 def test_demo_catches_every_simulation_and_cleans_up() -> None:
     require_bcc()
-    before_ns, before_tmp = netns_names(), demo_tmpdirs()
     t0 = time.monotonic()
     r = subprocess.run([*CLI, "demo"], capture_output=True, text=True, cwd=ROOT, timeout=240)
     took = time.monotonic() - t0
@@ -53,12 +75,19 @@ def test_demo_catches_every_simulation_and_cleans_up() -> None:
     assert out.count("rare_") >= 8
     assert re.search(r"rare_executable [0-9.]+ .*otherwise runs from /usr/bin/amazon-ssm-agent",
                      out)
+    # With request capture (the probe sees the HTTP request), each catch shows what was
+    # asked for; without it the demo works the same, from the connects alone.
+    for request in re.findall(r"^ +request (.+)$", out, re.M):
+        assert re.match(r"GET /(latest/meta-data/iam/security-credentials/demo-role|"
+                        r"v2/credentials/\S+) \(class credentials", request), request
     assert "metrics: http://127.0.0.1:" in out
     assert re.search(r"imdswatch_anomalies_total\{", out)
     assert "result: 8 of 8 attack simulations caught, no alert for the known agent" in out
     assert "cleaned up" in out
-    assert not any(n.startswith("imdsw-demo-") for n in netns_names() - before_ns)
-    assert demo_tmpdirs() <= before_tmp
+    ns, workdir = ours(out)
+    assert ns not in netns_names()
+    assert not Path(workdir).exists()
+    assert processes_left(0, workdir) == []
     print(f"demo took {took:.0f}s")
 
 
@@ -66,7 +95,6 @@ def test_demo_catches_every_simulation_and_cleans_up() -> None:
 @pytest.mark.bpf
 def test_demo_cleans_up_on_ctrl_c() -> None:
     require_bcc()
-    before_tmp = demo_tmpdirs()
     proc = subprocess.Popen([*CLI, "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT)
     # Interrupt once the agent is starting: the namespace, the agent and the mock service
@@ -76,33 +104,33 @@ def test_demo_cleans_up_on_ctrl_c() -> None:
         lines.append(line)
         if line.startswith("[3/5]"):
             break
-    ns = re.search(r"network namespace (imdsw-demo-[0-9a-f]+)", "".join(lines)).group(1)
+    ns, workdir = ours("".join(lines))
     assert ns in netns_names()
+    inode = netns_inode(ns)
+    assert processes_left(inode, workdir)  # the mock service and the agent starting
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "cleaned up" in out and "interrupted" in err
     assert ns not in netns_names()
-    assert demo_tmpdirs() <= before_tmp
-    # No agent or mock service of this demo survives it.
-    leftovers = subprocess.run(["pgrep", "-f", f"imdswatch.mockimds|{ns}"],
-                               capture_output=True, text=True).stdout.split()
-    assert [p for p in leftovers if int(p) != os.getpid()] == []
+    assert not Path(workdir).exists()
+    # No agent, mock service or simulation of this demo survives it.
+    assert processes_left(inode, workdir) == []
 
 
 @pytest.mark.root
 def test_simulate_in_the_sandbox_runs_every_simulation() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces")
-    before = netns_names()
     r = subprocess.run([*CLI, "simulate"], capture_output=True, text=True, cwd=ROOT,
                        timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "a real one is never contacted" in r.stdout
     ran = re.findall(r"^  ran +(\S+) .*\(exit 0", r.stdout, re.M)
     assert len(ran) == 8, r.stdout
-    assert not any(n.startswith("imdsw-sim-") for n in netns_names() - before)
+    ns = re.search(r"namespace (imdsw-sim-[0-9a-f]+)", r.stdout).group(1)
+    assert ns not in netns_names()
 
 
 def test_simulate_refuses_the_real_service_unless_typed() -> None:

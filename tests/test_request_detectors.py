@@ -437,3 +437,21 @@ def test_alert_document_and_metrics_of_a_request_alert():
                       if x.startswith("imdswatch_metadata_requests_total{")]
     assert len(requests_lines) == 2  # the connection event is no request
     assert not any("/latest" in x for x in requests_lines)
+
+
+def test_two_nameless_uids_are_two_entities():
+    """A common caller run by uid 1000 (no passwd name) must not vouch, through the
+    scorer's entity cache, for the same caller run by uid 0 without a name."""
+    scorer = Scorer(ScorerSettings(learning_period=DAY))
+    t = T0
+    for h in range(HOSTS):
+        for k in range(300):
+            scorer.process(Event(t + k * 600 + h, IMDS, "app", dst_port=80, exe="/app/app",
+                                 user=None, uid="1000", parent_name="init",
+                                 host=f"node-{h}"))
+    e = Event(t + 300 * 600 + 5, IMDS, "app", dst_port=80, exe="/app/app", user=None,
+              uid="0", parent_name="init", host="node-1")
+    assert e.signature() != Event(0, IMDS, "app", exe="/app/app", uid="1000",
+                                  parent_name="init", host="node-1").signature()
+    out = scorer.process(e)
+    assert out.alert and "uid:0" in out.reason, out

@@ -260,3 +260,26 @@ def test_first_byte_prefilter_covers_every_entry():
     assert {169, 168, 10, 11, 192} <= v4 and 127 not in v4 and 12 not in v4
     v6 = maps.first_bytes(nets, 6)
     assert {0xfc, 0xfd} <= v6 and 0x20 not in v6
+
+
+def test_btf_offsets_from_the_running_kernel():
+    """tracer.btf reads field offsets from the kernel's own BTF, through anonymous members
+    (qstr's name sits after an anonymous union) and nested structures."""
+    import pytest as _pytest
+
+    from tracer import btf
+
+    with _pytest.raises(btf.BTFError, match="magic"):
+        btf.BTF(b"\0" * 64)
+    try:
+        b = btf.BTF.kernel()
+    except btf.BTFError as exc:
+        _pytest.skip(f"no kernel BTF here: {exc}")
+    off = btf.task_offsets(b)
+    assert off["IMDS_OFF_DENTRY_NAME"] == b.offset("dentry", "d_name") + 8  # after hash_len
+    assert off["IMDS_OFF_FILE_DENTRY"] == b.offset("file", "f_path") + 8  # after mnt
+    assert b.offset("qstr", "hash_len") == 0 and b.offset("qstr", "len") == 4
+    with _pytest.raises(btf.BTFError):
+        b.offset("task_struct", "no_such_member")
+    with _pytest.raises(btf.BTFError):
+        b.offset("no_such_struct", "x")

@@ -41,7 +41,11 @@ class _Type:
 
 
 class BTF:
-    """The structures of one BTF blob (kernel's by default), by name."""
+    """The structures of one BTF blob (kernel's by default), by name.
+
+    One pass records every type's kind, referenced type and where its data lies; names and
+    members are decoded only for the structures asked about (a kernel has ~130k types: the
+    agent's start should not pay for all of them)."""
 
     def __init__(self, data: bytes) -> None:
         if len(data) < 24:
@@ -50,34 +54,48 @@ class BTF:
         if magic != _MAGIC:
             raise BTFError("not BTF data (bad magic)")
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
-        strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
-
-        def name(off: int) -> str:
-            end = strings.find(b"\0", off)
-            return strings[off:end].decode("ascii", "replace")
-
-        self.types: list[_Type | None] = [None]  # type ids start at 1
+        self._data = data
+        self._strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
+        # per type id: (kind, size_or_type, info, position of its data, name offset)
+        self._raw: list[tuple[int, int, int, int, int]] = [(0, 0, 0, 0, 0)]
         self.structs: dict[str, int] = {}
+        self._cache: dict[int, _Type] = {}
+        unpack = struct.Struct("<III").unpack_from
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        raw = self._raw
         while pos < end:
-            name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
+            name_off, info, size_or_type = unpack(data, pos)
             pos += 12
             kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-            kind_flag = info >> 31
-            if kind not in _TRAILER:
+            trailer = _TRAILER.get(kind)
+            if trailer is None:
                 raise BTFError(f"unknown BTF kind {kind}")
-            fixed, per = _TRAILER[kind]
+            raw.append((kind, size_or_type, info, pos, name_off))
+            if kind in (_STRUCT, _UNION) and name_off:
+                name = self._name(name_off)
+                self.structs.setdefault(name, len(raw) - 1)
+            pos += trailer[0] + trailer[1] * vlen
+
+    def _name(self, off: int) -> str:
+        end = self._strings.find(b"\0", off)
+        return self._strings[off:end].decode("ascii", "replace")
+
+    def _type(self, type_id: int) -> _Type | None:
+        if not 0 < type_id < len(self._raw):
+            return None
+        t = self._cache.get(type_id)
+        if t is None:
+            kind, size_or_type, info, pos, name_off = self._raw[type_id]
             members: list[tuple[str, int, int]] = []
             if kind in (_STRUCT, _UNION):
-                for i in range(vlen):
-                    m_name, m_type, m_off = struct.unpack_from("<III", data, pos + 12 * i)
+                kind_flag = info >> 31
+                for i in range(info & 0xFFFF):
+                    m_name, m_type, m_off = struct.unpack_from("<III", self._data, pos + 12 * i)
                     bit = m_off & 0xFFFFFF if kind_flag else m_off
-                    members.append((name(m_name), m_type, bit))
-            pos += fixed + per * vlen
-            t = _Type(kind, name(name_off), size_or_type, members)
-            self.types.append(t)
-            if kind in (_STRUCT, _UNION) and t.name and t.name not in self.structs:
-                self.structs[t.name] = len(self.types) - 1
+                    members.append((self._name(m_name), m_type, bit))
+            t = _Type(kind, self._name(name_off), size_or_type, members)
+            self._cache[type_id] = t
+        return t
 
     @classmethod
     def kernel(cls, path: str = VMLINUX) -> BTF:
@@ -89,7 +107,7 @@ class BTF:
 
     def _resolve(self, type_id: int) -> _Type | None:
         for _ in range(32):  # modifier chains are short; a bound keeps bad data finite
-            t = self.types[type_id] if 0 < type_id < len(self.types) else None
+            t = self._type(type_id)
             if t is None or t.kind not in _MODIFIERS:
                 return t
             type_id = t.size_or_type
