@@ -23,7 +23,10 @@ echo $? > "$out/doctor.rc"
 # request capture) and `imdswatch run` end to end in each probe mode. The rest of the suite
 # does not depend on the kernel and runs in `make test`. The checkout is read-only here.
 tests=("$@")
-[ "${#tests[@]}" -gt 0 ] || mapfile -t tests < <(ls tests/test_tracer_*.py tests/test_agent_modes.py)
+# The probe modes end to end and the kprobe/fentry tests first: on a slow (emulated) run
+# their verdict is in pytest.log early.
+[ "${#tests[@]}" -gt 0 ] || mapfile -t tests < <(ls tests/test_agent_modes.py \
+  tests/test_tracer_bpf.py; ls tests/test_tracer_*.py | grep -v '/test_tracer_bpf.py$')
 python -m pytest -p no:cacheprovider -v -rs --durations=15 --junitxml="$out/junit.xml" \
   -o junit_family=xunit1 "${tests[@]}" > "$out/pytest.log" 2>&1
 echo $? > "$out/pytest.rc"

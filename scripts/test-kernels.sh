@@ -7,7 +7,7 @@
 #   scripts/test-kernels.sh [label...]   labels: 5.10 (Debian 11), 6.1 (Debian 12),
 #                                         6.12 (bookworm-backports); default: all three
 # Environment: KERNEL_JOBS (VMs at once, default 1), KERNEL_VM_CPUS (default 2),
-# KERNEL_VM_MEMORY (default 3G), KERNEL_VM_TIMEOUT (seconds per VM, default 1800),
+# KERNEL_VM_MEMORY (default 3G), KERNEL_VM_TIMEOUT (seconds per VM, default 3000),
 # IMDSWATCH_CACHE (default /var/cache/imdswatch), MATRIX_KEEP=1 keeps the VMs' outputs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ VIRTME_NG_VERSION=1.42
 JOBS=${KERNEL_JOBS:-1}
 CPUS=${KERNEL_VM_CPUS:-2}
 MEMORY=${KERNEL_VM_MEMORY:-3G}
-VM_TIMEOUT=${KERNEL_VM_TIMEOUT:-1800}
+VM_TIMEOUT=${KERNEL_VM_TIMEOUT:-3000}
 labels=("$@")
 [ "${#labels[@]}" -gt 0 ] || labels=(5.10 6.1 6.12)
 
