@@ -42,6 +42,10 @@ class AlertSettings:
     window: float = 900.0
     # At most this many alert lines in the whole run (0: no cap).
     max_per_run: int = 0
+    # True when the configuration has an [alerts] table. The live agent always caps (an
+    # anomaly storm must not bury the SIEM); `replay` caps only when asked to, since its
+    # contract is one line for each event that reaches the threshold.
+    configured: bool = False
 
 
 @dataclass
@@ -245,10 +249,10 @@ def _metrics(t: dict) -> MetricsSettings:
     return m
 
 
-def _alerts(t: dict) -> AlertSettings:
+def _alerts(t: dict, configured: bool) -> AlertSettings:
     t = _table(t, "alerts")
     _check_keys(t, {"max_per_window", "window", "max_per_run"}, "alerts")
-    a = AlertSettings()
+    a = AlertSettings(configured=configured)
     for key in ("max_per_window", "max_per_run"):
         if key in t:
             setattr(a, key, int(_number(t[key], f"alerts.{key}", 0, 1_000_000_000)))
@@ -304,7 +308,7 @@ def parse_config(data: dict, path: str | None = None) -> Config:
             exceptions=_exceptions(data.get("exceptions", [])),
             metrics=_metrics(data.get("metrics", {})),
             agent=_agent(data.get("agent", {})),
-            alerts=_alerts(data.get("alerts", {})),
+            alerts=_alerts(data.get("alerts", {}), "alerts" in data),
             path=path,
         )
     except ConfigError as exc:

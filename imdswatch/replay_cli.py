@@ -123,7 +123,7 @@ def run_replay(cfg: Config, events: str, output: str, state_path: str | None,
 
     stop = Interrupt()
     a = cfg.alerts
-    cap = AlertCap(a.max_per_window, a.window, a.max_per_run)
+    cap = AlertCap(a.max_per_window, a.window, a.max_per_run) if a.configured else None
     try:
         alerts = _Alerts(output, stop, cap)
     except OSError as exc:
@@ -164,7 +164,7 @@ def run_replay(cfg: Config, events: str, output: str, state_path: str | None,
     click.echo(summary(stats, scorer, elapsed), err=True)
     if alerts.lost:
         click.echo(f"  alerts not written: {alerts.lost}", err=True)
-    if cap.held_total:
+    if cap is not None and cap.held_total:
         click.echo(f"  alert lines held back by the alert cap: {cap.held_total} (one summary "
                    "line per window in the output; alerts.max_per_window in the config)",
                    err=True)

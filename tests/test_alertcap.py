@@ -77,10 +77,9 @@ def test_flush_waits_for_the_window_to_end() -> None:
     assert cap.flush(None) is None
 
 
-def test_replay_caps_alert_lines_from_the_config(tmp_path) -> None:
+def _storm(tmp_path):
     # Two days of one agent on ten hosts, then 300 never-seen processes in five minutes of
-    # event time: the first few alert (then new names stop being rare), the config allows
-    # two lines per 15-minute window.
+    # event time: the first few alert (then new names stop being rare).
     events = tmp_path / "storm.ndjson"
     t0 = 1_700_000_000
     with events.open("w") as fh:
@@ -93,15 +92,25 @@ def test_replay_caps_alert_lines_from_the_config(tmp_path) -> None:
             fh.write(json.dumps({"@timestamp": t0 + i, "destination": {"ip": "169.254.169.254"},
                                  "process": {"name": f"tool{i}"},
                                  "host": {"name": f"n{i % 10}"}}) + "\n")
-    config = tmp_path / "c.toml"
-    config.write_text('[alerts]\nmax_per_window = 2\nwindow = "15m"\n')
+    return events
+
+
+def _replay(tmp_path, events, *args):
     out = tmp_path / "alerts.ndjson"
     r = subprocess.run([sys.executable, "-c", "from imdswatch.cli import main; main()",
-                        "replay", str(events), "--learning-period", "0", "--config", str(config),
+                        "replay", str(events), "--learning-period", "0", *args,
                         "--output", str(out)], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
     assert r.returncode == 0, r.stderr
-    docs = [json.loads(x) for x in out.read_text().splitlines()]
+    return r, [json.loads(x) for x in out.read_text().splitlines()]
+
+
+def test_replay_caps_alert_lines_from_the_config(tmp_path) -> None:
+    # The config allows two lines per 15-minute window.
+    events = _storm(tmp_path)
+    config = tmp_path / "c.toml"
+    config.write_text('[alerts]\nmax_per_window = 2\nwindow = "15m"\n')
+    r, docs = _replay(tmp_path, events, "--config", str(config))
     alerts = [d for d in docs if d["anomaly"]["detector"] != SUMMARY_DETECTOR]
     summaries = [d for d in docs if d["anomaly"]["detector"] == SUMMARY_DETECTOR]
     assert len(alerts) == 2
@@ -109,6 +118,20 @@ def test_replay_caps_alert_lines_from_the_config(tmp_path) -> None:
     held = summaries[0]["imdswatch"]["alerts"]["held_back"]
     assert held > 0 and held + 2 == int(r.stderr.split("alerts: ")[1].split()[0])
     assert "held back by the alert cap" in r.stderr
+
+
+def test_replay_without_an_alerts_table_writes_every_alert(tmp_path) -> None:
+    # The contract: one line for each event that reaches the threshold. The cap is the live
+    # agent's default; replay caps only when the config asks for it.
+    events = _storm(tmp_path)
+    config = tmp_path / "c.toml"
+    config.write_text('[alerts]\nmax_per_window = 2\nwindow = "15m"\n')
+    capped, _ = _replay(tmp_path, events, "--config", str(config))
+    r, docs = _replay(tmp_path, events)
+    assert all(d["anomaly"]["detector"] != SUMMARY_DETECTOR for d in docs)
+    assert len(docs) == int(r.stderr.split("alerts: ")[1].split()[0]) > 2
+    assert len(docs) == int(capped.stderr.split("alerts: ")[1].split()[0])
+    assert "held back" not in r.stderr
 
 
 def test_config_rejects_bad_cap_values(tmp_path) -> None:
