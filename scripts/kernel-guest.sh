@@ -9,6 +9,8 @@ kroot=$1 out=$2
 shift 2
 cd "$(dirname "$0")/.."
 export PYTHONDONTWRITEBYTECODE=1 PATH="$PWD/.venv/bin:$PATH"
+# Under emulation a BCC compile takes minutes, not seconds: the agent gets longer to attach.
+export IMDSWATCH_TEST_AGENT_START_TIMEOUT=${IMDSWATCH_TEST_AGENT_START_TIMEOUT:-900}
 K=$(uname -r)
 
 # The VM's /lib/modules/$K is the unpacked package's, whose build/source links are absolute
