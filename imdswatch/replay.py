@@ -85,9 +85,8 @@ def replay(
     join: ProcessJoin | None = None,
     numbered: Iterable[tuple[int, bytes]] | None = None,
 ) -> ReplayStats:
-    """Score every event of `source` (path or '-'); `on_outcome` gets the outcome of each
-    metadata event that was scored in full (events of entities known to be common are
-    counted and learned without one).
+    """Score every event of `source` (path or '-') through `Scorer.process`, in event
+    time; `on_outcome` gets the outcome of each metadata event.
 
     Raises `imdswatch.ndjson.InputError` when the input cannot be read (after scoring what
     was read before the failure). When `stop` is requested (a signal), reading stops at a
@@ -97,71 +96,38 @@ def replay(
     stats = stats or ReplayStats()
     report = on_malformed or MalformedReporter(stats)
     join = join if join is not None else ProcessJoin()
-    score = _Scoring(scorer, on_outcome, stats)
+    score = _Scoring(scorer, on_outcome, stats, report)
     buffer = ReorderBuffer(reorder_window)
-    # The buffer's state lives in locals on the inline path and is handed back and forth
-    # around the buffer's own methods.
-    fifo, heap, window = buffer.fifo, buffer.heap, reorder_window
-    newest, released = buffer.newest, buffer.released
-    learn_quiet = scorer.learn_quiet
-    quiet_entity = scorer.quiet_entity
-    scored = seq = 0
+    push = buffer.push
+    seq = 0
     position = Position()
     lines = numbered_lines(source, stop) if numbered is None else numbered
     events = read_events(lines, scorer.catalog.match, report,
                          stats.skipped_by_reason, join, position)
     failure: InputError | None = None
     try:
-        # Sorted input (the usual case) takes the inline path: straight into the FIFO,
-        # and the events it releases that belong to common entities are counted on the
-        # spot; everything else goes through the buffer and `_Scoring`, which do the same
-        # thing the long way.
-        for _, ev, endpoint in events:
-            seq += 1
-            ts = ev.ts
-            sig = ev.signature()
-            # An entity already known to be common at `ts` is still common when its event
-            # leaves the buffer (only its own later events could change that), so all the
-            # buffer keeps of such an event is its time and the entity.
-            rec = quiet_entity(sig, ts)
-            item = (ts, seq, rec) if rec is not None else (
-                ts, seq, None, sig, endpoint, ev)
-            if ts >= newest and not heap:
-                fifo.append(item)
-                newest = ts
-                horizon = ts - window
-                while fifo and fifo[0][0] <= horizon:
-                    ready = fifo.popleft()
-                    released = rts = ready[0]
-                    rec = ready[2]
-                    if rec is not None and learn_quiet(rec, rts):
-                        scored += 1
-                    else:
-                        score(ready)
-            else:
-                buffer.newest, buffer.released = newest, released
-                for ready in buffer.push(item):
-                    score(ready)
-                newest, released = buffer.newest, buffer.released
+        for lineno, ev, _ in events:
+            seq += 1  # orders events of equal time as read (a page holds several)
+            released = push((ev.ts, seq, ev, lineno))
+            if released:
+                for item in released:
+                    score(item)
     except Interrupted as exc:
         stats.stopped = True
         stats.interrupted = exc.signum
     except InputError as exc:
         failure = exc
-    buffer.newest, buffer.released = newest, released
     if not stats.stopped:
-        for ready in buffer.drain():
-            score(ready)
+        for item in buffer.drain():
+            score(item)
     else:
         stats.unscored = len(buffer.fifo) + len(buffer.heap)
     stats.lines += position.lineno
     stats.skipped = sum(stats.skipped_by_reason.values())
-    stats.scored += scored
     stats.late += buffer.late
     stats.joined += join.filled
     stats.join_evicted += join.evicted
     stats.last_ts = scorer.last_ts
-    stats.first_ts = score.first_ts
     if failure is not None:
         raise failure
     return stats
@@ -182,19 +148,32 @@ class ReorderBuffer:
         self.late = 0
 
     def push(self, item: tuple) -> list[tuple]:
+        """Add `item`; returns the items now released, in time order."""
         ts = item[0]
         if ts < self.released:
             self.late += 1
             return [item]
         fifo = self.fifo
-        if not fifo or ts >= fifo[-1][0]:
-            fifo.append(item)
-        else:
-            heapq.heappush(self.heap, item)
-        if ts <= self.newest:
-            return _NONE
+        if self.heap or (fifo and ts < fifo[-1][0]):
+            if not fifo or ts >= fifo[-1][0]:
+                fifo.append(item)
+            else:
+                heapq.heappush(self.heap, item)
+            if ts <= self.newest:
+                return _NONE
+            self.newest = ts
+            return self._release(ts - self.window)
+        # In order, nothing in the heap: the usual case, kept short.
+        fifo.append(item)
         self.newest = ts
-        return self._release(ts - self.window)
+        horizon = ts - self.window
+        if fifo[0][0] > horizon:
+            return _NONE
+        out = [fifo.popleft()]
+        while fifo and fifo[0][0] <= horizon:
+            out.append(fifo.popleft())
+        self.released = out[-1][0]
+        return out
 
     def _release(self, horizon: float) -> list[tuple]:
         fifo, heap = self.fifo, self.heap
@@ -221,33 +200,28 @@ _NONE: list[tuple] = []
 
 
 class _Scoring:
-    """Scores released items: the quiet fast path first, the full event otherwise."""
+    """Scores one released (time, sequence, event, line) item and keeps the counts."""
 
     def __init__(self, scorer: Scorer, on_outcome: Callable[[Outcome], None],
-                 stats: ReplayStats) -> None:
-        self.quiet = scorer.process_quiet
-        self.learn_quiet = scorer.learn_quiet
-        self.process = scorer.process_matched
+                 stats: ReplayStats, report: Callable[..., None]) -> None:
+        self.process = scorer.process
         self.on_outcome = on_outcome
         self.stats = stats
-        # The first event scored in full, which is the first of the replay: no entity is
-        # known to be common before its first full scoring.
-        self.first_ts: float | None = None
+        self.report = report
 
     def __call__(self, item: tuple) -> None:
-        st = self.stats
-        st.scored += 1
-        rec = item[2]
-        if rec is not None and self.learn_quiet(rec, item[0]):
+        ev = item[2]
+        try:
+            out = self.process(ev)
+        except ValueError as exc:  # an event time the model refuses
+            self.report(item[3], str(exc))
             return
-        ts, _, _, sig, endpoint, ev = item
-        if self.quiet(sig, ts):
-            return
-        if self.first_ts is None:
-            self.first_ts = ts
-        out = self.process(ev, endpoint, False)
         if out is None:
             return
+        st = self.stats
+        st.scored += 1
+        if st.first_ts is None:
+            st.first_ts = ev.ts
         if out.reason:
             st.anomalies += 1
         if out.alert:

@@ -75,34 +75,9 @@ class Outcome:
 
 
 GENERIC = "rare_combination"
-# Scores under QUIET_SCORE are noise and reported as 0. An entity whose every detector
-# scores under it is not re-scored for QUIET_FOR seconds of event time; its events are
-# still counted and learned, with a score of 0 (the same verdict a full scoring gives). Its
-# scores cannot climb from there to a threshold within minutes unless the fleet's history
-# changes several-fold, and the next full scoring after QUIET_FOR sees that change.
+# Scores under QUIET_SCORE are noise and reported as 0.
 QUIET_SCORE = 10.0
 QUIET_P = probability_for_score(QUIET_SCORE)
-# Each re-check that finds the entity still common doubles its quiet period, up to a day
-# (history decays by 5% a day at the default half-life).
-QUIET_MAX = 24 * 3600.0
-QUIET_FOR = 6 * 3600.0
-# Bounds the memory of the entity cache; past it the cache starts again from empty.
-ENTITY_CACHE_LIMIT = 50_000
-
-
-class _Entity:
-    """Cached per signature: where its counts live (the tables' weight arrays and slots,
-    which stay valid until the tables are replaced), and whether it is common."""
-
-    __slots__ = ("refs", "known", "quiet_until", "quiet_for", "pending", "dirty")
-
-    def __init__(self, refs: tuple, known: bool) -> None:
-        self.refs = refs
-        self.known = known
-        self.quiet_until = -1.0
-        self.quiet_for = QUIET_FOR / 2  # doubled by the first quiet verdict
-        self.pending = 0.0
-        self.dirty = False
 
 
 def entity_text(detector: Detector, ctx: Hashable, value: Hashable) -> str:
@@ -138,8 +113,6 @@ class Scorer:
         self._thresholds = tuple(self.settings.threshold_for(d.name) for d in DETECTORS)
         self._factor = self.settings.known_caller_factor
         self._next_prune = 0.0
-        self._entities: dict[tuple, _Entity] = {}
-        self._dirty: list[_Entity] = []
 
     # -- time ------------------------------------------------------------------
     @property
@@ -152,7 +125,6 @@ class Scorer:
     def _weight(self, ts: float) -> float:
         w = self.decay.weight(ts)
         if w > Decay.RESCALE_AT:
-            self.flush()
             # Move the reference to now: stored counts shrink by w, weights restart at 1.
             for t in self.tables:
                 t.rescale(1.0 / w)
@@ -173,73 +145,13 @@ class Scorer:
         endpoint = self.catalog.match(event.dst_ip, event.dst_port)
         if endpoint is None:
             return None
-        return self.process_matched(event, endpoint)
-
-    def process_matched(self, event: Event, endpoint: Endpoint,
-                        quiet_outcome: bool = True) -> Outcome | None:
-        """`process` for an event already matched to `endpoint`. With `quiet_outcome`
-        False, an event of an entity known to be common returns None instead of a
-        zero-score Outcome: replay needs nothing from those, and they are most events."""
         ts = event.ts
         if self.first_ts is None:
             self.first_ts = ts
         if self.last_ts is None or ts > self.last_ts:
             self.last_ts = ts
         w = self._weight(ts)
-        sig = event.signature()
-        rec = self._entities.get(sig)
-        if rec is not None and ts < rec.quiet_until:
-            # Common entity: its counts only grow, and nothing reads them until an
-            # uncommon event is scored, so learning is deferred to `flush`.
-            rec.pending += w
-            if not rec.dirty:
-                rec.dirty = True
-                self._dirty.append(rec)
-            self.events_learned += 1
-            if not quiet_outcome:
-                return None
-            out = Outcome(event, endpoint)
-            out.known_caller = rec.known
-            out.learning = self.learning
-            return out
-        return self._score_and_learn(event, endpoint, sig, rec, w)
-
-    def quiet_entity(self, sig: tuple, ts: float) -> _Entity | None:
-        """The entity with signature `sig` when it is known to be common at `ts`: a handle
-        for `learn_quiet`. It stays valid (and common for `ts`) until the model is
-        replaced, since only the entity's own later events can re-score it."""
-        rec = self._entities.get(sig)
-        return rec if rec is not None and ts < rec.quiet_until else None
-
-    def learn_quiet(self, rec: _Entity, ts: float) -> bool:
-        """Count an event at `ts` of the common entity `rec` without building it. False
-        (nothing learned) when `rec` is not common at `ts`: use `process_matched`."""
-        if ts >= rec.quiet_until:
-            return False
-        if ts > self.last_ts:  # set: the entity was scored in full before
-            self.last_ts = ts
-        decay = self.decay
-        w = 2.0 ** ((ts - decay.ref) / decay.half_life)
-        if w > Decay.RESCALE_AT:
-            w = self._weight(ts)
-        rec.pending += w
-        if not rec.dirty:
-            rec.dirty = True
-            self._dirty.append(rec)
-        self.events_learned += 1
-        return True
-
-    def process_quiet(self, sig: tuple, ts: float) -> bool:
-        """`learn_quiet` by signature: True when the event was learned as common."""
-        rec = self._entities.get(sig)
-        return rec is not None and self.learn_quiet(rec, ts)
-
-    def _score_and_learn(self, event: Event, endpoint: Endpoint, sig: tuple,
-                         rec: _Entity | None, w: float) -> Outcome:
-        self.flush()
-        ts = event.ts
-        known = rec.known if rec is not None else (
-            self.known_callers.lookup_event(event) is not None)
+        known = self.known_callers.lookup_event(event) is not None
         out = Outcome(event, endpoint)
         out.known_caller = known
         out.learning = learning = self.learning
@@ -249,7 +161,6 @@ class Scorer:
         scores = out.scores
         keys: list[tuple[RarityTable, Hashable, Hashable]] = []
         best_i, best_margin = -1, -1e9
-        min_p = 1.0
         for i, det in enumerate(DETECTORS):
             value = det.value(event)
             if value is None:
@@ -261,8 +172,6 @@ class Scorer:
                 continue  # learned, not scored
             p = (table.probability(ctx, value, w) if det.probability is None
                  else det.probability(table, ctx, value, w))
-            if p < min_p:
-                min_p = p
             if p >= QUIET_P:
                 s = 0.0
             else:
@@ -298,43 +207,7 @@ class Scorer:
         for table, ctx, value in keys:
             table.learn(ctx, value, host_bit, w, ts)
         self.events_learned += 1
-
-        # Entities common on every count are not re-scored for a while: their scores are
-        # low and cannot reach an alert before history shifts a lot. Only they are cached:
-        # a flood of one-off callers costs no cache memory.
-        if min_p >= QUIET_P:
-            if rec is None:
-                if len(self._entities) >= ENTITY_CACHE_LIMIT:
-                    self.flush()
-                    self._entities.clear()
-                rec = self._entities[sig] = _Entity(tuple(
-                    (t.weight, t.slot[(c, v)], t.ctx_weight, t.ctx_slot[c]) for t, c, v in keys
-                ), known)
-            rec.quiet_for = min(rec.quiet_for * 2, QUIET_MAX)
-            rec.quiet_until = ts + rec.quiet_for
-        elif rec is not None:
-            rec.quiet_until = -1.0
-            rec.quiet_for = QUIET_FOR / 2
         return out
-
-    def flush(self) -> None:
-        """Apply deferred learning to the tables (before anything reads them)."""
-        dirty = self._dirty
-        if not dirty:
-            return
-        for rec in dirty:
-            pending = rec.pending
-            for weight, s, ctx_weight, c in rec.refs:
-                weight[s] += pending
-                ctx_weight[c] += pending
-            rec.pending = 0.0
-            rec.dirty = False
-        dirty.clear()
-
-    def invalidate_entities(self) -> None:
-        """Forget cached entity slots (the tables were replaced, e.g. by a state load)."""
-        self._entities.clear()
-        self._dirty.clear()
 
     def _explain(self, out: Outcome, i: int, w: float) -> None:
         det = DETECTORS[i]

@@ -40,7 +40,6 @@ def state_dict(scorer: Scorer) -> dict:
     """The scorer's learned state as plain data."""
     import numpy as np  # imported on use: replay without --state never needs it
 
-    scorer.flush()
     now = scorer.last_ts
     w_now = scorer.decay.weight(now) if now is not None else 1.0
     hosts = sorted(scorer.host_ids, key=scorer.host_ids.__getitem__)
@@ -86,7 +85,6 @@ def load_state_dict(scorer: Scorer, state: dict, source: str = "state") -> None:
                 _restore(table, _freeze(ctx), _freeze(value), float(n), int(bits, 16), first)
             tables.append(table)
         scorer.tables = tuple(tables)
-        scorer.invalidate_entities()
         scorer.last_alert = {(d, e): float(t) for d, e, t in state.get("suppression", [])}
     except (KeyError, TypeError, ValueError) as exc:
         raise StateError(f"{source}: malformed state ({exc.__class__.__name__}: {exc})") from None
