@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -27,7 +28,7 @@ from exporters.metrics import MetricsExporter
 from imdswatch import libout, lograte, status
 from scoring.events import MalformedEvent, event_from_ecs
 from scoring.scorer import Scorer
-from scoring.state import StateError, load_state, save_state
+from scoring.state import StateError, load_state, save_state, state_lock
 from tracer import doctor
 from tracer.kubernetes import PodDirectory
 from tracer.probes import AUTO_ORDER, ProbeError
@@ -151,6 +152,7 @@ class Agent:
         self.mode: str | None = None
         self.log_limiter: lograte.RateLimitFilter | None = None
         self._next_summary = 0.0
+        self._state_lock = ExitStack()  # held from start to shutdown: one writer per state
 
     # -- start -----------------------------------------------------------------------------
 
@@ -164,6 +166,10 @@ class Agent:
                 raise RuntimeError(
                     f"the state cannot be saved to {self.state_path} ({problem}): make its "
                     f"directory writable for uid {os.geteuid()} or pass another --state")
+            try:
+                self._state_lock.enter_context(state_lock(self.state_path))
+            except StateError as exc:
+                raise RuntimeError(str(exc)) from None
         if self.state_path and os.path.exists(self.state_path):
             try:
                 load_state(self.state_path, self.scorer)
@@ -253,6 +259,11 @@ class Agent:
                 outcome = self.fleet.handle(event)  # scored here only while the fleet is away
             else:
                 outcome = self.scorer.process(event)
+        except ValueError as exc:  # an event time the model refuses (not epoch seconds)
+            s.malformed += 1
+            self.metrics.observe_malformed()
+            log.warning("unusable event from the tracer: %s", exc)
+            return
         except Exception:
             # One event must never stop the agent; the log rate limit keeps a stream of
             # such events from flooding the log with tracebacks.
@@ -392,6 +403,7 @@ class Agent:
         if self.fleet is not None:
             self.fleet.close()
         self.save()
+        self._state_lock.close()
         if self.writer is not None:
             try:
                 self.writer.close()

@@ -281,7 +281,8 @@ def state_merge(inputs: tuple[str, ...], output: str, half_life: float | None,
         fail(str(exc))
     except OSError as exc:
         fail(f"{output}: cannot write ({exc.strerror})")
-    n = sum(len(v) for v in merged["detectors"].values())
+    n = sum(len(values) for contexts in merged["detectors"].values()
+            for _, _, values in contexts)
     click.echo(
         f"merged {len(inputs)} states: {n} entities from {len(merged['hosts'])} hosts "
         f"-> {output}", err=True,

@@ -103,6 +103,22 @@ class _Alerts:
 
 def run_replay(cfg: Config, events: str, output: str, state_path: str | None,
                reorder_window: float) -> int:
+    """`imdswatch replay`; holds the state's lock from load to save (one writer per
+    state: a second replay on it would lose this one's learning, or this one its)."""
+    from scoring.state import StateError, state_lock
+
+    if not state_path:
+        return _run(cfg, events, output, state_path, reorder_window)
+    try:
+        with state_lock(state_path):
+            return _run(cfg, events, output, state_path, reorder_window)
+    except StateError as exc:
+        _say(str(exc))
+        return 2
+
+
+def _run(cfg: Config, events: str, output: str, state_path: str | None,
+         reorder_window: float) -> int:
     from imdswatch.ndjson import InputError, Interrupt
     from imdswatch.replay import ReplayStats, replay, summary
     from scoring.scorer import Scorer

@@ -201,12 +201,10 @@ def _class_probability(table: RarityTable, ctx: Hashable, value: Hashable, w: fl
     that asked for metadata 400 times is not 0.5% likely to ask for credentials next,
     but a sixth of that."""
     p = table.probability(ctx, value, w)
-    if (ctx, value) in table.slot:
+    seen = table.distinct(ctx)
+    if seen == 0 or table.count(ctx, value, w) > 0:
         return p
-    c = table.ctx_slot.get(ctx)
-    if c is None:
-        return p
-    unseen = len(REQUEST_CLASSES) - len(table.ctx_members[c])
+    unseen = len(REQUEST_CLASSES) - seen
     return p / unseen if unseen > 1 else p
 
 
@@ -219,8 +217,7 @@ def _never_unguarded(table: RarityTable, ctx: Hashable, value: Hashable, w: floa
     """The rule's probability: rare (RULE_SCORE) until this caller has itself made such
     an unguarded request; then the model has learnt it (an old script that only speaks
     IMDSv1 alerts once, fleet-wide, not forever)."""
-    s = table.slot.get((ctx, False))
-    if s is not None and table.weight[s] > 0:
+    if table.count(ctx, False, w) > 0:
         return 1.0
     return _RULE_P
 

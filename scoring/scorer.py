@@ -7,6 +7,7 @@ both score identically. Nothing here reads the wall clock.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Hashable
 from math import log10
 
@@ -17,11 +18,28 @@ from scoring.detectors import (
     probability_for_score,
     score_from_surprise,
 )
+from scoring.durations import format_duration
 from scoring.endpoints import Endpoint, EndpointCatalog
 from scoring.events import Event
 from scoring.exceptions import ExceptionRule, first_match
 from scoring.known_callers import KnownCallerCatalog
-from scoring.rarity import Decay, RarityTable
+from scoring.rarity import (
+    DAY,
+    HOUR,
+    NOVELTY_EPISODE,
+    NOVELTY_RECUR,
+    Clock,
+    Context,
+    Entry,
+    Host,
+    Rarity,
+    RarityTable,
+    Sketch,
+    add_host,
+    assess,
+    drop_hosts,
+    probability,
+)
 from scoring.settings import ScorerSettings
 
 
@@ -40,7 +58,7 @@ class Outcome:
 
     __slots__ = (
         "event", "endpoint", "score", "detector", "rule_name", "reason", "entity", "scores",
-        "alert", "learning", "suppressed", "excepted", "known_caller",
+        "alert", "learning", "suppressed", "excepted", "known_caller", "novel", "burst",
     )
 
     def __init__(self, event: Event, endpoint: Endpoint) -> None:
@@ -57,6 +75,11 @@ class Outcome:
         self.suppressed = False
         self.excepted = False
         self.known_caller = False
+        # The alerting detector's value was never seen in its context.
+        self.novel = False
+        # > 0: this novel anomaly belongs to a burst of that many new callers on its host
+        # (the burst's own alert when `alert`, folded into it when `suppressed`).
+        self.burst = 0
 
     @property
     def severity(self) -> str:
@@ -78,6 +101,68 @@ GENERIC = "rare_combination"
 # Scores under QUIET_SCORE are noise and reported as 0.
 QUIET_SCORE = 10.0
 QUIET_P = probability_for_score(QUIET_SCORE)
+# A caller whose every detector scores under QUIET_SCORE is not re-scored for QUIET_FOR
+# seconds of event time (doubling on each quiet verdict, up to QUIET_MAX); its events are
+# still learned, with a score of 0, the verdict full scoring gives. Its scores cannot climb
+# from there to a threshold unless the fleet's history changes several-fold, and the next
+# full scoring sees that change. Learning within one hour is deferred to `_flush` (the
+# counts only grow, and nothing reads them before the next full scoring or save).
+QUIET_FOR = 6 * HOUR
+QUIET_MAX = 24 * HOUR
+# Bounds the memory of the callers memo; past it the memo starts again from empty.
+CALLER_LIMIT = 100_000
+# Entries whose decayed count fell below this are pruned (a single call, after ~4.3
+# half-lives), and hosts silent for HOST_RETIRE half-lives are retired, each day.
+PRUNE_FLOOR = 0.05
+HOST_RETIRE = 4.0
+MAINTAIN_EVERY = 24 * HOUR
+# Past the cap on entries, the weakest go until this share of the cap is left.
+EVICT_TO = 0.9
+# Suppression per (detector, entity) doubles while an entity keeps alerting within this
+# many windows of its last alert, up to SUPPRESSION_MAX.
+SUPPRESSION_STREAK = 4.0
+SUPPRESSION_MAX = 24 * HOUR
+# New callers on one host whose anomalies follow each other within BURST_GAP make a
+# burst; the first BURST_SINGLES alert on their own, the next one alerts for the burst
+# (naming it) and later ones are folded into that alert.
+BURST_GAP = 600.0
+BURST_SINGLES = 3
+BURST_NAMES = 8
+# Event times are epoch seconds; anything past this is not a time (year ~5000).
+MAX_ABS_TS = 1e11
+
+
+class _Caller:
+    """The model's memo of one caller (an event signature: name, executable, user,
+    parent, image, namespace, host): its detectors' keys, where their counts live, and
+    whether it is common. Valid while the model's generation is `gen`."""
+
+    __slots__ = ("host", "known", "keys", "refs", "gen", "quiet_until", "quiet_for",
+                 "pending", "dirty", "day", "last_ts")
+
+    def __init__(self, host: Host, known: bool, keys: tuple, gen: int) -> None:
+        self.host = host
+        self.known = known
+        self.keys = keys  # ((detector index, context, value), ...)
+        self.refs: list[tuple[Context, Entry]] | None = None
+        self.gen = gen
+        self.quiet_until = -1.0
+        self.quiet_for = QUIET_FOR / 2  # doubled by the first quiet verdict
+        self.pending = 0.0
+        self.dirty = False
+        self.day = -1
+        self.last_ts = -1e300
+
+
+class _Burst:
+    __slots__ = ("start", "last", "count", "names", "alerted")
+
+    def __init__(self, ts: float) -> None:
+        self.start = ts
+        self.last = ts
+        self.count = 0
+        self.names: list[str] = []
+        self.alerted = False
 
 
 def entity_text(detector: Detector, ctx: Hashable, value: Hashable) -> str:
@@ -90,7 +175,8 @@ def entity_text(detector: Detector, ctx: Hashable, value: Hashable) -> str:
 
 
 class Scorer:
-    """Rarity model + alert policy (learning period, thresholds, exceptions, suppression)."""
+    """Rarity model + alert policy (learning period, thresholds, exceptions, suppression,
+    bursts). `process` is the one way in."""
 
     def __init__(
         self,
@@ -103,16 +189,24 @@ class Scorer:
         self.catalog = catalog or EndpointCatalog.from_config()
         self.exceptions = tuple(exceptions)
         self.known_callers = known_callers or KnownCallerCatalog()
-        self.decay = Decay(self.settings.half_life)
-        self.tables: tuple[RarityTable, ...] = tuple(RarityTable() for _ in DETECTORS)
-        self.host_ids: dict[str, int] = {}
+        self.clock = Clock(self.settings.half_life, rescale=self._rescale)
+        self.tables: tuple[RarityTable, ...] = tuple(RarityTable(self.clock)
+                                                     for _ in DETECTORS)
+        self.hosts: dict[str, Host] = {}
         self.first_ts: float | None = None
         self.last_ts: float | None = None
         self.events_learned = 0
         self.last_alert: dict[tuple, float] = {}
+        self.bursts: dict[str, _Burst] = {}
         self._thresholds = tuple(self.settings.threshold_for(d.name) for d in DETECTORS)
         self._factor = self.settings.known_caller_factor
         self._next_prune = 0.0
+        self._next_maintain: float | None = None
+        self._callers: dict[tuple, _Caller] = {}
+        self._dirty: list[_Caller] = []
+        self._gen = 0
+        self._over_cap = False
+        self._epoch_len = HOST_RETIRE * self.settings.half_life / 2
 
     # -- time ------------------------------------------------------------------
     @property
@@ -122,56 +216,102 @@ class Scorer:
             return True
         return self.last_ts - self.first_ts < self.settings.learning_period
 
-    def _weight(self, ts: float) -> float:
-        w = self.decay.weight(ts)
-        if w > Decay.RESCALE_AT:
-            # Move the reference to now: stored counts shrink by w, weights restart at 1.
-            for t in self.tables:
-                t.rescale(1.0 / w)
-            self.decay.ref = ts
-            w = 1.0
-        return w
+    def _rescale(self, factor: float) -> None:
+        self._flush()
+        for t in self.tables:
+            t.rescale(factor)
+        if factor < PRUNE_FLOOR:
+            self._next_maintain = None  # most history just faded out: prune it now
 
-    def _host_bit(self, host: str | None) -> int:
-        key = host or ""
-        hid = self.host_ids.get(key)
-        if hid is None:
-            hid = self.host_ids[key] = len(self.host_ids)
-        return 1 << hid
-
-    # -- the entry point -------------------------------------------------------
+    # -- the one way in -------------------------------------------------------------
     def process(self, event: Event) -> Outcome | None:
-        """Score then learn one event. None when it is not to a metadata endpoint."""
+        """Score then learn one event. None when it is not to a metadata endpoint.
+        Raises ValueError for an event time that is not a finite epoch time."""
         endpoint = self.catalog.match(event.dst_ip, event.dst_port)
         if endpoint is None:
             return None
         ts = event.ts
+        if not -MAX_ABS_TS <= ts <= MAX_ABS_TS:  # also refuses NaN
+            raise ValueError(f"event time {ts!r} is not an epoch time in seconds")
         if self.first_ts is None:
             self.first_ts = ts
         if self.last_ts is None or ts > self.last_ts:
             self.last_ts = ts
-        w = self._weight(ts)
-        known = self.known_callers.lookup_event(event) is not None
-        out = Outcome(event, endpoint)
-        out.known_caller = known
-        out.learning = learning = self.learning
+        w = self.clock.weight(ts)
+        if self._over_cap or self._next_maintain is None or ts >= self._next_maintain:
+            self.maintain(ts)
+        # The detectors' keys depend on the signature and, beyond it, on the uid (user
+        # detectors without a user name), being in a container (known callers) and the
+        # endpoint (request classes).
+        sig = (event.signature(), event.uid, event.container_id is None, event.dst_ip,
+               event.dst_port)
+        caller = self._callers.get(sig)
+        if caller is None or caller.gen != self._gen:
+            caller = self._caller(event, sig, ts)
+        day = int(ts // DAY)
+        self.events_learned += 1
+        if ts < caller.quiet_until:
+            # A common caller: count it. Within the day it was last learned in, only its
+            # count grows, and that is deferred to `_flush` (sums commute; nothing reads
+            # them before the next full scoring or save).
+            if caller.day == day:
+                caller.pending += w
+                if ts > caller.last_ts:
+                    caller.last_ts = ts
+                if not caller.dirty:
+                    caller.dirty = True
+                    self._dirty.append(caller)
+            else:
+                self._learn(caller, w, ts, day)
+            out = Outcome(event, endpoint)
+            out.known_caller = caller.known
+            out.learning = (self.last_ts - self.first_ts  # self.learning, inlined
+                            < self.settings.learning_period)
+            return out
+        self._flush()
+        out = self._score(event, endpoint, caller, w, ts)
+        self._learn(caller, w, ts, day)
+        return out
 
-        # Score every detector against the history before this event (score, then learn).
-        factor = self._factor
-        scores = out.scores
-        keys: list[tuple[RarityTable, Hashable, Hashable]] = []
-        best_i, best_margin = -1, -1e9
+    def _caller(self, event: Event, sig: tuple, ts: float) -> _Caller:
+        name = event.host or ""
+        host = self.hosts.get(name)
+        if host is None:
+            host = self.hosts[name] = Host(name, ts)
+        keys = []
         for i, det in enumerate(DETECTORS):
             value = det.value(event)
-            if value is None:
-                continue
-            ctx = det.context(event)
-            table = self.tables[i]
-            keys.append((table, ctx, value))
+            if value is not None:
+                keys.append((i, det.context(event), value))
+        known = self.known_callers.lookup_event(event) is not None
+        if len(self._callers) >= CALLER_LIMIT:
+            self._flush()
+            self._callers.clear()
+        caller = self._callers[sig] = _Caller(host, known, tuple(keys), self._gen)
+        return caller
+
+    def _score(self, event: Event, endpoint: Endpoint, caller: _Caller, w: float,
+               ts: float) -> Outcome:
+        out = Outcome(event, endpoint)
+        out.known_caller = known = caller.known
+        out.learning = learning = self.learning
+        clock = self.clock
+        tables = self.tables
+        factor = self._factor
+        scores = out.scores
+        best_i, best_margin = -1, -1e9
+        best_ref: tuple[Context | None, Entry | None] = (None, None)
+        min_p = 1.0
+        refs = caller.refs
+        for k, (i, ctx, value) in enumerate(caller.keys):
+            det = DETECTORS[i]
             if det.judges is not None and not det.judges(event):
                 continue  # learned, not scored
-            p = (table.probability(ctx, value, w) if det.probability is None
-                 else det.probability(table, ctx, value, w))
+            c, e = refs[k] if refs is not None else tables[i].lookup(ctx, value)
+            p = (probability(clock, c, e, w, ts) if det.probability is None
+                 else det.probability(tables[i], ctx, value, w))
+            if p < min_p:
+                min_p = p
             if p >= QUIET_P:
                 s = 0.0
             else:
@@ -186,35 +326,168 @@ class Scorer:
             # only when no specific detector reaches its threshold: "curl run by www-data"
             # says more than "a new combination".
             if margin > best_margin and not (best_margin >= 0 and det.name == GENERIC):
-                best_i, best_margin = i, margin
+                best_i, best_margin, best_ref = i, margin, (c, e)
 
         if learning and best_margin >= 0 and not DETECTORS[best_i].history_free:
             # Only what needs no history may alert while learning: let it name the event.
-            free = [(scores[d.name] - self._thresholds[i], i) for i, d in enumerate(DETECTORS)
+            free = [(scores[d.name] - self._thresholds[j], j) for j, d in enumerate(DETECTORS)
                     if d.history_free and d.name in scores]
             if free and max(free)[0] >= 0:
                 best_margin, best_i = max(free)
+                best_ref = tables[best_i].lookup(DETECTORS[best_i].context(event),
+                                                 DETECTORS[best_i].value(event))
         if best_i >= 0 and scores[DETECTORS[best_i].name] > 0:
             det = DETECTORS[best_i]
             out.score = scores[det.name]
             out.detector = det.name
             out.rule_name = det.rule_name
             if best_margin >= 0:
-                self._explain(out, best_i, w)
+                rarity = assess(clock, best_ref[0], best_ref[1], w, ts)
+                out.novel = rarity.new
+                self._explain(out, best_i, w, rarity)
                 self._decide(out, best_i, learning)
 
-        host_bit = self._host_bit(event.host)
-        for table, ctx, value in keys:
-            table.learn(ctx, value, host_bit, w, ts)
-        self.events_learned += 1
+        # Callers common on every count are not re-scored for a while.
+        if min_p >= QUIET_P:
+            caller.quiet_for = min(caller.quiet_for * 2, QUIET_MAX)
+            caller.quiet_until = ts + caller.quiet_for
+        else:
+            caller.quiet_until = -1.0
+            caller.quiet_for = QUIET_FOR / 2
         return out
 
-    def _explain(self, out: Outcome, i: int, w: float) -> None:
+    def _learn(self, caller: _Caller, w: float, ts: float, day: int) -> None:
+        host = caller.host
+        if ts > host.last_seen:
+            host.last_seen = ts
+        if ts > caller.last_ts:
+            caller.last_ts = ts
+        caller.day = day
+        epoch = int(ts // self._epoch_len)
+        slot_idx, slot_rank = host.slot
+        refs = caller.refs
+        if refs is None:
+            tables = self.tables
+            refs = caller.refs = [tables[i].ensure(ctx, value, ts) for i, ctx, value in
+                                  caller.keys]
+            if self.entities > self.settings.max_entities:
+                self._over_cap = True
+        pending = caller.pending
+        if pending:
+            caller.pending = 0.0  # still listed as dirty: `_flush` adds nothing then
+        for c, e in refs:
+            c.n += w + pending
+            e.n += w + pending
+            if e.day != day:
+                # Diversity: a value's first day adds 1/NOVELTY_RECUR of a value, times
+                # the time since the context's last new value (a burst of throwaway names
+                # adds about one name's worth); each later active day adds 1/NOVELTY_RECUR
+                # more, as if the first had counted in full: values that recur count.
+                if not e.days > 0:
+                    gap = ts - c.last_novelty
+                    credit = (min(1.0, gap / NOVELTY_EPISODE) if gap > 0 else 0.0) \
+                        / NOVELTY_RECUR
+                    if ts > c.last_novelty:
+                        c.last_novelty = ts
+                else:
+                    credit = min(1.0, max(e.credit, 1.0 / NOVELTY_RECUR) + 1.0 / NOVELTY_RECUR)
+                if credit > e.credit:
+                    c.novelty += w * (credit - e.credit)
+                    e.credit = credit
+                e.day = day
+                e.days += w
+            if c.day != day:
+                c.day = day
+                c.days += w
+            hs = e.hosts
+            if hs is not host:
+                if hs.__class__ is Sketch:
+                    if hs.epoch != epoch or hs.cur[slot_idx] < slot_rank:
+                        hs.add(host.slot, epoch)
+                elif hs.__class__ is not set or host not in hs:
+                    e.hosts = add_host(hs, host, epoch)
+            hs = c.hosts
+            if hs is not host:
+                if hs.__class__ is Sketch:
+                    if hs.epoch != epoch or hs.cur[slot_idx] < slot_rank:
+                        hs.add(host.slot, epoch)
+                elif hs.__class__ is not set or host not in hs:
+                    c.hosts = add_host(hs, host, epoch)
+
+    def _flush(self) -> None:
+        """Apply deferred learning (before anything reads the counts)."""
+        dirty = self._dirty
+        if not dirty:
+            return
+        for caller in dirty:
+            pending = caller.pending
+            if caller.gen == self._gen and caller.refs is not None:
+                for c, e in caller.refs:
+                    c.n += pending
+                    e.n += pending
+            host = caller.host
+            if caller.last_ts > host.last_seen:
+                host.last_seen = caller.last_ts
+            caller.pending = 0.0
+            caller.dirty = False
+        dirty.clear()
+
+    # -- bounds -----------------------------------------------------------------
+    @property
+    def entities(self) -> int:
+        """Tracked (context, value) entries over all detectors."""
+        return sum(t.entries for t in self.tables)
+
+    def maintain(self, now: float | None = None) -> None:
+        """Prune entries faded below PRUNE_FLOOR, retire hosts silent past the horizon,
+        and evict the weakest entries while over `settings.max_entities`. Runs by itself
+        once a day of event time and whenever the cap is passed."""
+        now = self.last_ts if now is None else now
+        if now is None:
+            return
+        self._flush()
+        w = self.clock.weight(now)
+        floor = PRUNE_FLOOR * w
+        horizon = now - HOST_RETIRE * self.settings.half_life
+        retired = {h for h in self.hosts.values() if h.last_seen < horizon}
+        for h in retired:
+            del self.hosts[h.name]
+        for table in self.tables:
+            _prune(table, floor, retired)
+        cap = self.settings.max_entities
+        if self.entities > cap:
+            self._evict(self.entities - int(cap * EVICT_TO))
+        self._over_cap = False
+        self._gen += 1
+        self._callers.clear()
+        self._prune_suppression(now)
+        self.bursts = {k: b for k, b in self.bursts.items() if now - b.last < BURST_GAP}
+        self._next_maintain = now + MAINTAIN_EVERY
+
+    def _evict(self, count: int) -> None:
+        """Drop the `count` weakest entries: fewest active days, then fewest calls, the
+        newest first among equals. A flood of throwaway names is recent and one call each,
+        so it goes before the established history that real attacks are compared against;
+        contexts keep their totals, so what a value is compared with does not shrink."""
+        victims = heapq.nsmallest(count, (
+            (e.days, e.n, -e.first_seen, i, ctx, value)
+            for i, table in enumerate(self.tables)
+            for ctx, c in table.contexts.items()
+            for value, e in c.values.items()
+        ), key=lambda v: v[:3])
+        for _, _, _, i, ctx, value in victims:
+            table = self.tables[i]
+            c = table.contexts[ctx]
+            del c.values[value]
+            table.entries -= 1
+            if not c.values:
+                del table.contexts[ctx]
+
+    def _explain(self, out: Outcome, i: int, w: float, rarity: Rarity) -> None:
         det = DETECTORS[i]
         table = self.tables[i]
         event = out.event
         ctx, value = det.context(event), det.value(event)
-        rarity = table.assess(ctx, value, w)
         if det.others_from is None:
             others = table.top_values(ctx, w)
         else:
@@ -222,7 +495,7 @@ class Scorer:
             others = self.tables[j].top_values(DETECTORS[j].context(event), w)
         history = (self.last_ts or 0.0) - (self.first_ts or 0.0)
         out.entity = entity_text(det, ctx, value)
-        out.reason = det.describe(event, rarity, others, history, len(self.host_ids))
+        out.reason = det.describe(event, rarity, others, history, len(self.hosts))
 
     def _decide(self, out: Outcome, i: int, learning: bool) -> None:
         det = DETECTORS[i]
@@ -232,28 +505,95 @@ class Scorer:
         if first_match(self.exceptions, event, det.name) is not None:
             out.excepted = True
             return
+        if out.novel and det.probability is None and self._in_burst(out):
+            return
         key = (det.name, out.entity)
         last = self.last_alert.get(key)
-        window = self.settings.suppression_window
-        if last is not None and event.ts - last < window:
+        base = self.settings.suppression_window
+        ts = event.ts
+        if last is not None and ts - last[0] < last[1]:
             out.suppressed = True
             return
-        self.last_alert[key] = event.ts
+        # An entity that keeps alerting waits twice as long each time (up to a day), so
+        # a newcomer that is noticed but not acted upon does not alert once an hour.
+        window = base
+        if last is not None and ts - last[0] < SUPPRESSION_STREAK * last[1]:
+            window = max(base, min(last[1] * 2, SUPPRESSION_MAX))
+        self.last_alert[key] = (ts, window)
         out.alert = True
-        if event.ts >= self._next_prune:
-            self._prune_suppression(event.ts)
+        if ts >= self._next_prune:
+            self._prune_suppression(ts)
+
+    def _in_burst(self, out: Outcome) -> bool:
+        """Counts a novel anomaly in its host's burst; True when the burst decided it
+        (its alert, or folded into it)."""
+        event = out.event
+        ts = event.ts
+        host = event.host or ""
+        b = self.bursts.get(host)
+        if b is None or not 0 <= ts - b.last < BURST_GAP:
+            b = self.bursts[host] = _Burst(ts)
+        b.count += 1
+        b.last = max(b.last, ts)
+        if len(b.names) < BURST_NAMES:
+            b.names.append(out.entity)
+        if b.count <= BURST_SINGLES:
+            return False
+        out.burst = b.count
+        if b.alerted:
+            out.suppressed = True
+            return True
+        b.alerted = True
+        out.alert = True
+        names = ", ".join(b.names)
+        out.reason = (
+            f"burst of new callers on {host or 'an unnamed host'}: {b.count} never seen "
+            f"within {format_duration(ts - b.start)} ({names}); later new callers of this "
+            f"burst are folded into this alert. {out.reason}"
+        )
+        return True
 
     def _prune_suppression(self, now: float) -> None:
-        window = self.settings.suppression_window
-        self.last_alert = {k: t for k, t in self.last_alert.items() if now - t < window}
-        self._next_prune = now + window
+        self.last_alert = {k: (t, win) for k, (t, win) in self.last_alert.items()
+                           if now - t < SUPPRESSION_STREAK * win}
+        self._next_prune = now + self.settings.suppression_window
 
     # -- introspection -----------------------------------------------------------
     def model_size(self) -> dict[str, int]:
         """Tracked (context, value) entities per detector."""
         return {d.name: len(t) for d, t in zip(DETECTORS, self.tables, strict=True)}
 
+    def count(self, detector: str, ctx: Hashable, value: Hashable) -> float:
+        """The decayed number of calls with `value` in `ctx` of `detector`, as of the last
+        event (0 when not in the model)."""
+        self._flush()
+        if self.last_ts is None:
+            return 0.0
+        table = self.tables[DETECTOR_NAMES.index(detector)]
+        return table.count(ctx, value, self.clock.weight(self.last_ts))
+
     @property
     def hosts_seen(self) -> int:
-        return len(self.host_ids)
+        return len(self.hosts)
+
+    def reset_memo(self) -> None:
+        """Forget the callers memo (after the tables or hosts were replaced)."""
+        self._dirty.clear()
+        self._callers.clear()
+        self._gen += 1
+
+
+def _prune(table: RarityTable, floor: float, retired: set[Host]) -> None:
+    for ctx in list(table.contexts):
+        c = table.contexts[ctx]
+        values = c.values
+        for value in [v for v, e in values.items() if e.n < floor]:
+            del values[value]
+            table.entries -= 1
+        if not values:
+            del table.contexts[ctx]
+            continue
+        if retired:
+            for e in (c, *values.values()):
+                e.hosts = drop_hosts(e.hosts, retired)
 

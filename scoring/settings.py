@@ -30,6 +30,11 @@ class ScorerSettings:
     # of the detectors that judge *what* runs multiplied by this; who runs it and how it was
     # started are still judged in full.
     known_caller_factor: float = 0.3
+    # Hard cap on the model's (context, value) entries over all detectors: past it the
+    # weakest (fewest active days, newest) are evicted, so a flood of throwaway names
+    # cannot grow the model without bound nor push out the established history. About
+    # 0.5 KB each: the default keeps a node agent near 100 MB; a fleet scorer raises it.
+    max_entities: int = 200_000
 
     def threshold_for(self, detector: str) -> float:
         return max(self.threshold, self.detector_thresholds.get(detector, self.threshold))

@@ -105,11 +105,12 @@ def test_state_after_a_round_trip_saves_the_same_model(tmp_path, day1):
     sa, sb = json.loads(a.read_bytes()), json.loads(b.read_bytes())
     assert sa["hosts"] == sb["hosts"]
     assert sa["first_ts"] == sb["first_ts"] and sa["last_ts"] == sb["last_ts"]
-    for det, entries in sa["detectors"].items():
-        other = {(json.dumps(c), json.dumps(v)): n for c, v, n, *_ in sb["detectors"][det]}
-        assert len(other) == len(entries)
-        for c, v, n, *_ in entries:
-            assert other[(json.dumps(c), json.dumps(v))] == pytest.approx(n, rel=1e-12)
+    for det in sa["detectors"]:
+        mine, other = entries(sa, det), entries(sb, det)
+        assert set(mine) == set(other)
+        for key, (n, hosts) in mine.items():
+            assert other[key][0] == pytest.approx(n, rel=1e-12)
+            assert other[key][1] == hosts
 
 
 def test_learning_period_is_carried_by_the_state(tmp_path, day1):
@@ -393,15 +394,19 @@ def read_state(path):
     return json.loads(raw)
 
 
+def host_names(state):
+    return [name for name, _seen in state["hosts"]]
+
+
 def entries(state, detector):
-    """{(context, value): (count, set of host names)} of one detector of a state file."""
-    hosts = state["hosts"]
+    """{(context, value): (count, set of host names)} of one detector of a state file
+    (version 2: contexts with their values; exact host sets as indices into "hosts")."""
+    hosts = host_names(state)
     out = {}
-    for ctx, value, n, bits, _first in state["detectors"][detector]:
-        b = int(bits, 16)
-        names = {h for i, h in enumerate(hosts) if b >> i & 1}
-        key = (json.dumps(ctx), json.dumps(value))
-        out[key] = (n, names)
+    for ctx, _stats, values in state["detectors"][detector]:
+        for value, n, _days, _day, _first, hs, _credit in values:
+            names = {hosts[i] for i in hs} if isinstance(hs, list) else hs
+            out[(json.dumps(ctx), json.dumps(value))] = (n, names)
     return out
 
 
@@ -428,8 +433,8 @@ def test_merge_cli_reindexes_hosts_and_sums_decayed_counts(two_nodes, tmp_path):
     assert "merged 2 states" in r.stderr
     a, b, m = read_state(two_nodes / "a.json"), read_state(two_nodes / "b.json.gz"), \
         read_state(out)
-    assert sorted(m["hosts"]) == [f"node-{i}" for i in range(6)]
-    assert len(m["hosts"]) == len(set(m["hosts"]))
+    assert sorted(host_names(m)) == [f"node-{i}" for i in range(6)]
+    assert len(m["hosts"]) == len(set(host_names(m)))
     assert m["last_ts"] == max(a["last_ts"], b["last_ts"]) == a["last_ts"]
     assert m["first_ts"] == min(a["first_ts"], b["first_ts"])
     assert m["events_learned"] == a["events_learned"] + b["events_learned"]
