@@ -1,7 +1,8 @@
 # Metadata addresses in this file are data (event fields, expected matches): nothing here
 # connects to them. Real connections happen only inside a test's own network namespace
 # (netns, tests/netns_fixtures.py).
-"""Memory of the model: bytes per tracked entity, and RSS with 100k distinct entities.
+"""Memory of the model: bytes per tracked entity, RSS with 100k distinct entities, and a
+fleet scorer's model and state at 1k, 10k and 100k hosts.
 
     python -m bench.memory [--entities 100000]
 
@@ -25,6 +26,7 @@ import subprocess
 import sys
 
 from bench.rows import Row, render
+from scoring.settings import ScorerSettings
 
 TARGET_MB = 100.0
 START = 1_772_409_600.0  # 2026-03-02T00:00:00Z
@@ -88,6 +90,82 @@ def measure(callers: int, traced: bool, until_entities: int | None = None) -> di
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+FLEET_TARGET_MB = 1024.0  # issue 7: serve at 100k hosts and 1M entities
+FLEET_AGENTS = ("kubelet", "amazon-ssm-agent", "aws-k8s-agent")
+
+
+def fleet_child(hosts: int, entities: int) -> dict:
+    """A fleet scorer's model at `hosts` hosts: three agents on every host (entries whose
+    spread grows past the exact sets into sketches), then distinct callers spread over
+    the hosts until the model holds `entities` entries. Runs in a fresh interpreter."""
+    import gc
+    import time
+
+    from scoring.events import Event
+    from scoring.scorer import Scorer
+    from scoring.settings import ScorerSettings
+    from scoring.state import model_to_bytes
+
+    gc.collect()
+    rss0 = _rss_bytes()
+    scorer = Scorer(ScorerSettings(max_entities=int(entities * 1.2)))
+    t = START
+    for h in range(hosts):
+        for name in FLEET_AGENTS:
+            t += 0.01
+            scorer.process(Event(t, "169.254.169.254", name, dst_port=80,
+                                 exe=f"/usr/bin/{name}", user="root", parent_name="systemd",
+                                 host=f"node-{h:06d}"))
+    i = 0
+    while scorer.entities < entities:
+        for _ in range(1000):
+            t += 0.01
+            scorer.process(Event(t, "169.254.169.254", f"job{i:x}"[:15], dst_port=80,
+                                 exe=f"/opt/job{i}/bin/run", user=f"u{i % 5000}",
+                                 parent_name=f"p{i % 3000}", host=f"node-{i % hosts:06d}",
+                                 image=f"registry.example/app{i % 2000}:1.0",
+                                 namespace=f"ns{i % 200}"))
+            i += 1
+    gc.collect()
+    rss1 = _rss_bytes()
+    started = time.perf_counter()
+    gz = model_to_bytes(scorer, gz=True)
+    save_s = time.perf_counter() - started
+    return {"rss_before": rss0, "rss_after": rss1, "entities": scorer.entities,
+            "hosts": scorer.hosts_seen, "state_gz": len(gz), "save_s": save_s}
+
+
+def measure_fleet(hosts: int, entities: int) -> dict:
+    code = ("import json; from bench.memory import fleet_child; "
+            f"print(json.dumps(fleet_child({hosts}, {entities})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fleet memory child failed: {proc.stderr[-800:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fleet_rows(quick: bool) -> list[Row]:
+    """Model memory and state size at 1k, 10k and 100k hosts (10 entities per host)."""
+    rows = []
+    for hosts in (1_000, 10_000) if quick else (1_000, 10_000, 100_000):
+        entities = 10 * hosts
+        m = measure_fleet(hosts, entities)
+        rss = m["rss_after"] / 2**20
+        growth = (m["rss_after"] - m["rss_before"]) / max(1, m["entities"])
+        last = hosts == 100_000
+        rows += [
+            Row(f"fleet model at {m['hosts']:,} hosts, {m['entities']:,} entities: RSS",
+                round(rss, 1), "MB", "RSS before feeding", round(m["rss_before"] / 2**20, 1),
+                f"<= {FLEET_TARGET_MB:.0f} MB at 100k hosts, 1M entities" if last else "",
+                rss <= FLEET_TARGET_MB if last else None),
+            Row(f"  per entity (RSS growth / entities), {hosts:,} hosts", round(growth), "B"),
+            Row(f"  state size (gzip), {hosts:,} hosts", round(m["state_gz"] / 2**20, 2),
+                "MB", "serialise time (s)", round(m["save_s"], 2)),
+        ]
+    return rows
+
+
 def run(quick: bool = False, entities: int | None = None) -> list[Row]:
     entities = entities or (20_000 if quick else 100_000)
     callers_cap = 10 * entities  # enough callers to reach `entities` tracked entities
@@ -109,10 +187,11 @@ def run(quick: bool = False, entities: int | None = None) -> list[Row]:
     if not quick:
         worst = measure(entities, traced=False)
         rows.append(Row(f"RSS with {entities:,} distinct callers "
-                        f"({sum(worst['model'].values()):,} entities)",
+                        f"({sum(worst['model'].values()):,} entities, capped at "
+                        f"{ScorerSettings().max_entities:,})",
                         round(worst["rss_after"] / 2**20, 1), "MB", "RSS before feeding",
                         round(worst["rss_before"] / 2**20, 1)))
-    return rows
+    return rows + fleet_rows(quick)
 
 
 def main(argv: list[str] | None = None) -> int:
