@@ -109,8 +109,9 @@ QUIET_P = probability_for_score(QUIET_SCORE)
 # counts only grow, and nothing reads them before the next full scoring or save).
 QUIET_FOR = 6 * HOUR
 QUIET_MAX = 24 * HOUR
-# Bounds the memory of the callers memo; past it the memo starts again from empty.
-CALLER_LIMIT = 100_000
+# Bounds the memory of the callers memo (about 1.4 KB a caller): a quarter of the cap on
+# entries, at least CALLER_MIN; past it the memo starts again from empty.
+CALLER_MIN = 10_000
 # Entries whose decayed count fell below this are pruned (a single call, after ~4.3
 # half-lives), and hosts silent for HOST_RETIRE half-lives are retired, each day.
 PRUNE_FLOOR = 0.05
@@ -206,6 +207,7 @@ class Scorer:
         self._dirty: list[_Caller] = []
         self._gen = 0
         self._over_cap = False
+        self._caller_limit = max(CALLER_MIN, self.settings.max_entities // 4)
         self._epoch_len = HOST_RETIRE * self.settings.half_life / 2
 
     # -- time ------------------------------------------------------------------
@@ -284,7 +286,7 @@ class Scorer:
             if value is not None:
                 keys.append((i, det.context(event), value))
         known = self.known_callers.lookup_event(event) is not None
-        if len(self._callers) >= CALLER_LIMIT:
+        if len(self._callers) >= self._caller_limit:
             self._flush()
             self._callers.clear()
         caller = self._callers[sig] = _Caller(host, known, tuple(keys), self._gen)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import errno
 import fcntl
+import gc
 import gzip
 import math
 import os
@@ -77,8 +78,26 @@ def _stats(e: Entry, w: float, index: dict[Host, int]) -> list:
     return [e.n / w, e.days / w, e.day, e.first_seen, _hosts_out(e.hosts, index), e.credit]
 
 
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """Building or reading a state makes millions of small containers at once; the cyclic
+    collector would walk the whole model again and again for them (none form cycles)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def state_dict(scorer: Scorer) -> dict:
     """The scorer's learned state as plain data (counts decayed to its last event)."""
+    with _no_gc():
+        return _state_dict(scorer)
+
+
+def _state_dict(scorer: Scorer) -> dict:
     scorer._flush()
     now = scorer.last_ts
     w = scorer.clock.weight(now) if now is not None else 1.0
@@ -277,7 +296,8 @@ class _Loaded:
 def load_state_dict(scorer: Scorer, state: Any, source: str = "state") -> None:
     """Replace the scorer's learned state with `state` (from `state_dict` or a file).
     Raises StateError, leaving the scorer as it was, when `state` is not valid."""
-    loaded = _Loaded(state, source, scorer._epoch_len)
+    with _no_gc():
+        loaded = _Loaded(state, source, scorer._epoch_len)
     _install(scorer, loaded)
 
 
