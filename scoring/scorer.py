@@ -123,11 +123,14 @@ EVICT_TO = 0.9
 # many windows of its last alert, up to SUPPRESSION_MAX.
 SUPPRESSION_STREAK = 4.0
 SUPPRESSION_MAX = 24 * HOUR
-# New callers on one host whose anomalies follow each other within BURST_GAP make a
-# burst; the first BURST_SINGLES alert on their own, the next one alerts for the burst
-# (naming it) and later ones are folded into that alert.
+# New callers (a process name, or a whole caller combination, never seen) on one host
+# whose anomalies follow each other within BURST_GAP make a burst; the first BURST_SINGLES
+# alert on their own, the next one alerts for the burst (naming it) and later ones are
+# folded into that alert. A new executable, user or request of a known caller is judged on
+# its own, never folded.
 BURST_GAP = 600.0
-BURST_SINGLES = 3
+BURST_SINGLES = 5
+BURST_DETECTORS = frozenset(("rare_process", "rare_combination"))
 BURST_NAMES = 8
 # Event times are epoch seconds; anything past this is not a time (year ~5000).
 MAX_ABS_TS = 1e11
@@ -507,7 +510,7 @@ class Scorer:
         if first_match(self.exceptions, event, det.name) is not None:
             out.excepted = True
             return
-        if out.novel and det.probability is None and self._in_burst(out):
+        if out.novel and det.name in BURST_DETECTORS and self._in_burst(out):
             return
         key = (det.name, out.entity)
         last = self.last_alert.get(key)

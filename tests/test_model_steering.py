@@ -71,16 +71,16 @@ def test_a_burst_of_new_names_is_one_alert_naming_the_burst():
     scorer, t = quiet_host()
     outs = [scorer.process(tool(t + i * 2, f"junk-{i:02d}")) for i in range(40)]
     alerts = [o for o in outs if o.alert]
-    singles, burst = alerts[:3], alerts[3:]
+    singles, burst = alerts[:5], alerts[5:]
     assert all(not o.burst for o in singles)
     # One alert names the burst; every later name of the burst is folded into it (still
     # an anomaly, for the metrics, but not an alert).
     assert len(burst) == 1, [o.reason for o in burst]
-    assert burst[0].burst == 4 and "burst of new callers on node-0" in burst[0].reason
-    assert "junk-00" in burst[0].reason and "junk-03" in burst[0].reason
-    folded = outs[4:]
+    assert burst[0].burst == 6 and "burst of new callers on node-0" in burst[0].reason
+    assert "junk-00" in burst[0].reason and "junk-05" in burst[0].reason
+    folded = outs[6:]
     assert all(o.suppressed and o.burst and o.reason for o in folded)
-    assert [o.burst for o in folded] == list(range(5, 41))
+    assert [o.burst for o in folded] == list(range(7, 41))
 
 
 def test_a_burst_neither_lowers_later_scores_nor_blinds_the_model():
@@ -103,7 +103,7 @@ def test_a_burst_neither_lowers_later_scores_nor_blinds_the_model():
 
 def test_bursts_are_per_host_and_end_after_a_quiet_gap():
     scorer, t = quiet_host()
-    for i in range(6):
+    for i in range(8):
         scorer.process(tool(t + i, f"first-{i}"))
     # Half an hour later the burst is over: new names alert on their own again.
     out = scorer.process(tool(t + 30 * MINUTE, "second-0"))
