@@ -179,11 +179,20 @@ def run_imdswatch(path: Path, labels: Labels, sc: Scenario, learning_period: flo
     alerts: list[tuple[int, str, float, str]] = []
     dets: list[tuple[float, int, object]] = []
 
+    bursts: dict[str, int] = {}  # host -> line of its open burst's alert
+
     def on_outcome(out) -> None:  # noqa: ANN001 - scoring.scorer.Outcome
         if out.alert:
             n = int(out.event.event_id.rsplit("-", 1)[1])
             alerts.append((n, out.detector, out.score, out.reason))
             dets.append((out.event.ts, n, ("imdswatch", n)))
+            if out.burst:
+                bursts[out.event.host or ""] = n
+        elif out.suppressed and out.burst and (out.event.host or "") in bursts:
+            # A burst of new callers is one alert naming the burst; the callers folded
+            # into it are covered by it, as an anomaly record covers its bucket's events.
+            n = int(out.event.event_id.rsplit("-", 1)[1])
+            dets.append((out.event.ts, n, ("imdswatch", bursts[out.event.host or ""])))
 
     t = time.perf_counter()
     replay(str(path), scorer, on_outcome, on_malformed=lambda *_: None)
