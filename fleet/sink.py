@@ -121,7 +121,7 @@ class FleetSink:
             return None
         doc = event.doc if event.doc is not None else {}
         if self.local:
-            out = self.scorer.process_matched(event, endpoint)
+            out = self.scorer.process(event)  # the one way into the model
             if out is not None and out.alert:
                 own = doc.setdefault("imdswatch", {})
                 if isinstance(own, dict):
