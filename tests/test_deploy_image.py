@@ -123,8 +123,13 @@ def test_python_requirements_are_pinned_and_match_pyproject() -> None:
 def test_project_bpf_sources_and_entrypoint() -> None:
     steps = instructions()
     copies = [rest for word, rest in steps if word == "COPY"]
-    for package in ("imdswatch", "scoring", "tracer", "exporters"):
+    # every package the project installs (a new one forgotten here breaks the build)
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]
+    ignore = (ROOT / "deploy" / "Dockerfile.dockerignore").read_text()
+    for package in packages:
         assert any(c.startswith(f"{package} ") for c in copies), package
+        assert f"!{package}/" in ignore, package
     assert any(c.startswith("bpf ") for c in copies)
     env = " ".join(rest for word, rest in steps if word == "ENV")
     assert "IMDSWATCH_BPF_DIR=/opt/imdswatch/bpf" in env
