@@ -1,3 +1,4 @@
+# Metadata addresses here are event data only; nothing connects to them, so no netns is needed.
 """`imdswatch serve` benchmarks: the fleet scorer against replay and per-node scoring on
 the labelled scenario, ingest rate, POST-to-alert latency and memory per fleet size.
 

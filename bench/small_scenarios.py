@@ -1,3 +1,4 @@
+# Metadata addresses here are event data only; nothing connects to them, so no netns is needed.
 # Metadata addresses in this file are data (event fields): nothing here connects anywhere.
 """Two single-host scenarios the fleet scenario cannot show (issue 8 §3):
 

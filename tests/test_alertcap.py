@@ -1,3 +1,4 @@
+# Metadata addresses here are event data only; nothing connects to them, so no netns is needed.
 # Metadata addresses in this file are data (event fields): nothing here connects to them.
 """The alert-line cap: at most N lines per window of event time and per run, then one
 summary line per window saying how many were held back and where to see them."""

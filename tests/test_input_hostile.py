@@ -1,3 +1,4 @@
+# Metadata addresses here are event data only; nothing connects to them, so no netns is needed.
 # Metadata addresses in this file are data (event fields, expected matches): nothing here
 # connects to them.
 """Hostile and careless input to the one ECS reader and to `imdswatch replay` (issue 11):

@@ -1,3 +1,4 @@
+# Metadata addresses here are event data only; nothing connects to them, so no netns is needed.
 """Replay progress: lines, rate, share and ETA on a terminal (a real pty), and not one extra
 byte on a standard error that is a file or a pipe."""
 

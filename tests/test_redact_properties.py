@@ -1,3 +1,4 @@
+# Metadata addresses here are event data only; nothing connects to them, so no netns is needed.
 # Metadata addresses in this file are data (event fields): nothing here connects to them.
 """Property tests: a secret planted in any form an alert could carry never leaves in it.
 

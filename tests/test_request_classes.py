@@ -1,3 +1,4 @@
+# Metadata addresses here are event data only; nothing connects to them, so no netns is needed.
 # Metadata addresses in this file are data (event fields, expected matches): nothing here
 # connects to them.
 """Request classes per provider (scoring.endpoints.classify_request): a pure, total

@@ -1,3 +1,4 @@
+# Metadata addresses here are event data only; nothing connects to them, so no netns is needed.
 # Metadata addresses in this file are data (event fields, expected matches): nothing here
 # connects to them. Real connections happen only inside a test's own network namespace.
 """Request-aware detectors (issue 8 §2), the no-blind-first-day rule (§3) and the

@@ -1,3 +1,4 @@
+# Metadata addresses here are event data only; nothing connects to them, so no netns is needed.
 """Request capture's userspace half without a kernel: the HTTP head reader and the tracker
 that reassembles segments (split, pipelined, retransmitted, truncated, wrapped sequence
 numbers), property-tested against the requests that were sent."""
