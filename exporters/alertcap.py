@@ -67,6 +67,30 @@ class AlertCap:
         self.written += 1
         return True, summary
 
+    def snapshot(self) -> dict:
+        """The cap's position (window, counts), for a scorer that checkpoints and re-scores
+        after a restart (the fleet scorer): restored, it holds back the same lines again."""
+        return {"start": self._start, "in_window": self._in_window, "written": self.written,
+                "held": self._held, "held_total": self.held_total,
+                "held_by": dict(self._held_by), "held_first": self._held_first,
+                "held_last": self._held_last}
+
+    def restore(self, snap: dict | None) -> None:
+        """Undo of `snapshot`. Raises ValueError/TypeError on a malformed one."""
+        if not snap:
+            return
+        def num(v: Any) -> float | None:
+            return None if v is None else float(v)
+
+        self._start = num(snap.get("start"))
+        self._in_window = int(snap.get("in_window", 0))
+        self.written = int(snap.get("written", 0))
+        self._held = int(snap.get("held", 0))
+        self.held_total = int(snap.get("held_total", 0))
+        self._held_by = Counter({str(k): int(v) for k, v in (snap.get("held_by") or {}).items()})
+        self._held_first = num(snap.get("held_first"))
+        self._held_last = num(snap.get("held_last"))
+
     def flush(self, now: float | None = None) -> dict | None:
         """The summary of the current window if it has ended by `now` (event time), or,
         with `now` None (end of run), whatever it holds."""

@@ -36,6 +36,7 @@ from typing import Any
 
 import orjson
 
+from exporters.alertcap import AlertCap
 from exporters.alerts import build_alert
 from fleet.dedup import IdWindow
 from fleet.ingest import Item, Parsed, parse
@@ -94,7 +95,10 @@ class AlertSink:
     """Alert lines out, skipping those a previous run already wrote (after a restart the
     log's events are re-scored from the checkpoint and give the same alerts again)."""
 
-    def __init__(self, output: str, stream: Any = None) -> None:
+    def __init__(self, output: str, stream: Any = None, cap: AlertCap | None = None) -> None:
+        # The same alert-line cap as the agent's and replay's (exporters.alertcap): one
+        # compromised image on every node must not bury the SIEM either.
+        self.cap = cap
         self.path = None if output == "-" else Path(output)
         self._stream = stream if self.path is None else open(self.path, "ab")  # noqa: SIM115
         self._seen: collections.Counter[bytes] = collections.Counter()
@@ -111,6 +115,23 @@ class AlertSink:
             for line in f:
                 if line.endswith(b"\n"):
                     self._seen[line] += 1
+
+    def alert(self, doc: dict, ts: float, detector: str) -> None:
+        """An alert line, through the cap (which may write a window's summary first)."""
+        if self.cap is not None:
+            admitted, summary = self.cap.admit(ts, detector)
+            if summary is not None:
+                self.write(orjson.dumps(summary) + b"\n")
+            if not admitted:
+                return
+        self.write(orjson.dumps(doc) + b"\n")
+
+    def flush_cap(self, now: float) -> None:
+        """The cap's summary for a window that has ended by event time `now`."""
+        if self.cap is not None:
+            summary = self.cap.flush(now)
+            if summary is not None:
+                self.write(orjson.dumps(summary) + b"\n")
 
     def write(self, line: bytes) -> None:
         if self._seen:
@@ -178,6 +199,8 @@ class FleetCore:
             self.ids.load(fleet.get("ids") or {})
             pending = [(float(ts), int(order), line.encode())
                        for ts, order, line in fleet.get("pending", [])]
+            if self.alerts.cap is not None:
+                self.alerts.cap.restore(fleet.get("alert_cap"))
         except (TypeError, ValueError, AttributeError) as exc:
             raise StateError(f"{self.state_path}: malformed fleet checkpoint ({exc})") from None
         self.alerts.already_written_since(fleet.get("alerts_offset"))
@@ -244,6 +267,7 @@ class FleetCore:
                 self._consume(seq, items)
                 self.queue.done(len(items))
         self._release_held(time.monotonic())
+        self.alerts.flush_cap(time.time())
         self.metrics.queue.set(self.queue.events)
         if self.scored != before:
             self.metrics.scored.inc(self.scored - before)
@@ -299,7 +323,7 @@ class FleetCore:
             if it.agent_alerted:
                 self.metrics.agent_alerted.inc()
             else:
-                self.alerts.write(orjson.dumps(build_alert(out, "fleet")) + b"\n")
+                self.alerts.alert(build_alert(out, "fleet"), out.event.ts, out.detector)
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -319,6 +343,7 @@ class FleetCore:
                         for ts, order, it in pending],
             "ids": ids,
             "alerts_offset": self.alerts.offset(),
+            "alert_cap": self.alerts.cap.snapshot() if self.alerts.cap else None,
         }
         try:
             write_atomic(self.state_path,

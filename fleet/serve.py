@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from exporters.alertcap import AlertCap
 from exporters.metrics import MetricsExporter
 from fleet.core import DEFAULT_HOLD, DEFAULT_QUEUE_EVENTS, AlertSink, FleetCore
 from fleet.dedup import DEFAULT_CAPACITY, IdWindow
@@ -94,7 +95,10 @@ def run_serve(config: Any, opts: ServeOptions, *, stop: threading.Event | None =
     exporter.set_ready(False, "restoring state and write-ahead log")
     scorer = Scorer(config.scorer, config.catalog, config.exceptions)
     try:
-        alerts = AlertSink(opts.output, sys.stdout.buffer)
+        a = config.alerts
+        alerts = AlertSink(opts.output, sys.stdout.buffer,
+                           AlertCap(a.max_per_window, a.window, a.max_per_run,
+                                    on_held=exporter.observe_held_back))
     except OSError as exc:
         return _fail(f"{opts.output}: cannot write alerts ({exc.strerror})")
     try:
