@@ -13,7 +13,7 @@ Each detector is one rarity question over the fleet's history:
   rare_combination   whole fleet    all of the above together   a new way of calling at all
 
 and, for events that carry the HTTP request (contract section 1), per caller (name +
-executable + user + image):
+executable + user + parent + image):
 
   rare_request_class caller         request class               a web app asked for credentials
   unguarded_request  caller, class  anti-SSRF header present    SSRF through a caller that
@@ -160,8 +160,13 @@ def request_class(e: Event) -> str | None:
     return cls
 
 
+# A caller is what runs, as far as the event tells: name, executable, user, image, and the
+# parent. For an interpreter the name and executable say only "python3"; the program is
+# told by what started it: the Azure agent's extension handler (python3 under waagent) and
+# an operator's script (python3 under bash) are different callers, and what one of them
+# asks for says nothing about what the other may ask for.
 def _caller(e: Event) -> Hashable:
-    return (e.name, e.exe, user_of(e), image_repository(e.image))
+    return (e.name, e.exe, user_of(e), e.parent_name, image_repository(e.image))
 
 
 def _class_value(e: Event) -> Hashable:
@@ -169,7 +174,8 @@ def _class_value(e: Event) -> Hashable:
 
 
 def _caller_class(e: Event) -> Hashable:
-    return (e.name, e.exe, user_of(e), image_repository(e.image), request_class(e))
+    return (e.name, e.exe, user_of(e), e.parent_name, image_repository(e.image),
+            request_class(e))
 
 
 def _guard_value(e: Event) -> Hashable:
@@ -307,11 +313,12 @@ def _rare_combination(e: Event, r: Rarity, others: list, span: str) -> str:
 
 
 def _who(e: Event) -> str:
-    """The caller as the request detectors key it: name, executable, user, image."""
+    """The caller as the request detectors key it: name, executable, user, parent, image."""
     image = image_repository(e.image)
     where = f" in image {image}" if image else ""
+    parent = f" from {show_name(e.parent_name)}" if e.parent_name is not None else ""
     return (f"{show_name(e.name)} ({e.exe or 'unknown executable'}) run by "
-            f"{user_of(e) or 'an unknown user'}{where}")
+            f"{user_of(e) or 'an unknown user'}{parent}{where}")
 
 
 def _requests(n: float) -> str:

@@ -201,6 +201,27 @@ def test_azure_agent_python3_asking_a_managed_identity_token():
     assert "metadata" in out.reason  # what it usually asks for
 
 
+def test_another_python3_asking_for_tokens_does_not_teach_the_azure_agent_to():
+    """python3 as root on the host is also an operator's script: its token requests (here
+    a burst from an ssh shell, itself an anomaly) must not make tokens usual for the
+    agent's extension handler, which is python3 started by waagent (the caller includes
+    the parent; issue 8's missed Azure case)."""
+    scorer = fresh()
+    for k in range(40):
+        scorer.process(req(END + k, "python3", "/usr/bin/python3.10", "root", "GET",
+                           "/metadata/identity/oauth2/token",
+                           query="api-version=2018-02-01&resource=https://vault.azure.net",
+                           guarded=True, ua="python-requests/2.31.0", host="node-7",
+                           parent="bash"))
+    out = scorer.process(req(END + 3 * 3600, "python3", "/usr/bin/python3.10", "root", "GET",
+                             "/metadata/identity/oauth2/token",
+                             query="api-version=2018-02-01&resource=https://vault.azure.net",
+                             guarded=True, ua="WALinuxAgent/2.11.1.4", host="node-4",
+                             parent="waagent"))
+    assert_alert(out, {"rare_request_class"})
+    assert "from waagent" in out.reason and "asked the metadata service for token" in out.reason
+
+
 def test_monitoring_agent_fetching_the_node_role_credentials():
     scorer = fresh()
     out = scorer.process(req(END, "fluent-bit", "/fluent-bit/bin/fluent-bit", "root", "GET",
