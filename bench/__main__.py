@@ -1,6 +1,6 @@
-"""`make bench`: accuracy against the anchors, replay throughput, memory, and the tracer's
-own benchmarks when present, each as a table of figure / value / baseline from the same
-run / target / ok.
+"""`make bench`: accuracy against the anchors, replay throughput, memory, the tracer's
+own benchmarks when present and the live agent under a name flood, each as a table of
+figure / value / baseline from the same run / target / ok.
 
     python -m bench [--quick] [--strict] [--seed 7]
 
@@ -120,6 +120,12 @@ def section_fleet(quick: bool, seed: int) -> list[dict]:
     return [r.as_dict() for r in run(quick, seed)]
 
 
+def section_agent_flood(quick: bool, seed: int) -> list[dict]:
+    from bench.agent_flood import run
+
+    return [r.as_dict() for r in run(quick)]
+
+
 def section_tracer(quick: bool, seed: int) -> list[dict] | None:
     try:
         mod = importlib.import_module("bench.tracer_bench")
@@ -136,6 +142,7 @@ SECTIONS: tuple[tuple[str, Callable[[bool, int], list[dict] | None]], ...] = (
     ("memory: scorer state", section_memory),
     ("fleet: imdswatch serve vs replay and per-node agents", section_fleet),
     ("tracer", section_tracer),
+    ("agent flood: the live agent under a name flood", section_agent_flood),
 )
 
 

@@ -128,6 +128,14 @@ def build_alert(outcome: OutcomeLike, scored_by: str = "agent") -> dict:
     endpoint = _endpoint_id(getattr(outcome, "endpoint", None))
     if endpoint:
         own["endpoint"] = endpoint
+    if getattr(event, "exe_mismatch", None):
+        # The kernel's executable at connect time against /proc's (the caller's
+        # process.executable is left out: /proc's is not the caller's).
+        kernel: dict[str, Any] = {"exe_mismatch": True,
+                                  "kernel_executable": {"name": redact(event.kernel_exe or "")}}
+        if event.proc_exe:
+            kernel["proc_executable"] = redact(event.proc_exe)
+        own["process"] = kernel
     alert["imdswatch"] = own
     _copy_request(alert, event, doc)
     return alert

@@ -123,23 +123,33 @@ class AnomalyScoreCollector(Collector):
         now = self._clock()
         with self._lock:
             self._expire(now)
-            entry = self._entries.get(key)
-            if entry is not None:
+            # The dict is kept in update order (an update moves its entry to the end), so
+            # the least recently updated entry is the first: expiry and eviction cost
+            # O(1) per anomaly, not a scan of every series (a name flood made each
+            # anomaly scan max_series entries twice).
+            entry = self._entries.pop(key, None)
+            if entry is None and len(self._entries) >= self.max_series:
+                del self._entries[next(iter(self._entries))]
+                self._on_evict()
+            # A wall clock stepped back must not break the order the dict relies on.
+            last = next(reversed(self._entries.values()), None)
+            stamp = now if last is None else max(now, last.updated)
+            if entry is None:
+                entry = _Anomaly(labels, score, stamp)
+            else:
                 entry.score = score
-                entry.updated = now
+                entry.updated = stamp
                 if not keep_labels:
                     entry.labels = labels
-                return
-            if len(self._entries) >= self.max_series:
-                oldest = min(self._entries, key=lambda k: self._entries[k].updated)
-                del self._entries[oldest]
-                self._on_evict()
-            self._entries[key] = _Anomaly(labels, score, now)
+            self._entries[key] = entry
 
     def _expire(self, now: float) -> None:
-        dead = [k for k, e in self._entries.items() if now - e.updated > self.ttl]
-        for k in dead:
-            del self._entries[k]
+        entries = self._entries
+        while entries:
+            key = next(iter(entries))
+            if now - entries[key].updated <= self.ttl:
+                break  # oldest first: the rest are younger
+            del entries[key]
 
     def __len__(self) -> int:
         with self._lock:

@@ -9,7 +9,7 @@ import sys
 import click
 
 from imdswatch import __version__
-from imdswatch.config import PROBES, Config, ConfigError, load_config
+from imdswatch.config import AGENT_MAX_ENTITIES, PROBES, Config, ConfigError, load_config
 from scoring.durations import parse_duration
 from scoring.state import StateError
 
@@ -150,6 +150,8 @@ def run(config_path: str | None, state_path: str | None, probe: str | None,
     cfg = _config(config_path)
     if threshold is not None:
         cfg.scorer.threshold = threshold
+    if "max_entities" not in cfg.scoring_keys:
+        cfg.scorer.max_entities = AGENT_MAX_ENTITIES
     sys.exit(run_agent(cfg, state_path=state_path, probe=probe, metrics_address=metrics_address,
                        output=output, learning_period=learning_period, fleet=fleet))
 

@@ -78,6 +78,8 @@ class Config:
     agent: AgentSettings = field(default_factory=AgentSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     path: str | None = None
+    # The [scoring] keys the file set: a command's own defaults give way to them.
+    scoring_keys: frozenset[str] = frozenset()
 
 
 PROBES = ("auto", "kprobe", "fentry", "cgroup", "tracepoint")
@@ -126,10 +128,20 @@ def _string(value: Any, where: str) -> str:
     return value
 
 
+# The model's cap on entries (memory: about 0.5 KB each); below the minimum a fleet's own
+# callers would be evicted.
+MIN_ENTITIES, MAX_ENTITIES = 1000, 100_000_000
+# The node agent's own default (`run`): a node's callers are few, and at about 1.4 KB of
+# resident memory per entry (contexts, keys, the caller memo) a flood of new names filling
+# 75,000 entries keeps the agent under 256 MiB, well inside the DaemonSet's 384 MiB limit
+# (bench/agent_flood.py). Replay and serve keep the scorer's 200,000.
+AGENT_MAX_ENTITIES = 75_000
+
+
 def _scoring(t: dict) -> ScorerSettings:
     t = _table(t, "scoring")
     _check_keys(t, {"threshold", "detector_thresholds", "learning_period", "half_life",
-                    "suppression_window", "known_caller_factor"}, "scoring")
+                    "suppression_window", "known_caller_factor", "max_entities"}, "scoring")
     s = ScorerSettings()
     if "threshold" in t:
         s.threshold = _number(t["threshold"], "scoring.threshold", 0, 100)
@@ -150,6 +162,12 @@ def _scoring(t: dict) -> ScorerSettings:
     if "known_caller_factor" in t:
         s.known_caller_factor = _number(t["known_caller_factor"], "scoring.known_caller_factor",
                                         0, 1)
+    if "max_entities" in t:
+        v = t["max_entities"]
+        if isinstance(v, bool) or not isinstance(v, int) or not MIN_ENTITIES <= v <= MAX_ENTITIES:
+            raise ConfigError(f"scoring.max_entities must be an integer from {MIN_ENTITIES} to "
+                              f"{MAX_ENTITIES}, not {v!r}")
+        s.max_entities = v
     return s
 
 
@@ -310,6 +328,7 @@ def parse_config(data: dict, path: str | None = None) -> Config:
             agent=_agent(data.get("agent", {})),
             alerts=_alerts(data.get("alerts", {}), "alerts" in data),
             path=path,
+            scoring_keys=frozenset(data.get("scoring", {})),
         )
     except ConfigError as exc:
         raise ConfigError(f"{path or 'config'}: {exc}") from None

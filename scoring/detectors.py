@@ -10,6 +10,8 @@ Each detector is one rarity question over the fleet's history:
   rare_user          whole fleet    user                        Elastic's companion user rule
   rare_parent        process name   parent process name         python3 started by a web server
   rare_container     process name   container image, namespace  a tool in an unexpected pod
+  exe_mismatch       process name   kernel's executable = /proc's  a copy in /tmp that connects,
+                                                                then execs the real agent
   rare_combination   whole fleet    all of the above together   a new way of calling at all
 
 and, for events that carry the HTTP request (contract section 1), per caller (name +
@@ -355,6 +357,43 @@ def _unguarded_credential_request(e: Event, r: Rarity, others: list, span: str) 
             f"the header")
 
 
+# -- the executable seen in the kernel against /proc -------------------------------------------
+
+def _exe_mismatch_value(e: Event) -> Hashable:
+    """Whether the executable the kernel saw at connect time is /proc's (None: unknown)."""
+    if e.exe_mismatch is None:
+        return None
+    return "mismatch" if e.exe_mismatch else "match"
+
+
+def _mismatched(e: Event) -> bool:
+    return e.exe_mismatch is True
+
+
+def _mismatch_probability(table: RarityTable, ctx: Hashable, value: Hashable,
+                          w: float) -> float:
+    """The rarity of a mismatch for this process name, never more common than the fixed
+    rule (RULE_SCORE) until the name has mismatched before: a copy that connects and then
+    execs the real agent is evidence without history (a fresh node, the learning period),
+    while a binary replaced in place that keeps mismatching is learnt like any value."""
+    p = table.probability(ctx, value, w)
+    if table.count(ctx, value, w) > 0:
+        return p
+    return min(p, _RULE_P)
+
+
+def _exe_mismatch(e: Event, r: Rarity, others: list, span: str) -> str:
+    head = (f"{show_name(e.name)} connected from an executable named "
+            f"{show_name(e.kernel_exe)} (read in the kernel at connect time), but /proc then "
+            f"showed {show_name(e.proc_exe) if e.proc_exe else 'another executable'}: it "
+            f"exec'd another binary, or its binary was replaced, after connecting, so the "
+            f"executable it appears to run is not the one that called")
+    if r.n_value <= 0:
+        return f"{head}; {show_name(e.name)} never did so in {span}"
+    return (f"{head}; {show_name(e.name)} did so in {_count(r.n_value)} of its "
+            f"{_count(r.n_context)} calls in {span}")
+
+
 _DESCRIBE = {
     "rare_combination": _rare_combination,
     "rare_process": _rare_process,
@@ -363,6 +402,7 @@ _DESCRIBE = {
     "rare_user": _rare_user,
     "rare_parent": _rare_parent,
     "rare_container": _rare_container,
+    "exe_mismatch": _exe_mismatch,
     "rare_request_class": _rare_request_class,
     "unguarded_request": _unguarded_request,
     "new_user_agent": _new_user_agent,
@@ -394,6 +434,15 @@ DETECTORS: tuple[Detector, ...] = (
         "rare_container",
         "Metadata Service Called by a Process in an Unusual Container Image or Namespace",
         lambda e: e.name, _container_value, False,
+    ),
+    # Evidence on its own, never vouched for by the known-caller catalog (the identity it
+    # questions is what the catalog would vouch by); it may alert without history. Before
+    # rare_combination, which it outranks: the reason says what happened.
+    Detector(
+        "exe_mismatch",
+        "Metadata Service Called by a Process Whose Executable Changed After Connecting",
+        lambda e: e.name, _exe_mismatch_value, False, judges=_mismatched,
+        probability=_mismatch_probability, history_free=True,
     ),
     Detector(
         "rare_combination",

@@ -115,8 +115,21 @@ class _Request(Struct, gc=False):
     guarded: bool | None = None
 
 
+class _KernelExecutable(Struct, gc=False):
+    name: Text = None
+    inode: Number = None
+
+
+class _KernelProcess(Struct, gc=False):
+    # What the kernel saw at connect time against what /proc showed later (tracer/ecs.py).
+    exe_mismatch: bool | None = None
+    kernel_executable: _KernelExecutable | None = None
+    proc_executable: Text = None
+
+
 class _Imdswatch(Struct, gc=False):
     request: _Request | None = None
+    process: _KernelProcess | None = None
 
 
 class _Hits(Struct, gc=False):

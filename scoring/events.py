@@ -44,7 +44,8 @@ class Event:
         "ts", "dst_ip", "dst_port", "name", "pid", "exe", "command_line", "ppid",
         "parent_name", "parent_exe", "user", "uid", "host", "container_id", "image",
         "namespace", "pod", "cloud", "event_id", "action", "method", "path", "query",
-        "user_agent", "guarded", "thread_name", "_doc", "_raw",
+        "user_agent", "guarded", "thread_name", "exe_mismatch", "kernel_exe", "proc_exe",
+        "_doc", "_raw",
     )
 
     def __init__(
@@ -77,6 +78,9 @@ class Event:
         user_agent: str | None = None,
         guarded: bool | None = None,
         thread_name: str | None = None,
+        exe_mismatch: bool | None = None,
+        kernel_exe: str | None = None,
+        proc_exe: str | None = None,
         doc: dict | None = None,
         raw: bytes | None = None,
     ) -> None:
@@ -110,6 +114,14 @@ class Event:
         # The calling thread's own name when it differs from the process's (io_uring
         # workers, JVM threads); `name` is always the thread-group leader's.
         self.thread_name = thread_name
+        # The executable the kernel saw at connect time against /proc's, read later
+        # (imdswatch.process.*): True when they differ (a copy that exec'd another binary
+        # before /proc was read), False when the kernel's was checked and matched, None
+        # when unknown (no kernel capture, replayed exports). `kernel_exe` (the kernel's
+        # file name) and `proc_exe` (/proc's path) are kept for a mismatch only.
+        self.exe_mismatch = exe_mismatch
+        self.kernel_exe = kernel_exe
+        self.proc_exe = proc_exe
         self._doc = doc
         self._raw = raw
 
@@ -145,6 +157,8 @@ class Event:
         user = self.user if self.user is not None else (self.uid and f"uid:{self.uid}")
         sig = (self.name, self.exe, user, self.parent_name, self.image, self.namespace,
                self.host)
+        if self.exe_mismatch is not None:  # judged by the exe_mismatch detector
+            sig = (*sig, self.exe_mismatch, self.kernel_exe, self.proc_exe)
         if self.method is None and self.path is None:
             return sig
         # A request is judged on what it asks too (scoring.detectors): two requests of
@@ -327,7 +341,7 @@ NOT_METADATA = "not a metadata endpoint"
 _STRING_SLOTS = ("dst_ip", "name", "exe", "command_line", "parent_name", "parent_exe", "user",
                  "uid", "host", "container_id", "image", "namespace", "pod", "cloud",
                  "event_id", "action", "method", "path", "query", "user_agent",
-                 "thread_name")
+                 "thread_name", "kernel_exe", "proc_exe")
 
 
 def read_doc(
@@ -397,6 +411,16 @@ def read_doc(
     http = d.http
     url = d.url
     request = d.imdswatch.request if d.imdswatch is not None else None
+    kp = d.imdswatch.process if d.imdswatch is not None else None
+    mismatch = kernel_exe = proc_exe = None
+    if kp is not None:
+        if kp.exe_mismatch:
+            mismatch = True
+            kernel_exe = (kp.kernel_executable.name or ""
+                          if kp.kernel_executable is not None else "")
+            proc_exe = kp.proc_executable or None
+        elif kp.kernel_executable is not None:
+            mismatch = False
     ev = Event(
         ts, ip, name, port, pid,
         p.executable or None,
@@ -419,6 +443,7 @@ def read_doc(
         (d.user_agent.original or None) if d.user_agent is not None else None,
         request.guarded if request is not None else None,
         (p.thread.name or None) if p.thread is not None else None,
+        mismatch, kernel_exe, proc_exe,
         doc, raw,
     )
     # Only a line longer than the cap can hold a field longer than it.

@@ -53,7 +53,7 @@ NOVELTY_RECUR = 2.0
 NOVELTY_EPISODE = HOUR
 # Reasons name a context's most frequent values; past this many values there are none worth
 # naming, and scanning them on every anomaly would make a flood of new values quadratic.
-TOP_VALUES_SCAN_LIMIT = 5000
+TOP_VALUES_SCAN_LIMIT = 512
 
 
 # -- the clock -------------------------------------------------------------------------------

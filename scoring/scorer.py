@@ -98,6 +98,9 @@ class Outcome:
 
 
 GENERIC = "rare_combination"
+# Names the alert whenever it reaches its threshold (see `_score`).
+DECISIVE = "exe_mismatch"
+_DECISIVE = DETECTOR_NAMES.index(DECISIVE)
 # Scores under QUIET_SCORE are noise and reported as 0.
 QUIET_SCORE = 10.0
 QUIET_P = probability_for_score(QUIET_SCORE)
@@ -333,6 +336,13 @@ class Scorer:
             if margin > best_margin and not (best_margin >= 0 and det.name == GENERIC):
                 best_i, best_margin, best_ref = i, margin, (c, e)
 
+        if best_i != _DECISIVE and scores.get(DECISIVE, 0.0) >= self._thresholds[_DECISIVE]:
+            # The executable changed after connecting: the other detectors judge an
+            # identity (/proc's executable, parent, command line) this shows to be false.
+            best_i = _DECISIVE
+            best_margin = scores[DECISIVE] - self._thresholds[_DECISIVE]
+            best_ref = tables[best_i].lookup(DETECTORS[best_i].context(event),
+                                             DETECTORS[best_i].value(event))
         if learning and best_margin >= 0 and not DETECTORS[best_i].history_free:
             # Only what needs no history may alert while learning: let it name the event.
             free = [(scores[d.name] - self._thresholds[j], j) for j, d in enumerate(DETECTORS)
@@ -351,6 +361,8 @@ class Scorer:
                 out.novel = rarity.new
                 self._explain(out, best_i, w, rarity)
                 self._decide(out, best_i, learning)
+                if out.burst and not out.alert:
+                    self._beside_burst(out, caller, w, ts, learning)
 
         # Callers common on every count are not re-scored for a while.
         if min_p >= QUIET_P:
@@ -528,6 +540,37 @@ class Scorer:
         out.alert = True
         if ts >= self._next_prune:
             self._prune_suppression(ts)
+
+    def _beside_burst(self, out: Outcome, caller: _Caller, w: float, ts: float,
+                      learning: bool) -> None:
+        """A new caller folded into its host's burst still alerts when a detector that
+        bursts never fold reaches its threshold (a new user, a credential request without
+        the header): a flood of new names must not hide the attack that follows it."""
+        best_j, best_margin = -1, -1e9
+        for j, _ctx, _value in caller.keys:
+            det = DETECTORS[j]
+            s = out.scores.get(det.name)
+            if (s is None or s <= 0 or det.name in BURST_DETECTORS
+                    or (learning and not det.history_free)):
+                continue
+            margin = s - self._thresholds[j]
+            if margin >= 0 and margin > best_margin:
+                best_j, best_margin = j, margin
+        if best_j < 0:
+            return
+        det = DETECTORS[best_j]
+        folded = out.burst
+        out.suppressed = False
+        out.burst = 0
+        out.score = out.scores[det.name]
+        out.detector = det.name
+        out.rule_name = det.rule_name
+        c, e = self.tables[best_j].lookup(det.context(out.event), det.value(out.event))
+        rarity = assess(self.clock, c, e, w, ts)
+        out.novel = rarity.new
+        self._explain(out, best_j, w, rarity)
+        out.reason += f" (a new caller in a burst of {folded} on its host)"
+        self._decide(out, best_j, learning)
 
     def _in_burst(self, out: Outcome) -> bool:
         """Counts a novel anomaly in its host's burst; True when the burst decided it

@@ -1,0 +1,59 @@
+"""A name flood against the model, through the public `Scorer.process`: the burst it makes
+folds the flood's names into one alert, but must not hide the attack that follows it (a
+new user, a credential request without the anti-SSRF header), and the model stays within
+its cap. The live agent under a real flood: tests/test_flood_agent.py."""
+
+from helpers_events import DAY, MINUTE, T0, Agent, ev, fleet_events
+
+from scoring.events import Event
+from scoring.scorer import Scorer
+from scoring.settings import ScorerSettings
+
+AGENTS = (Agent("amazon-ssm-agent", "/usr/bin/amazon-ssm-agent", "root", "systemd", 10 * MINUTE),)
+
+
+def flooded(names: int = 200, **settings) -> tuple[Scorer, float]:
+    """Three quiet days, then `names` throwaway names from root on node-0, 10 ms apart."""
+    settings.setdefault("learning_period", DAY)
+    scorer = Scorer(ScorerSettings(**settings))
+    for e in fleet_events(hosts=1, days=3, agents=AGENTS):
+        scorer.process(e)
+    t = T0 + 3 * DAY
+    outs = [scorer.process(ev(t + i * 0.01, f"zq{i:x}", exe="/usr/bin/python3"))
+            for i in range(names)]
+    assert sum(o.alert for o in outs) == 6  # five singles, then one naming the burst
+    return scorer, t + names * 0.01
+
+
+def credential_request(ts: float, name: str, user: str) -> Event:
+    return Event(ts, "169.254.169.254", name, 80, exe=f"/usr/bin/{name}", user=user,
+                 parent_name="bash", host="node-0", action="http_request", method="GET",
+                 path="/latest/meta-data/iam/security-credentials/test-role", guarded=False)
+
+
+def test_a_new_user_after_a_name_flood_still_alerts():
+    scorer, t = flooded()
+    out = scorer.process(ev(t + 1, "curl", user="nobody"))
+    assert out.alert and not out.suppressed, out
+    assert out.detector == "rare_user", out
+    assert "nobody" in out.reason and "burst of" in out.reason
+
+
+def test_a_credential_request_after_a_name_flood_still_alerts():
+    scorer, t = flooded()
+    out = scorer.process(credential_request(t + 1, "curl", "root"))
+    assert out.alert and not out.suppressed, out
+    assert out.detector == "unguarded_credential_request", out
+
+
+def test_a_bare_new_name_in_the_flood_is_still_folded():
+    # Nothing but another new name from the flooding user: one of the burst, counted as
+    # an anomaly (metrics), not a new alert line.
+    scorer, t = flooded()
+    out = scorer.process(ev(t + 1, "curl"))
+    assert out.burst and out.suppressed and not out.alert and out.reason
+
+
+def test_the_flood_stays_within_the_entity_cap():
+    scorer, _ = flooded(names=3000, max_entities=5000)
+    assert scorer.entities <= 5000
