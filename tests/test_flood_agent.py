@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import secrets
 import signal
-import subprocess
 
 import pytest
+from flood_attack import unusual_curl
 from netns_fixtures import HERE, AgentProcess, MetadataNamespace, require_bcc, wait_for, warm_state
 
 from scoring.scorer import Scorer
@@ -26,7 +26,6 @@ NAMES = 20_000
 MAX_SECONDS = 60
 CAP = 20_000  # the model's cap on entries for this agent: the flood must pass it
 STATE_MAX = 20 * 1024 * 1024
-CREDENTIALS = f"http://{IMDS}/latest/meta-data/iam/security-credentials/test-role"
 
 
 def flood(ns: MetadataNamespace, prefix: str, names: int = NAMES, port: int = 9,
@@ -84,18 +83,17 @@ def test_name_flood_is_counted_bounded_and_does_not_hide_an_attack(tmp_path):
             assert entities <= CAP + 16, entities
             assert agent.metric("imdswatch_ready") == 1
 
-            # The attack right after the flood: curl run by nobody asks for the role's
-            # credentials without the anti-SSRF header.
-            p = ns.popen(["setpriv", "--reuid=65534", "curl", "-s", "-o", "/dev/null",
-                          CREDENTIALS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            p.wait(20)
+            # The attack right after the flood: a copy of curl under a new name, run by a
+            # new uid, asks for the role's credentials without the anti-SSRF header.
+            pid, attacker, uid = unusual_curl(ns, tmp_path / "attack")
 
             def attack() -> list[dict]:
-                return [a for a in agent.alert_lines() if a["process"].get("pid") == p.pid]
+                return [a for a in agent.alert_lines() if a["process"].get("pid") == pid]
 
             assert wait_for(attack, 30), agent.log.read_text()[-2000:]
             alert = attack()[0]
-            assert alert["process"]["name"] == "curl"
+            assert alert["process"]["name"] == attacker
+            assert alert["user"]["id"] == str(uid)
             assert alert["anomaly"]["score"] >= 50
             # The flood itself is a handful of alert lines (a burst), not one per name.
             flood_alerts = [a for a in agent.alert_lines()
