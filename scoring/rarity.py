@@ -144,32 +144,50 @@ class Host:
 
 class Sketch:
     """Hosts past EXACT_HOSTS as a HyperLogLog, in two generations (epochs), so hosts
-    silent for more than an epoch drop out: `add` in a new epoch retires the older one."""
+    silent for more than an epoch drop out: `add` in a new epoch retires the older one.
 
-    __slots__ = ("cur", "prev", "epoch", "_count")
+    The estimate is read on every scored event (host spread), and a context's sketch
+    changes with nearly every event of a large fleet, so the harmonic sum and the zero
+    count of the union of both generations are kept up to date by `add` (O(1)) instead
+    of being recomputed over all registers (O(HLL_M)); `roll` and `merge`, which happen
+    once per epoch or state merge, recompute them."""
+
+    __slots__ = ("cur", "prev", "epoch", "_sum", "_zeros")
 
     def __init__(self, epoch: int, cur: bytearray | None = None,
                  prev: bytearray | None = None) -> None:
         self.epoch = epoch
         self.cur = cur if cur is not None else bytearray(HLL_M)
         self.prev = prev
-        self._count = -1.0
+        self._recount()
+
+    def _recount(self) -> None:
+        regs = self.registers()
+        self._zeros = regs.count(0)
+        self._sum = sum(_POW2[r] for r in regs)
 
     def roll(self, epoch: int) -> None:
         if epoch > self.epoch:
             self.prev = self.cur if epoch == self.epoch + 1 else None
             self.cur = bytearray(HLL_M)
             self.epoch = epoch
-            self._count = -1.0
+            self._recount()
 
     def add(self, slot: tuple[int, int], epoch: int) -> None:
         if epoch != self.epoch:
             self.roll(epoch)
         idx, rank = slot
         cur = self.cur
-        if cur[idx] < rank:
+        old = cur[idx]
+        if old < rank:
             cur[idx] = rank
-            self._count = -1.0
+            prev = self.prev
+            if prev is not None and prev[idx] > old:
+                old = prev[idx]
+            if old < rank:  # the union's register grew
+                self._sum += _POW2[rank] - _POW2[old]
+                if old == 0:
+                    self._zeros -= 1
 
     def registers(self) -> bytes:
         """The union of both generations."""
@@ -178,14 +196,10 @@ class Sketch:
         return bytes(map(max, self.cur, self.prev))
 
     def __len__(self) -> int:
-        if self._count < 0:
-            regs = self.registers()
-            zeros = regs.count(0)
-            est = _HLL_ALPHA * HLL_M * HLL_M / sum(2.0 ** -r for r in regs)
-            if est <= 2.5 * HLL_M and zeros:
-                est = HLL_M * math.log(HLL_M / zeros)
-            self._count = est
-        return max(1, round(self._count))
+        est = _HLL_ALPHA * HLL_M * HLL_M * _POW2_ONE / self._sum
+        if est <= 2.5 * HLL_M and self._zeros:
+            est = HLL_M * math.log(HLL_M / self._zeros)
+        return max(1, round(est))
 
     def merge(self, other: Sketch) -> None:
         """Union with `other` (generations aligned by epoch)."""
@@ -197,7 +211,14 @@ class Sketch:
             for i, r in enumerate(theirs):
                 if mine[i] < r:
                     mine[i] = r
-        self._count = -1.0
+        self._recount()
+
+
+# 2^-rank for every rank a 64-bit hash can give (the harmonic sum's terms), as integers
+# scaled by 2^65: the kept sum is exact, so it never drifts from a recount (a state saved
+# and loaded, or a restarted fleet scorer, estimates exactly as the running one did).
+_POW2_ONE = 1 << 65
+_POW2 = tuple(1 << (65 - r) for r in range(66))
 
 
 def _aligned(a: Sketch, b: Sketch) -> Iterator[tuple[bytearray, bytearray | None]]:
