@@ -165,6 +165,23 @@ def test_anomaly_series_are_bounded(exporter, clock) -> None:
                  metric="imdswatch_anomaly_score") == 3
 
 
+def test_a_repeated_anomaly_is_recently_used(exporter, clock) -> None:
+    for i in range(5):
+        clock.now += 1
+        exporter.observe(outcome(name=f"p{i}", alert=True, score=60 + i))
+    clock.now += 1
+    exporter.observe(outcome(name="p0", suppressed=True, score=70))  # p0 again: newest now
+    clock.now += 1
+    exporter.observe(outcome(name="p5", alert=True, score=65))
+    entities = {s.labels["entity"] for s in samples(exporter)
+                if s.name == "imdswatch_anomaly_score"}
+    assert entities == {"p0", "p2", "p3", "p4", "p5"}
+    # Expiry follows the last update, not the first.
+    clock.now += 898.5  # p2-p4 (updated at 3-5) past the TTL; p0 (6) and p5 (7) not
+    assert {s.labels["entity"] for s in samples(exporter)
+            if s.name == "imdswatch_anomaly_score"} == {"p0", "p5"}
+
+
 def test_command_lines_never_become_labels(exporter) -> None:
     exporter.observe(outcome(alert=True, score=99,
                              reason='curl ran with -H "X-aws-ec2-metadata-token: AQAEsecret"'))
