@@ -23,6 +23,7 @@ acknowledged is lost and nothing is scored or alerted twice.
 from __future__ import annotations
 
 import collections
+import gc
 import gzip
 import hashlib
 import logging
@@ -42,9 +43,17 @@ from fleet.dedup import IdWindow
 from fleet.ingest import Item, Parsed, parse
 from fleet.metrics import ServeMetrics
 from fleet.wal import WriteAheadLog
+from imdswatch.config import AGENT_MAX_ENTITIES
 from imdswatch.replay import ReorderBuffer
 from scoring.scorer import Scorer
-from scoring.state import StateError, encode_state, load_state_dict, state_dict, write_atomic
+from scoring.state import (
+    StateError,
+    encode_state,
+    load_state_dict,
+    state_dict,
+    trimmed_state,
+    write_atomic,
+)
 
 log = logging.getLogger("imdswatch.fleet")
 
@@ -182,6 +191,9 @@ class FleetCore:
         self.applied = 0  # every log record before this one is scored or in the buffer
         self.scored = 0
         self.model: tuple[str, bytes] = ("", b"")
+        # The model handed to agents holds at most what an agent keeps (its default cap):
+        # larger, it would not fit a node agent's memory limit.
+        self.agent_max_entities = AGENT_MAX_ENTITIES
         self.ready = False
 
     # -- start ----------------------------------------------------------------------------
@@ -354,6 +366,11 @@ class FleetCore:
             return
         self.wal.drop_before(self.applied)
         self._publish_model(model_state)
+        # The model is millions of long-lived objects that form no cycles: moved out of the
+        # cyclic collector's view, a full collection no longer walks all of them (pauses of
+        # seconds at 1M entities, which POST-to-alert latency would show). Objects freed
+        # later are still freed by their reference counts.
+        gc.freeze()
         took = time.monotonic() - t0
         self.metrics.checkpoint_seconds.set(took)
         self.metrics.checkpoint_time.set_to_current_time()
@@ -361,6 +378,7 @@ class FleetCore:
         log.debug("checkpoint in %.2fs at log record %d", took, self.applied)
 
     def _publish_model(self, state: dict) -> None:
+        state = trimmed_state(state, self.agent_max_entities)
         body = gzip.compress(orjson.dumps(state), compresslevel=3)
         self.model = (hashlib.blake2b(body, digest_size=12).hexdigest(), body)
 

@@ -29,6 +29,10 @@ from scoring.state import StateError
 log = logging.getLogger("imdswatch.serve")
 
 DEFAULT_LISTEN = "0.0.0.0:9465"
+# The fleet model's entry cap unless the config sets `scoring.max_entities`: 100k nodes with
+# ten callers each of their own, in about 1 GiB (bench/serve_bench.py measures it). A node
+# agent's default is imdswatch.config.AGENT_MAX_ENTITIES.
+FLEET_MAX_ENTITIES = 1_200_000
 
 
 @dataclass
@@ -93,6 +97,8 @@ def run_serve(config: Any, opts: ServeOptions, *, stop: threading.Event | None =
                                anomaly_ttl=config.metrics.anomaly_ttl)
     serve_metrics = ServeMetrics(exporter.registry)
     exporter.set_ready(False, "restoring state and write-ahead log")
+    if "max_entities" not in config.scoring_keys:
+        config.scorer.max_entities = FLEET_MAX_ENTITIES
     scorer = Scorer(config.scorer, config.catalog, config.exceptions)
     try:
         a = config.alerts

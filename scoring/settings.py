@@ -33,7 +33,8 @@ class ScorerSettings:
     # Hard cap on the model's (context, value) entries over all detectors: past it the
     # weakest (fewest active days, newest) are evicted, so a flood of throwaway names
     # cannot grow the model without bound nor push out the established history. About
-    # 0.5 KB each: the default keeps a node agent near 100 MB; a fleet scorer raises it.
+    # 0.5-0.7 KB each: the default keeps a node agent near 100 MB; the fleet scorer's
+    # default is 1.2M (`scoring.max_entities` in the config sets either).
     max_entities: int = 200_000
 
     def threshold_for(self, detector: str) -> float:

@@ -31,6 +31,7 @@ import errno
 import fcntl
 import gc
 import gzip
+import heapq
 import math
 import os
 import tempfile
@@ -121,6 +122,31 @@ def _state_dict(scorer: Scorer) -> dict:
         "detectors": detectors,
         "suppression": [[*k, t, win] for k, (t, win) in scorer.last_alert.items()],
     }
+
+
+def trimmed_state(state: dict, max_entities: int) -> dict:
+    """`state` (from `state_dict`) with at most `max_entities` value entries: the weakest
+    dropped in the order `Scorer` evicts them (fewest active days, fewest calls, newest
+    first; contexts keep their totals). The fleet scorer holds far more entries than a node
+    agent may load into its memory limit, so the model it hands to agents is cut to the
+    agents' cap here, once per checkpoint, rather than by each agent after loading it all."""
+    rows = state["detectors"]
+    total = sum(len(values) for table in rows.values() for _ctx, _stats, values in table)
+    if total <= max_entities:
+        return state
+    # value row: [value, n, days, day, first_seen, hosts, credit]
+    victims = set(map(id, heapq.nsmallest(total - max_entities, (
+        v for table in rows.values() for _ctx, _stats, values in table for v in values
+    ), key=lambda v: (v[2], v[1], -v[4]))))
+    kept = {}
+    for name, table in rows.items():
+        out = []
+        for ctx, stats, values in table:
+            left = [v for v in values if id(v) not in victims]
+            if left:
+                out.append([ctx, stats, left])
+        kept[name] = out
+    return {**state, "detectors": kept}
 
 
 # -- plain data -> scorer, validated -------------------------------------------------------

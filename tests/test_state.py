@@ -535,3 +535,35 @@ def test_merge_needs_an_output(two_nodes):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_trimmed_state_drops_the_entries_the_scorer_would_evict(day1):
+    """The fleet scorer hands agents a model cut to their cap (scoring.state.trimmed_state):
+    the same entries the model's own eviction would drop, contexts keeping their totals."""
+    from scoring.state import load_state_dict, state_dict, trimmed_state
+
+    scorer = Scorer()
+    for e in day1:
+        scorer.process(e)
+    full = state_dict(scorer)
+    total = scorer.entities
+    keep = total * 2 // 3
+    assert keep < total
+    cut = trimmed_state(full, keep)
+    loaded = Scorer()
+    load_state_dict(loaded, cut, "trimmed")
+    assert loaded.entities == keep
+    scorer._evict(total - keep)
+
+    def entries(s):
+        return {(i, ctx, v) for i, t in enumerate(s.tables)
+                for ctx, c in t.contexts.items() for v in c.values}
+
+    assert entries(loaded) == entries(scorer)
+    # Contexts keep their totals: what a value is compared with does not shrink.
+    evicted = state_dict(scorer)["detectors"]
+    for name, table in state_dict(loaded)["detectors"].items():
+        want = {json.dumps(ctx): stats[0] for ctx, stats, _values in evicted[name]}
+        for ctx, stats, _values in table:
+            assert stats[0] == pytest.approx(want[json.dumps(ctx)])
+    assert trimmed_state(full, total) is full
