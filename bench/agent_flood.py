@@ -117,8 +117,8 @@ def run(quick: bool = False, names: int | None = None) -> list[Row]:
         Row("agent RSS at the end (after the attack)", round(rss_end / mib, 1), "MiB",
             "peak during start (BPF compile)", round(hwm_start / mib, 1), "report"),
         Row("saved state after the flood", round(size / 1e6, 2), "MB",
-            "warmed state before", round(warm_size / 1e6, 3), f"<= {STATE_TARGET_MB} MB",
-            size / 1e6 <= STATE_TARGET_MB),
+            f"warmed state before ({warm_size:,} bytes)", round(warm_size / 1e6, 3),
+            f"<= {STATE_TARGET_MB} MB", size / 1e6 <= STATE_TARGET_MB),
         Row("flood rate (paced), connects made", round(made / seconds), "/s",
             f"{made:,} connects under {made:,} names in {seconds:.0f} s", None, "report"),
         Row("flood events scored by the agent", seen, "", "dropped at the ring buffer "

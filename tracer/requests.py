@@ -104,6 +104,12 @@ class RequestTracker:
                 if waiting is not None:
                     self._open(ev.cookie, waiting[1], now)
                 else:
+                    old = self._syns.pop(ev.tid, None)
+                    if old is not None:
+                        # The thread's previous SYN never met its connect event (lost):
+                        # it stands alone now rather than being replaced (a flood from one
+                        # thread would lose all but the last).
+                        self._open(old[1].cookie, old[2], old[0])
                     self._syns[ev.tid] = (now, ev, doc)
                     self._bound_waiting()
                 return
@@ -116,6 +122,12 @@ class RequestTracker:
         if syn is not None:
             self._open(syn[1].cookie, doc, now)
         else:
+            old_connect = self._connects.pop(ev.tid, None)
+            if old_connect is not None:
+                # The thread connects again: its previous connect sent no SYN (it failed
+                # before one, e.g. no route), so it is reported now, not replaced.
+                self.stats.connections_without_request += 1
+                self.emit(old_connect[1])
             self._connects[ev.tid] = (now, doc)
             self._bound_waiting()
 
