@@ -579,7 +579,10 @@ class Scorer:
         ts = event.ts
         host = event.host or ""
         b = self.bursts.get(host)
-        if b is None or not 0 <= ts - b.last < BURST_GAP:
+        # Live events reach the model slightly out of time order (request capture reports
+        # a connection when it goes idle): an event a little older than the burst's last
+        # belongs to it, rather than starting a new burst with five more single alerts.
+        if b is None or not -BURST_GAP < ts - b.last < BURST_GAP:
             b = self.bursts[host] = _Burst(ts)
         b.count += 1
         b.last = max(b.last, ts)

@@ -57,3 +57,15 @@ def test_a_bare_new_name_in_the_flood_is_still_folded():
 def test_the_flood_stays_within_the_entity_cap():
     scorer, _ = flooded(names=3000, max_entities=5000)
     assert scorer.entities <= 5000
+
+
+def test_a_flood_slightly_out_of_time_order_is_one_burst():
+    # Live events arrive a little out of order (request capture reports a connection when
+    # it goes idle, a second later): the burst must not restart at each older one.
+    scorer = Scorer(ScorerSettings(learning_period=DAY))
+    for e in fleet_events(hosts=1, days=3, agents=AGENTS):
+        scorer.process(e)
+    t = T0 + 3 * DAY
+    outs = [scorer.process(ev(t + i * 0.01 - (1.5 if i % 7 == 0 else 0), f"zq{i:x}",
+                              exe="/usr/bin/python3")) for i in range(500)]
+    assert sum(o.alert for o in outs) == 6, [o.reason[:60] for o in outs if o.alert]
