@@ -125,7 +125,7 @@ def run(quick: bool = False, names: int | None = None) -> list[Row]:
             "(counted)", dropped, "scored + dropped >= kernel count >= connects",
             all_counted),
         Row("agent caught up after the flood", round(catch_up, 1), "s", "", None, "report"),
-        Row("alert lines written (flood and attack)", alert_lines, "",
+        Row("alert lines written (all traffic this machine had meanwhile)", alert_lines, "",
             "held back by the alert cap (counted)", held_back, "report"),
         Row("model entries after the flood", entities, "", "cap", cap, "<= cap + 16",
             entities <= cap + 16),
