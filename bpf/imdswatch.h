@@ -199,6 +199,22 @@ static __always_inline void imds_count(struct imds_event *ev)
         imds_stat_inc(IMDS_STAT_COUNT_FULL);
 }
 
+#ifdef IMDS_HELPER_READ_KERNEL
+/* bpf_probe_read_kernel called by the kernel's own helper number (from its BTF, see
+ * tracer/btf.py), not by BCC's name: BCC decides whether the kernel has that helper by
+ * looking it up in /proc/kallsyms, which shows zero addresses to a process without
+ * CAP_SYSLOG (the DaemonSet drops it). BCC then renames the call to the old
+ * bpf_probe_read, which only tracing programs may call, and the verifier refuses the cgroup
+ * program ("program of this type cannot use helper bpf_probe_read#4"). */
+static long (*imds_read_kernel)(void *dst, __u32 size, const void *src) =
+    (void *)IMDS_HELPER_READ_KERNEL;
+static long (*imds_read_kernel_str)(void *dst, __u32 size, const void *src) =
+    (void *)IMDS_HELPER_READ_KERNEL_STR;
+#else
+#define imds_read_kernel bpf_probe_read_kernel
+#define imds_read_kernel_str bpf_probe_read_kernel_str
+#endif
+
 /* The process's identity as the kernel sees it at this moment: the thread-group leader's
  * name (a thread's own comm is "iou-wrk-12" for io_uring workers, a JVM thread name...) and
  * the executable's file name and inode (what runs, before anything can exec another binary).
@@ -209,24 +225,24 @@ static __always_inline void imds_fill_identity(struct imds_event *ev)
 #ifdef IMDS_OFF_TASK_GROUP_LEADER
     char *task = (char *)bpf_get_current_task();
     char *leader = 0, *mm = 0, *file = 0, *dentry = 0, *inode = 0, *name = 0;
-    bpf_probe_read_kernel(&leader, sizeof(leader), task + IMDS_OFF_TASK_GROUP_LEADER);
+    imds_read_kernel(&leader, sizeof(leader), task + IMDS_OFF_TASK_GROUP_LEADER);
     if (leader)
-        bpf_probe_read_kernel(ev->leader_comm, IMDS_COMM_LEN, leader + IMDS_OFF_TASK_COMM);
+        imds_read_kernel(ev->leader_comm, IMDS_COMM_LEN, leader + IMDS_OFF_TASK_COMM);
     else
         __builtin_memcpy(ev->leader_comm, ev->comm, IMDS_COMM_LEN);
-    bpf_probe_read_kernel(&mm, sizeof(mm), task + IMDS_OFF_TASK_MM);
+    imds_read_kernel(&mm, sizeof(mm), task + IMDS_OFF_TASK_MM);
     if (mm)
-        bpf_probe_read_kernel(&file, sizeof(file), mm + IMDS_OFF_MM_EXE_FILE);
+        imds_read_kernel(&file, sizeof(file), mm + IMDS_OFF_MM_EXE_FILE);
     if (file) {
-        bpf_probe_read_kernel(&dentry, sizeof(dentry), file + IMDS_OFF_FILE_DENTRY);
-        bpf_probe_read_kernel(&inode, sizeof(inode), file + IMDS_OFF_FILE_INODE);
+        imds_read_kernel(&dentry, sizeof(dentry), file + IMDS_OFF_FILE_DENTRY);
+        imds_read_kernel(&inode, sizeof(inode), file + IMDS_OFF_FILE_INODE);
     }
     if (dentry)
-        bpf_probe_read_kernel(&name, sizeof(name), dentry + IMDS_OFF_DENTRY_NAME);
+        imds_read_kernel(&name, sizeof(name), dentry + IMDS_OFF_DENTRY_NAME);
     if (name)
-        bpf_probe_read_kernel_str(ev->exe_name, IMDS_EXE_LEN, name);
+        imds_read_kernel_str(ev->exe_name, IMDS_EXE_LEN, name);
     if (inode)
-        bpf_probe_read_kernel(&ev->exe_ino, sizeof(ev->exe_ino), inode + IMDS_OFF_INODE_INO);
+        imds_read_kernel(&ev->exe_ino, sizeof(ev->exe_ino), inode + IMDS_OFF_INODE_INO);
     ev->flags |= IMDS_F_IDENTITY;
 #else
     __builtin_memcpy(ev->leader_comm, ev->comm, IMDS_COMM_LEN);

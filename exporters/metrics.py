@@ -27,7 +27,7 @@ Metric catalog (the alert rules and the Grafana dashboard rely on these names):
 - `imdswatch_events_failed_total`, `imdswatch_log_lines_suppressed_total`
 - `imdswatch_build_info{version,python_version,host}`, `imdswatch_probe_info{mode}`,
   `imdswatch_probe_fallback`, `imdswatch_ready`, `imdswatch_request_capture_enabled`,
-  `imdswatch_kernel_segments_dropped_total`
+  `imdswatch_kernel_identity_enabled`, `imdswatch_kernel_segments_dropped_total`
 - `imdswatch_kernel_connections_total`, `imdswatch_kernel_events_dropped_total`
 - `imdswatch_kernel_connections_by_process_total{process,uid}` - the kernel's per-(comm, uid,
   cgroup) counts summed over cgroups (cgroup ids are too many to be labels); counted before
@@ -276,6 +276,11 @@ class MetricsExporter:
             "1 when HTTP requests on metadata connections are read (cgroup_skb egress); 0 when "
             "the kernel refused it and connections are reported without their requests.",
             registry=r)
+        self._kernel_identity = Gauge(
+            "imdswatch_kernel_identity_enabled",
+            "1 when the probe reads the process's leader name and executable in the kernel; 0 "
+            "when the kernel has no BTF or refused those reads (names and executables then "
+            "come from /proc only).", registry=r)
         self._segments_dropped = Counter(
             "imdswatch_kernel_segments_dropped",
             "Request-capture records lost in the kernel because the buffer was full.",
@@ -387,6 +392,9 @@ class MetricsExporter:
         if segments_dropped is not None and segments_dropped > self._segments_dropped_last:
             self._segments_dropped.inc(segments_dropped - self._segments_dropped_last)
             self._segments_dropped_last = segments_dropped
+
+    def set_kernel_identity(self, enabled: bool) -> None:
+        self._kernel_identity.set(1 if enabled else 0)
 
     def set_ready(self, ready: bool, reason: str = "") -> None:
         self.health.set_ready(ready, reason)

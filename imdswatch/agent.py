@@ -244,6 +244,7 @@ class Agent:
         fallback = cfg.agent.probe == "auto" and mode != AUTO_ORDER[0]
         self.metrics.set_probe(mode, fallback)
         self.metrics.set_request_capture(self.tracer.tracker is not None)
+        self.metrics.set_kernel_identity(self.tracer.identity_unavailable is None)
         self.metrics.update_model(self.scorer)
         log.info("agent ready: probe %s, metrics on http://%s/metrics, learning %s",
                  mode, cfg.metrics.address, "on" if self.scorer.learning else "off")

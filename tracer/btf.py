@@ -25,6 +25,7 @@ _TRAILER = {
     15: (0, 12), 16: (0, 0), 17: (4, 0), 18: (0, 0), 19: (0, 12),
 }
 _STRUCT, _UNION = 4, 5
+_ENUM, _ENUM64 = 6, 19
 _MODIFIERS = {8, 9, 10, 11, 18}  # typedef, volatile, const, restrict, type tag
 
 
@@ -105,6 +106,21 @@ class BTF:
         except OSError as exc:
             raise BTFError(f"no kernel BTF at {path}: {exc.strerror}") from None
 
+    def enum_value(self, enum_name: str, member: str) -> int | None:
+        """The value of `member` in `enum enum_name`, or None when either is absent. A
+        scan of every type: asked once per start, not kept."""
+        for kind, _size, info, pos, name_off in self._raw:
+            if kind not in (_ENUM, _ENUM64) or not name_off or self._name(name_off) != enum_name:
+                continue
+            step = 8 if kind == _ENUM else 12
+            for i in range(info & 0xFFFF):
+                m_name, lo = struct.unpack_from("<II", self._data, pos + step * i)
+                if self._name(m_name) == member:
+                    hi = struct.unpack_from("<I", self._data, pos + 8 + step * i)[0] \
+                        if kind == _ENUM64 else 0
+                    return hi << 32 | lo
+        return None
+
     def _resolve(self, type_id: int) -> _Type | None:
         for _ in range(32):  # modifier chains are short; a bound keeps bad data finite
             t = self._type(type_id)
@@ -158,9 +174,22 @@ TASK_FIELDS = (
 )
 
 
+# The identity reads call bpf_probe_read_kernel by its number when the kernel has it
+# (bpf/imdswatch.h says why BCC's name for it cannot be trusted).
+READ_KERNEL_HELPERS = (
+    ("IMDS_HELPER_READ_KERNEL", "BPF_FUNC_probe_read_kernel"),
+    ("IMDS_HELPER_READ_KERNEL_STR", "BPF_FUNC_probe_read_kernel_str"),
+)
+
+
 def task_offsets(btf: BTF | None = None) -> dict[str, int]:
-    """The offsets the identity reads need, as macro name -> value. Raises BTFError when
-    the kernel has no BTF or a field moved out of reach (the tracer then runs without
-    kernel-side identity and says so)."""
+    """What the identity reads need, as macro name -> value: the field offsets, and the
+    kernel's own numbers of the bpf_probe_read_kernel helpers (its `enum bpf_func_id`) when
+    it has them (Linux >= 5.5). Raises BTFError when the kernel has no BTF or a field moved
+    out of reach (the tracer then runs without kernel-side identity and says so)."""
     b = btf or BTF.kernel()
-    return {macro: b.offset(s, p) for macro, s, p in TASK_FIELDS}
+    out = {macro: b.offset(s, p) for macro, s, p in TASK_FIELDS}
+    helpers = {macro: b.enum_value("bpf_func_id", name) for macro, name in READ_KERNEL_HELPERS}
+    if None not in helpers.values():
+        out.update(helpers)  # type: ignore[arg-type]
+    return out

@@ -44,6 +44,12 @@ class ProbeError(RuntimeError):
     """A mode could not be compiled, loaded or attached; the message says why."""
 
 
+class VerifierRefused(ProbeError):
+    """The kernel refused a program at load for what it does (the verifier: a helper this
+    program type may not call, an access it cannot prove safe), not for who loads it
+    (EPERM) and not at attach: the same mode may load with less in it."""
+
+
 def _loader_class() -> type:
     bcc = kernel.import_bcc()
 
@@ -98,7 +104,9 @@ def load_mode(b: object, mode: str) -> list[str]:
             else:
                 b.load_func(name.encode(), getattr(bcc.BPF, ptype))
         except Exception as exc:
-            raise ProbeError(f"{mode}: loading {name} failed: {_errtext(exc)}") from exc
+            text = _errtext(exc)
+            error = ProbeError if text == EPERM_TEXT else VerifierRefused
+            raise error(f"{mode}: loading {name} failed: {text}") from exc
         names.append(name)
     return names
 
@@ -200,11 +208,14 @@ def release(b: object) -> None:
     b.cleanup()
 
 
+EPERM_TEXT = "the kernel answered EPERM"
+
+
 def _errtext(exc: Exception) -> str:
     # BCC reports every EPERM from the kernel as a privilege problem, even for root.
     text = str(exc)
     if "Need super-user privileges" in text:
-        return "the kernel answered EPERM"
+        return EPERM_TEXT
     return text
 
 
@@ -242,29 +253,59 @@ def detach_mode(b: object, mode: str) -> None:
             b.detach_kretfunc(fn_name=f"kretfunc__{fn}".encode())
 
 
+def _open_one(mode: str, prepare: Callable[[object], None] | None, cgroup_root: str | None,
+              compile_args: dict) -> object:
+    """Compile `mode`, fill its maps, load every program through the verifier, then attach.
+    Loading first tells a program the kernel refuses (VerifierRefused) apart from a hook
+    it refuses (ProbeError at attach). Released on any failure."""
+    b = None
+    try:
+        b = compile_mode(mode, **compile_args)
+        if prepare is not None:
+            prepare(b)
+        b.imdsw_cgroup_root = cgroup_root
+        load_mode(b, mode)
+        attach_mode(b, mode, cgroup_root)  # BCC reuses the programs loaded above
+    except ProbeError:
+        if b is not None:
+            release(b)
+        raise
+    return b
+
+
 def open_mode(
     mode: str,
     prepare: Callable[[object], None] | None = None,
     cgroup_root: str | None = None,
+    identity_off: Callable[[str], None] | None = None,
     **compile_args: object,
 ) -> tuple[object, str]:
     """Compile and attach `mode` (or try each in AUTO_ORDER for "auto"). `prepare` runs on
     the compiled object before attaching (to fill the endpoint maps first, so the filter is
-    complete from the first event). Returns (bpf, chosen mode)."""
+    complete from the first event). Returns (bpf, chosen mode).
+
+    With kernel-side identity (`offsets` in compile_args), a mode whose programs the
+    verifier refuses is compiled again without it before the next mode is tried: a cgroup
+    program that may not read the task (kernels before 5.11ish let only tracing programs
+    do that) still sees every connect, which the next mode, the tracepoint, does at ten
+    times the cost. `identity_off(reason)` is told when the mode returned runs without
+    it. A mode that fails at attach, or is refused with EPERM, is not compiled twice."""
     order = AUTO_ORDER if mode == "auto" else (mode,)
     failures: list[str] = []
     for m in order:
-        b = None
         try:
-            b = compile_mode(m, **compile_args)
-            if prepare is not None:
-                prepare(b)
-            b.imdsw_cgroup_root = cgroup_root
-            attach_mode(b, m, cgroup_root)
+            try:
+                b = _open_one(m, prepare, cgroup_root, compile_args)
+            except VerifierRefused as exc:
+                if not compile_args.get("offsets"):
+                    raise
+                log.warning("probe %s: the kernel refused its programs with the kernel-side "
+                            "process identity (%s); trying %s without it", m, exc, m)
+                b = _open_one(m, prepare, cgroup_root, {**compile_args, "offsets": None})
+                if identity_off is not None:
+                    identity_off(f"the {m} programs reading the task were refused: {exc}")
         except ProbeError as exc:
             failures.append(str(exc))
-            if b is not None:
-                release(b)
             if mode == "auto":
                 log.info("probe %s unavailable: %s", m, exc)
             continue

@@ -121,25 +121,11 @@ class Tracer:
             try:
                 offsets = btf.task_offsets()
             except btf.BTFError as exc:
-                self.identity_unavailable = str(exc)
-                log.warning("kernel-side process identity off (%s): process names are the "
-                            "calling thread's and executables come from /proc only", exc)
-        try:
-            self._bpf, self.probe = probes.open_mode(
-                self.requested, prepare=self._fill_maps, cgroup_root=self.cgroup_root,
-                offsets=offsets, **self._compile_args
-            )
-        except probes.ProbeError as exc:
-            if offsets is None:
-                raise
-            # Kernels whose cgroup programs may not read the current task (before the
-            # helpers were opened to every program type) still trace without the identity.
-            self.identity_unavailable = f"programs reading the task failed to load: {exc}"
-            log.warning("kernel-side process identity off (%s); retrying without it", exc)
-            self._bpf, self.probe = probes.open_mode(
-                self.requested, prepare=self._fill_maps, cgroup_root=self.cgroup_root,
-                **self._compile_args
-            )
+                self._identity_off(str(exc))
+        self._bpf, self.probe = probes.open_mode(
+            self.requested, prepare=self._fill_maps, cgroup_root=self.cgroup_root,
+            identity_off=self._identity_off, offsets=offsets, **self._compile_args
+        )
         b = self._bpf
         if self.want_requests:
             try:
@@ -162,6 +148,12 @@ class Tracer:
                  len(self.catalog), self.probe, "ring buffer" if self.ringbuf else "perf buffer",
                  self.attach_seconds)
         return self.probe
+
+    def _identity_off(self, reason: str) -> None:
+        # The mode attached without the identity reads (its programs were refused with them).
+        self.identity_unavailable = reason
+        log.warning("kernel-side process identity off (%s): process names are the calling "
+                    "thread's and executables come from /proc only", reason)
 
     def _fill_maps(self, b: object) -> None:
         maps.write(b[b"endpoints4"], b[b"endpoints6"], self.catalog, b[b"first4"],
