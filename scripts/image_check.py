@@ -215,7 +215,10 @@ def main() -> int:
         check(c.metric("imdswatch_anomalies_total") >= 1, "no anomaly counted")
         check(c.metric("imdswatch_ready") == 1, "imdswatch_ready is not 1")
         check(c.metric("imdswatch_kernel_events_dropped_total") == 0, "events dropped")
-        return f"connections, anomalies, probe_info{{mode={mode}}}, ready"
+        # The DaemonSet drops CAP_SYSLOG: the identity reads must still load (bpf/imdswatch.h).
+        check(c.metric("imdswatch_kernel_identity_enabled") == 1,
+              f"kernel-side identity off: {c.logs()[1][-1500:]}")
+        return f"connections, anomalies, probe_info{{mode={mode}}}, ready, kernel identity"
 
     def sigterm() -> str:
         c = ctx["c"]

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tracer import cgroup_attach, kernel, probes
+from tracer import btf, cgroup_attach, kernel, probes
 
 # Capability bits (linux/capability.h).
 CAP_SYS_ADMIN = 21
@@ -314,9 +314,14 @@ def preflight(probe: str, cgroup_root: str | None = None) -> list[str]:
 
 
 def _auto_choice() -> tuple[str | None, str]:
-    """Attach for real, then detach: the only sure answer to what auto picks."""
+    """Attach for real, then detach: the only sure answer to what auto picks. Compiled as
+    the agent compiles it, with the kernel-side identity where BTF allows."""
     try:
-        b, mode = probes.open_mode("auto", ringbuf=kernel.ringbuf_supported())
+        offsets = btf.task_offsets()
+    except btf.BTFError:
+        offsets = None
+    try:
+        b, mode = probes.open_mode("auto", ringbuf=kernel.ringbuf_supported(), offsets=offsets)
     except probes.ProbeError as exc:
         return None, str(exc)
     probes.release(b)
