@@ -1,8 +1,9 @@
 """`imdswatch run --probe MODE` end to end in every probe mode this kernel allows: the agent
-attaches that mode, a curl in a private namespace calls a mock IMDS, the alert and the metrics
-name the caller, and SIGTERM ends it cleanly. A mode the kernel refuses is skipped with the
+attaches that mode with request capture and the kernel-side identity, a curl in a private
+namespace asks a mock IMDS for credentials, the alert names the caller and the request, the
+metrics count it, and SIGTERM ends it cleanly. A mode the kernel refuses is skipped with the
 agent's own reason; the kernel matrix (`make test-kernels`) fails on a kprobe or fentry skip,
-since its Debian kernels have both."""
+since its Debian kernels have both, and on any mode that did not pass."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tracer import probes
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
 IMDS = "169.254.169.254"
+CREDENTIALS = "/latest/meta-data/iam/security-credentials/test-role"
 # BCC compiles at start: seconds here, minutes in the matrix's emulated VMs on a loaded
 # machine (scripts/kernel-guest.sh raises it).
 START_TIMEOUT = float(os.environ.get("IMDSWATCH_TEST_AGENT_START_TIMEOUT", "240"))
@@ -47,9 +49,16 @@ def test_run_sees_and_alerts_in_each_probe_mode(mode, ns, tmp_path):
                 pytest.skip(f"the {mode} probe cannot attach on this kernel: "
                             f"{why[-1] if why else agent.log.read_text()[-300:]}")
             raise AssertionError(str(exc)) from None
+        log = agent.log.read_text()
         assert agent.metric("imdswatch_probe_info", mode=mode) == 1
-        assert f"probe {mode} attached" in agent.log.read_text()
-        p = ns.popen(["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/latest/meta-data/"],
+        assert f"probe {mode} attached" in log
+        assert agent.metric("imdswatch_request_capture_enabled") == 1, log[-2000:]
+        # The identity reads load in every mode, except that a kernel whose cgroup programs
+        # may not read the task refuses them there: the mode then runs without, and says so.
+        if agent.metric("imdswatch_kernel_identity_enabled") != 1:
+            assert mode == "cgroup" and "cgroup programs reading the task were refused" in log, \
+                log[-2000:]
+        p = ns.popen(["curl", "-s", "-o", "/dev/null", f"http://{IMDS}{CREDENTIALS}"],
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         p.wait(30)
 
@@ -59,9 +68,15 @@ def test_run_sees_and_alerts_in_each_probe_mode(mode, ns, tmp_path):
         assert wait_for(mine, 20), agent.log.read_text()[-2000:]
         (alert,) = mine()
         assert alert["process"]["name"] == "curl" and alert["destination"]["ip"] == IMDS
+        assert alert["http"]["request"]["method"] == "GET"
+        assert alert["url"]["path"] == CREDENTIALS
         assert wait_for(lambda: agent.metric("imdswatch_metadata_connections_total",
                                              process="curl") >= 1, 10)
-        assert agent.metric("imdswatch_kernel_events_dropped_total") == 0
+        # BPF sees every namespace: lost events are the agent's fault only when nothing but
+        # this test's curl called a metadata address (no other run's flood beside it).
+        assert agent.metric("imdswatch_kernel_events_dropped_total") == 0 or \
+            agent.metric("imdswatch_metadata_connections_total") > \
+            agent.metric("imdswatch_metadata_connections_total", process="curl")
         rc, _ = agent.stop(signal.SIGTERM, timeout=60)
         assert rc == 0
         assert "probes detached" in agent.log.read_text()
