@@ -1,7 +1,8 @@
 """The DaemonSet's container as `podman run` flags, derived from the manifest itself, so the
 image test (`make test-image`) runs the image exactly as Kubernetes would and cannot drift
 from it: every field of the pod and container spec is either translated or listed here as
-one that has no meaning outside a cluster; any other field is an error that names it.
+one that has no meaning outside a cluster; any other field is an error that names it. The
+fleet scorer's Deployment (`imdswatch serve`) goes through the same translation.
 
     python scripts/daemonset_podman.py [--state-dir DIR] [--node-name NAME]
 prints {"run": [...flags...], "args": [...], "grace": s, "port": n, "probes": {...}} as JSON.
@@ -19,9 +20,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DAEMONSET = ROOT / "deploy" / "kubernetes" / "base" / "daemonset.yaml"
+SERVE_DEPLOYMENT = ROOT / "deploy" / "kubernetes" / "components" / "fleet" / \
+    "serve-deployment.yaml"
 
 # Pod-level fields that only a cluster acts on (scheduling, API identity): nothing to run.
-POD_CLUSTER_ONLY = {"serviceAccountName", "tolerations", "priorityClassName"}
+POD_CLUSTER_ONLY = {"serviceAccountName", "tolerations", "priorityClassName",
+                    "automountServiceAccountToken"}
 # Container fields with no effect on how the process runs; the probes and port are returned
 # for the test to exercise, and requests only inform the scheduler.
 CONTAINER_CLUSTER_ONLY = {"name", "image", "imagePullPolicy"}
@@ -37,7 +41,8 @@ class PodmanRun:
     run: list[str] = field(default_factory=list)
     args: list[str] = field(default_factory=list)
     grace: int = 30
-    port: int = 0
+    port: int = 0  # the one the probes ask
+    ports: dict[str, int] = field(default_factory=dict)  # every container port, by name
     probes: dict[str, str] = field(default_factory=dict)
     host_dirs: list[str] = field(default_factory=list)  # DirectoryOrCreate: made before run
 
@@ -58,13 +63,28 @@ def _memory(quantity: str) -> str:
     raise Untranslatable(f"memory quantity {quantity!r}")
 
 
+def pod_security(ctx: dict) -> tuple[dict, list[str]]:
+    """The pod's securityContext: (what the container's inherits, flags of its own)."""
+    _unknown("pod securityContext", set(ctx) - {"runAsUser", "runAsGroup", "runAsNonRoot",
+                                                  "fsGroup", "seccompProfile"})
+    flags = []
+    if "fsGroup" in ctx:
+        flags.append(f"--group-add={ctx['fsGroup']}")
+    seccomp = ctx.get("seccompProfile", {}).get("type", "RuntimeDefault")
+    if seccomp != "RuntimeDefault":  # podman applies its default profile, as the kubelet
+        raise Untranslatable(f"seccompProfile {seccomp}")
+    inherited = {k: ctx[k] for k in ("runAsUser", "runAsGroup", "runAsNonRoot") if k in ctx}
+    return inherited, flags
+
+
 def security(ctx: dict) -> list[str]:
-    known = {"runAsUser", "runAsNonRoot", "privileged", "allowPrivilegeEscalation",
-             "readOnlyRootFilesystem", "capabilities"}
+    known = {"runAsUser", "runAsGroup", "runAsNonRoot", "privileged",
+             "allowPrivilegeEscalation", "readOnlyRootFilesystem", "capabilities"}
     _unknown("securityContext", set(ctx) - known)
     out = []
     if "runAsUser" in ctx:
-        out.append(f"--user={ctx['runAsUser']}")
+        group = f":{ctx['runAsGroup']}" if "runAsGroup" in ctx else ""
+        out.append(f"--user={ctx['runAsUser']}{group}")
     if ctx.get("runAsNonRoot") and ctx.get("runAsUser", 1) == 0:
         raise Untranslatable("runAsNonRoot with runAsUser 0 would not start")
     if ctx.get("privileged"):
@@ -81,16 +101,31 @@ def security(ctx: dict) -> list[str]:
     return out
 
 
-def volumes(pod: dict, container: dict, state_dir: str | None) -> tuple[list[str], list[str]]:
-    """(flags, host directories to create) for the container's volume mounts."""
+def volumes(pod: dict, container: dict, state_dir: str | None,
+            secret_dirs: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """(flags, host directories to create) for the container's volume mounts. A
+    persistentVolumeClaim is the state directory; a secret is the host directory the caller
+    filled with its keys (`secret_dirs`: volume name -> directory)."""
     by_name = {v["name"]: v for v in pod.get("volumes", [])}
     flags: list[str] = []
     create: list[str] = []
     for m in container.get("volumeMounts", []):
         _unknown(f"volumeMount {m['name']}", set(m) - {"name", "mountPath", "readOnly"})
         vol = by_name[m["name"]]
-        _unknown(f"volume {m['name']}", set(vol) - {"name", "hostPath", "emptyDir"})
-        if "hostPath" in vol:
+        _unknown(f"volume {m['name']}", set(vol) - {"name", "hostPath", "emptyDir",
+                                                     "persistentVolumeClaim", "secret"})
+        ro = ":ro" if m.get("readOnly") else ""
+        if "persistentVolumeClaim" in vol:
+            if not state_dir:
+                raise Untranslatable(f"volume {m['name']}: a claim needs a state directory")
+            create.append(state_dir)
+            flags.append(f"--volume={state_dir}:{m['mountPath']}{ro}")
+        elif "secret" in vol:
+            _unknown(f"secret {m['name']}", set(vol["secret"]) - {"secretName", "defaultMode"})
+            if not (secret_dirs or {}).get(m["name"]):
+                raise Untranslatable(f"volume {m['name']}: no directory for the secret")
+            flags.append(f"--volume={secret_dirs[m['name']]}:{m['mountPath']}:ro")
+        elif "hostPath" in vol:
             hp = vol["hostPath"]
             _unknown(f"hostPath {m['name']}", set(hp) - {"path", "type"})
             path = hp["path"]
@@ -113,10 +148,14 @@ def volumes(pod: dict, container: dict, state_dir: str | None) -> tuple[list[str
 
 
 def translate(daemonset: dict, state_dir: str | None = None,
-              node_name: str = "imdswatch-test-node") -> PodmanRun:
+              node_name: str = "imdswatch-test-node",
+              secret_dirs: dict[str, str] | None = None) -> PodmanRun:
+    """`daemonset`: the DaemonSet, or any workload with one container in its pod template
+    (the serve Deployment)."""
     pod = daemonset["spec"]["template"]["spec"]
     _unknown("pod spec", set(pod) - POD_CLUSTER_ONLY - {
-        "hostPID", "hostNetwork", "terminationGracePeriodSeconds", "containers", "volumes"})
+        "hostPID", "hostNetwork", "terminationGracePeriodSeconds", "containers", "volumes",
+        "securityContext"})
     (container,) = pod["containers"]
     _unknown("container", set(container) - CONTAINER_CLUSTER_ONLY - {
         "args", "env", "ports", "livenessProbe", "readinessProbe", "resources",
@@ -135,14 +174,19 @@ def translate(daemonset: dict, state_dir: str | None = None,
             if ref not in FIELD_REFS:
                 raise Untranslatable(f"env {e['name']} from {ref}")
             r.run.append(f"--env={e['name']}={node_name}")
-    (port,) = container.get("ports", [])
-    r.port = int(port["containerPort"])
+    for port in container.get("ports", []):
+        _unknown("port", set(port) - {"name", "containerPort", "protocol"})
+        r.ports[port.get("name", str(port["containerPort"]))] = int(port["containerPort"])
     for kind in ("livenessProbe", "readinessProbe"):
         probe = container.get(kind)
         if probe:
             _unknown(kind, set(probe) - {"httpGet", "initialDelaySeconds", "periodSeconds",
                                          "timeoutSeconds", "failureThreshold"})
             r.probes[kind] = probe["httpGet"]["path"]
+            asked = probe["httpGet"]["port"]
+            r.port = r.ports[asked] if isinstance(asked, str) else int(asked)
+    if not r.port:
+        (r.port,) = r.ports.values()
     res = container.get("resources", {})
     _unknown("resources", set(res) - {"requests", "limits"})
     limits = res.get("limits", {})
@@ -151,8 +195,9 @@ def translate(daemonset: dict, state_dir: str | None = None,
         r.run.append(f"--memory={_memory(limits['memory'])}")
     if "cpu" in limits:
         r.run.append(f"--cpus={limits['cpu']}")
-    r.run += security(container.get("securityContext", {}))
-    flags, r.host_dirs = volumes(pod, container, state_dir)
+    inherited, pod_flags = pod_security(pod.get("securityContext", {}))
+    r.run += security({**inherited, **container.get("securityContext", {})}) + pod_flags
+    flags, r.host_dirs = volumes(pod, container, state_dir, secret_dirs)
     r.run += flags
     return r
 

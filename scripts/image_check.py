@@ -2,7 +2,10 @@
 (flags derived from deploy/kubernetes/base/daemonset.yaml by scripts/daemonset_podman.py),
 checked from outside as a kubelet and an operator would: doctor, liveness and readiness, a
 connect from a private network namespace seen and alerted, the metrics, SIGTERM within the
-grace period, and the learnt state surviving a restart. One line per step with its time.
+grace period, and the learnt state surviving a restart. Then the same image as the fleet
+scorer, run as its Deployment runs it (deploy/kubernetes/components/fleet): an event batch
+posted from the host over loopback with the bearer token, the alert, SIGTERM. One line per
+step with its time.
 
     .venv/bin/python scripts/image_check.py IMAGE
 SAFETY: the only metadata traffic is a curl inside this script's own network namespace,
@@ -28,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
 
 import yaml  # noqa: E402
-from daemonset_podman import DAEMONSET, translate  # noqa: E402
+from daemonset_podman import DAEMONSET, SERVE_DEPLOYMENT, translate  # noqa: E402
+from fleet_fixtures import post  # noqa: E402
 from netns_fixtures import MetadataNamespace, free_port, wait_for, warm_state  # noqa: E402
 
 IMDS = "169.254.169.254"
@@ -58,15 +62,19 @@ def podman(*args: str, timeout: float = 300, check_rc: bool = True) -> subproces
 class Container:
     """One run of the image with the DaemonSet's flags; its port published on loopback."""
 
-    def __init__(self, image: str, flags: list[str], args: list[str], port: int) -> None:
+    def __init__(self, image: str, flags: list[str], args: list[str], port: int,
+                 more_ports: tuple[int, ...] = ()) -> None:
         self.name = f"imdswatch-image-test-{secrets.token_hex(4)}"
         self.host_port = free_port()
+        # Further container ports, each published on its own loopback port.
+        self.host_ports = {p: free_port() for p in more_ports}
         self.image, self.flags, self.args, self.port = image, flags, args, port
 
     def start(self) -> None:
+        more = [f"--publish=127.0.0.1:{h}:{p}" for p, h in self.host_ports.items()]
         podman("run", "--detach", "--name", self.name,
-               f"--publish=127.0.0.1:{self.host_port}:{self.port}", *self.flags, self.image,
-               *self.args)
+               f"--publish=127.0.0.1:{self.host_port}:{self.port}", *more, *self.flags,
+               self.image, *self.args)
 
     def get(self, path: str) -> tuple[int, str]:
         try:
@@ -252,6 +260,66 @@ def main() -> int:
         return f"state loaded with {learned} events (3000 warmed + the live curl), no " \
                "learning period"
 
+    def fleet_scorer() -> str:
+        deployment = yaml.safe_load(SERVE_DEPLOYMENT.read_text())
+        pod = deployment["spec"]["template"]["spec"]
+        fs_group = int(pod["securityContext"]["fsGroup"])
+        base = Path(tempfile.mkdtemp(prefix="imdswatch-image-serve-"))
+        ctx["serve_dir"] = base
+        base.chmod(0o755)
+        claim, secret = base / "claim", base / "secret"
+        claim.mkdir()
+        secret.mkdir(mode=0o755)
+        # What the kubelet does: the claim's root group-owned by fsGroup and group-writable,
+        # the Secret's key with its defaultMode and fsGroup as its group.
+        token = secrets.token_hex(16)
+        (secret / "token").write_text(token)
+        mode = next(v["secret"].get("defaultMode", 0o644) for v in pod["volumes"]
+                    if "secret" in v)
+        (secret / "token").chmod(mode)
+        shutil.chown(secret / "token", group=fs_group)
+        sspec = translate(deployment, str(claim), NODE, {"fleet-token": str(secret)})
+        state = claim / Path(next(a for a in sspec.args if a.startswith("--state="))
+                             .split("=", 1)[1]).name
+        warm_state(state)  # the fleet's history: curl has never called on any node
+        for path in (claim, state):
+            shutil.chown(path, group=fs_group)
+        claim.chmod(0o2775)
+        state.chmod(0o664)
+        ingest = sspec.ports["ingest"]
+        c = Container(image, sspec.run, sspec.args, sspec.port, (ingest,))
+        containers.append(c)
+        c.start()
+        check(wait_for(lambda: c.get(sspec.probes["readinessProbe"])[0] == 200
+                       or not c.running(), START_TIMEOUT, 0.5) and c.running(),
+              f"serve never ready: {c.logs()[1][-2000:]}")
+        url = f"http://127.0.0.1:{c.host_ports[ingest]}"
+        event = {"@timestamp": time.time(), "event": {"id": f"image-{secrets.token_hex(6)}"},
+                 "destination": {"ip": IMDS, "port": 80},
+                 "process": {"name": "curl", "pid": 4242, "executable": "/usr/bin/curl",
+                             "parent": {"name": "bash"}},
+                 "user": {"name": "www-data", "id": "33"}, "host": {"name": "node-3"}}
+        body = json.dumps(event).encode()
+        status, _h, _b = post(url, body, None)
+        check(status == 401, f"a batch without the token got {status}, not 401")
+        status, _h, answer = post(url, body, token)
+        check(status == 200 and json.loads(answer).get("accepted") == 1,
+              f"the batch got {status} {answer[:300]!r}")
+
+        def mine() -> list[dict]:
+            return [a for a in c.alerts()
+                    if a.get("event", {}).get("id") == event["event"]["id"]]
+
+        check(wait_for(mine, 20, 0.5), f"serve did not alert: {c.logs()[1][-1500:]}")
+        (alert,) = mine()
+        check(alert["imdswatch"]["scored_by"] == "fleet", alert)
+        check(token not in "".join(c.logs()), "the token reached serve's output")
+        podman("stop", f"--time={sspec.grace}", c.name, timeout=sspec.grace + 60)
+        check(c.exit_code() == 0, f"serve exited {c.exit_code()}: {c.logs()[1][-1500:]}")
+        return (f"as uid {pod['securityContext']['runAsUser']} without capabilities: 401 "
+                f"without the token, alert {alert['anomaly']['detector']} "
+                f"{alert['anomaly']['score']:.0f} for the posted curl, SIGTERM exit 0")
+
     steps = [
         ("doctor without privileges", doctor_unprivileged),
         ("doctor as the DaemonSet runs it", doctor_as_daemonset),
@@ -260,6 +328,7 @@ def main() -> int:
         ("metrics", metrics),
         ("SIGTERM", sigterm),
         ("restart keeps the state", restart),
+        ("fleet scorer (serve Deployment)", fleet_scorer),
     ]
     try:
         ok = run_steps(steps)
@@ -267,6 +336,8 @@ def main() -> int:
         for c in containers:
             c.remove()
         shutil.rmtree(state_dir, ignore_errors=True)
+        if "serve_dir" in ctx:
+            shutil.rmtree(str(ctx["serve_dir"]), ignore_errors=True)
     return 0 if ok else 1
 
 

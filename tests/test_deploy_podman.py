@@ -15,7 +15,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from daemonset_podman import DAEMONSET, Untranslatable, translate  # noqa: E402
+from daemonset_podman import (  # noqa: E402
+    DAEMONSET,
+    SERVE_DEPLOYMENT,
+    Untranslatable,
+    translate,
+)
 
 SPEC = yaml.safe_load(DAEMONSET.read_text())
 POD = SPEC["spec"]["template"]["spec"]
@@ -71,3 +76,31 @@ def test_a_field_the_translation_does_not_know_is_an_error(where, key, value):
     target[key] = value
     with pytest.raises(Untranslatable):
         translate(spec)
+
+
+SERVE = yaml.safe_load(SERVE_DEPLOYMENT.read_text())
+
+
+def test_the_serve_deployment_translates_too():
+    """The fleet scorer's Deployment: pod-level user, group and fsGroup, no capability at
+    all, its claim as the test's state directory, the token secret as a read-only mount."""
+    pod = SERVE["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    r = translate(SERVE, state_dir="/tmp/serve-state",
+                  secret_dirs={"fleet-token": "/tmp/serve-token"})
+    ctx = pod["securityContext"]
+    assert f"--user={ctx['runAsUser']}:{ctx['runAsGroup']}" in r.run
+    assert f"--group-add={ctx['fsGroup']}" in r.run
+    assert "--cap-drop=all" in r.run and not any(f.startswith("--cap-add") for f in r.run)
+    assert "--read-only" in r.run and "--pid=host" not in r.run
+    assert "--volume=/tmp/serve-state:/var/lib/imdswatch-serve" in r.run
+    assert "--volume=/tmp/serve-token:/etc/imdswatch/fleet:ro" in r.run
+    assert r.args == c["args"] and r.args[0] == "serve"
+    assert r.ports == {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert r.port == r.ports["metrics"] and r.grace == pod["terminationGracePeriodSeconds"]
+    with pytest.raises(Untranslatable, match="secret"):
+        translate(SERVE, state_dir="/tmp/serve-state")
+    bad = copy.deepcopy(SERVE)
+    bad["spec"]["template"]["spec"]["securityContext"]["seccompProfile"] = {"type": "Unconfined"}
+    with pytest.raises(Untranslatable, match="seccomp"):
+        translate(bad, state_dir="/tmp/s", secret_dirs={"fleet-token": "/tmp/t"})
