@@ -185,7 +185,7 @@ def run(config_path: str | None, state_path: str | None, probe: str | None,
               help="How often the state is saved and the write-ahead log truncated.")
 @click.option("--max-body", type=SIZE, default="16MiB", show_default=True,
               help="Largest request body, compressed or not (413 beyond).")
-@click.option("--queue-events", type=click.IntRange(1), default=200_000, show_default=True,
+@click.option("--queue-events", type=click.IntRange(1), default=50_000, show_default=True,
               help="Acknowledged events waiting for the scorer; past it ingest answers 503.")
 @click.option("--max-connections", type=click.IntRange(1), default=256, show_default=True,
               help="Concurrent ingest connections.")

@@ -113,8 +113,12 @@ QUIET_P = probability_for_score(QUIET_SCORE)
 QUIET_FOR = 6 * HOUR
 QUIET_MAX = 24 * HOUR
 # Bounds the memory of the callers memo (about 1.4 KB a caller): a quarter of the cap on
-# entries, at least CALLER_MIN; past it the memo starts again from empty.
+# entries, from CALLER_MIN to CALLER_MAX; past it the memo starts again from empty. The
+# upper bound is for the fleet scorer, whose 1.2M-entry cap would otherwise let the memo
+# alone hold 300k callers (~400 MB) for a speed-up that a fleet's spread of callers does
+# not repay.
 CALLER_MIN = 10_000
+CALLER_MAX = 50_000
 # Entries whose decayed count fell below this are pruned (a single call, after ~4.3
 # half-lives), and hosts silent for HOST_RETIRE half-lives are retired, each day.
 PRUNE_FLOOR = 0.05
@@ -213,7 +217,7 @@ class Scorer:
         self._dirty: list[_Caller] = []
         self._gen = 0
         self._over_cap = False
-        self._caller_limit = max(CALLER_MIN, self.settings.max_entities // 4)
+        self._caller_limit = min(CALLER_MAX, max(CALLER_MIN, self.settings.max_entities // 4))
         self._epoch_len = HOST_RETIRE * self.settings.half_life / 2
 
     # -- time ------------------------------------------------------------------
