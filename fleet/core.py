@@ -48,10 +48,9 @@ from imdswatch.replay import ReorderBuffer
 from scoring.scorer import Scorer
 from scoring.state import (
     StateError,
-    encode_state,
     load_state_dict,
+    state_chunks,
     state_dict,
-    trimmed_state,
     write_atomic,
 )
 
@@ -238,7 +237,7 @@ class FleetCore:
         if pending or replayed:
             log.info("restored %d buffered events and %d from the write-ahead log",
                      len(pending), replayed)
-        self._publish_model(state_dict(self.scorer))
+        self._publish_model()
         self.ready = True
 
     # -- ingest (any thread) ----------------------------------------------------------------
@@ -346,11 +345,9 @@ class FleetCore:
         self.wal.rotate()
         with self.wal.lock():
             ids = self.ids.dump()
-        state = state_dict(self.scorer)
-        model_state = dict(state)
         buf = self.buffer
         pending = sorted([*buf.fifo, *buf.heap], key=lambda x: x[1])
-        state["fleet"] = {
+        fleet = {
             "wal_seq": self.applied,
             "newest": None if buf.newest == -math.inf else buf.newest,
             "released": None if buf.released == -math.inf else buf.released,
@@ -361,14 +358,15 @@ class FleetCore:
             "alert_cap": self.alerts.cap.snapshot() if self.alerts.cap else None,
         }
         try:
-            write_atomic(self.state_path,
-                         encode_state(state, self.state_path.suffix == ".gz"))
+            # Streamed: the state of a million entries is never one structure in memory.
+            write_atomic(self.state_path, state_chunks(self.scorer, {"fleet": fleet}),
+                         gz=self.state_path.suffix == ".gz")
         except OSError as exc:
             log.error("cannot save the fleet state to %s: %s (the log is kept)",
                       self.state_path, exc)
             return
         self.wal.drop_before(self.applied)
-        self._publish_model(model_state)
+        self._publish_model()
         # The model is millions of long-lived objects that form no cycles: moved out of the
         # cyclic collector's view, a full collection no longer walks all of them (pauses of
         # seconds at 1M entities, which POST-to-alert latency would show). Objects freed
@@ -380,8 +378,9 @@ class FleetCore:
         self.metrics.wal_bytes.set(self.wal.disk_bytes())
         log.debug("checkpoint in %.2fs at log record %d", took, self.applied)
 
-    def _publish_model(self, state: dict) -> None:
-        state = trimmed_state(state, self.agent_max_entities)
+    def _publish_model(self) -> None:
+        # Cut to what an agent keeps, by the model's own eviction order.
+        state = state_dict(self.scorer, self.agent_max_entities)
         body = gzip.compress(orjson.dumps(state), compresslevel=3)
         self.model = (hashlib.blake2b(body, digest_size=12).hexdigest(), body)
 

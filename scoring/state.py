@@ -35,7 +35,7 @@ import heapq
 import math
 import os
 import tempfile
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -92,61 +92,78 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def state_dict(scorer: Scorer) -> dict:
-    """The scorer's learned state as plain data (counts decayed to its last event)."""
+def state_dict(scorer: Scorer, max_entities: int | None = None) -> dict:
+    """The scorer's learned state as plain data (counts decayed to its last event).
+    `max_entities`: at most that many value entries, the weakest left out in the order
+    `Scorer` evicts them (see `trimmed_state`), without building the rest."""
     with _no_gc():
-        return _state_dict(scorer)
+        head, tables = _state_parts(scorer, max_entities)
+        head["detectors"] = {name: list(rows) for name, rows in tables}
+        return head
 
 
-def _state_dict(scorer: Scorer) -> dict:
+def state_chunks(scorer: Scorer, extra: dict | None = None) -> Iterator[bytes]:
+    """`orjson.dumps(state_dict(scorer) | extra)`, in pieces of a few thousand contexts:
+    a fleet scorer's state of a million entries never exists as one Python structure (it
+    would double the process's memory at every checkpoint)."""
+    with _no_gc():
+        head, tables = _state_parts(scorer, None)
+        head.update(extra or {})
+        body = orjson.dumps(head)
+        yield body[:-1] + b',"detectors":{'
+        del body, head
+        for t, (name, rows) in enumerate(tables):
+            yield (b"," if t else b"") + orjson.dumps(name) + b":["
+            chunk: list = []
+            first = True
+            for row in rows:
+                chunk.append(row)
+                if len(chunk) >= STREAM_CONTEXTS:
+                    yield (b"" if first else b",") + orjson.dumps(chunk)[1:-1]
+                    first, chunk = False, []
+            if chunk:
+                yield (b"" if first else b",") + orjson.dumps(chunk)[1:-1]
+            yield b"]"
+        yield b"}}"
+
+
+STREAM_CONTEXTS = 2000
+
+
+def _state_parts(scorer: Scorer, max_entities: int | None) -> tuple[dict, Iterator]:
     scorer._flush()
     now = scorer.last_ts
     w = scorer.clock.weight(now) if now is not None else 1.0
     hosts = list(scorer.hosts.values())
     index = {h: i for i, h in enumerate(hosts)}
-    detectors = {}
-    for det, table in zip(DETECTORS, scorer.tables, strict=True):
-        detectors[det.name] = [
-            [ctx, [*_stats(c, w, index), c.novelty / w,
-                   c.last_novelty if math.isfinite(c.last_novelty) else None],
-             [[value, *_stats(e, w, index)] for value, e in c.values.items()]]
-            for ctx, c in table.items()
-        ]
-    return {
+    skip: set[int] = set()
+    if max_entities is not None and scorer.entities > max_entities:
+        skip = set(map(id, heapq.nsmallest(scorer.entities - max_entities, (
+            e for table in scorer.tables for c in table.contexts.values()
+            for e in c.values.values()
+        ), key=lambda e: (e.days, e.n, -e.first_seen))))
+
+    def rows(table: RarityTable) -> Iterator[list]:
+        for ctx, c in table.items():
+            values = [[value, *_stats(e, w, index)] for value, e in c.values.items()
+                      if not skip or id(e) not in skip]
+            if values:
+                yield [ctx, [*_stats(c, w, index), c.novelty / w,
+                             c.last_novelty if math.isfinite(c.last_novelty) else None],
+                       values]
+
+    head = {
         "format": FORMAT,
         "version": VERSION,
         "first_ts": scorer.first_ts,
         "last_ts": now,
         "events_learned": scorer.events_learned,
         "hosts": [[h.name, h.last_seen] for h in hosts],
-        "detectors": detectors,
         "suppression": [[*k, t, win] for k, (t, win) in scorer.last_alert.items()],
     }
-
-
-def trimmed_state(state: dict, max_entities: int) -> dict:
-    """`state` (from `state_dict`) with at most `max_entities` value entries: the weakest
-    dropped in the order `Scorer` evicts them (fewest active days, fewest calls, newest
-    first; contexts keep their totals). The fleet scorer holds far more entries than a node
-    agent may load into its memory limit, so the model it hands to agents is cut to the
-    agents' cap here, once per checkpoint, rather than by each agent after loading it all."""
-    rows = state["detectors"]
-    total = sum(len(values) for table in rows.values() for _ctx, _stats, values in table)
-    if total <= max_entities:
-        return state
-    # value row: [value, n, days, day, first_seen, hosts, credit]
-    victims = set(map(id, heapq.nsmallest(total - max_entities, (
-        v for table in rows.values() for _ctx, _stats, values in table for v in values
-    ), key=lambda v: (v[2], v[1], -v[4]))))
-    kept = {}
-    for name, table in rows.items():
-        out = []
-        for ctx, stats, values in table:
-            left = [v for v in values if id(v) not in victims]
-            if left:
-                out.append([ctx, stats, left])
-        kept[name] = out
-    return {**state, "detectors": kept}
+    tables = ((det.name, rows(table))
+              for det, table in zip(DETECTORS, scorer.tables, strict=True))
+    return head, tables
 
 
 # -- plain data -> scorer, validated -------------------------------------------------------
@@ -430,14 +447,23 @@ def remove_stale_temps(path: str | os.PathLike) -> list[str]:
     return removed
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never half."""
+def write_atomic(path: str | os.PathLike, data: bytes | Iterable[bytes],
+                 gz: bool = False) -> None:
+    """Write `data` (or its pieces, gzip-compressed on the way with `gz`) to `path` so that
+    readers see the old file or the new one, never half."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            pieces = [data] if isinstance(data, bytes) else data
+            if gz:
+                with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=3, mtime=0) as z:
+                    for piece in pieces:
+                        z.write(piece)
+            else:
+                for piece in pieces:
+                    f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

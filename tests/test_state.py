@@ -537,21 +537,20 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
 
 
-def test_trimmed_state_drops_the_entries_the_scorer_would_evict(day1):
-    """The fleet scorer hands agents a model cut to their cap (scoring.state.trimmed_state):
+def test_a_state_cut_to_a_cap_leaves_out_what_the_scorer_would_evict(day1):
+    """The fleet scorer hands agents a model cut to their cap (state_dict's max_entities):
     the same entries the model's own eviction would drop, contexts keeping their totals."""
-    from scoring.state import load_state_dict, state_dict, trimmed_state
+    from scoring.state import load_state_dict, state_dict
 
     scorer = Scorer()
     for e in day1:
         scorer.process(e)
-    full = state_dict(scorer)
     total = scorer.entities
     keep = total * 2 // 3
     assert keep < total
-    cut = trimmed_state(full, keep)
+    cut = state_dict(scorer, keep)
     loaded = Scorer()
-    load_state_dict(loaded, cut, "trimmed")
+    load_state_dict(loaded, cut, "cut")
     assert loaded.entities == keep
     scorer._evict(total - keep)
 
@@ -566,4 +565,22 @@ def test_trimmed_state_drops_the_entries_the_scorer_would_evict(day1):
         want = {json.dumps(ctx): stats[0] for ctx, stats, _values in evicted[name]}
         for ctx, stats, _values in table:
             assert stats[0] == pytest.approx(want[json.dumps(ctx)])
-    assert trimmed_state(full, total) is full
+
+
+def test_streamed_state_is_the_state(day1, tmp_path, monkeypatch):
+    """A fleet checkpoint is written in pieces (state_chunks): the same document as
+    state_dict, plain and gzip, across piece boundaries."""
+    from scoring import state as st
+
+    scorer = Scorer()
+    for e in day1:
+        scorer.process(e)
+    monkeypatch.setattr(st, "STREAM_CONTEXTS", 3)  # many pieces per table
+    want = json.loads(json.dumps({**st.state_dict(scorer), "fleet": {"wal_seq": 7}}))
+    assert json.loads(b"".join(st.state_chunks(scorer, {"fleet": {"wal_seq": 7}}))) == want
+    path = tmp_path / "s.json.gz"
+    st.write_atomic(path, st.state_chunks(scorer, {"fleet": {"wal_seq": 7}}), gz=True)
+    assert json.loads(gzip.decompress(path.read_bytes())) == want
+    empty = Scorer()
+    assert json.loads(b"".join(st.state_chunks(empty))) == json.loads(
+        json.dumps(st.state_dict(empty)))
