@@ -32,9 +32,10 @@ class ScorerSettings:
     known_caller_factor: float = 0.3
     # Hard cap on the model's (context, value) entries over all detectors: past it the
     # weakest (fewest active days, newest) are evicted, so a flood of throwaway names
-    # cannot grow the model without bound nor push out the established history. About
-    # 0.5-0.7 KB each: the default keeps a node agent near 100 MB; the fleet scorer's
-    # default is 1.2M (`scoring.max_entities` in the config sets either).
+    # cannot grow the model without bound nor push out the established history. This is
+    # replay's default; `run` uses imdswatch.config.AGENT_MAX_ENTITIES (75k: about 1.4 KB
+    # of an agent's resident memory each, bench/agent_flood.py) and `serve` 1.2M (about
+    # 0.8 KB each at rest, bench/serve_bench.py); `scoring.max_entities` sets any of them.
     max_entities: int = 200_000
 
     def threshold_for(self, detector: str) -> float:
