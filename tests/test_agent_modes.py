@@ -1,9 +1,10 @@
 """`imdswatch run --probe MODE` end to end in every probe mode this kernel allows: the agent
-attaches that mode with request capture and the kernel-side identity, a curl in a private
-namespace asks a mock IMDS for credentials, the alert names the caller and the request, the
-metrics count it, and SIGTERM ends it cleanly. A mode the kernel refuses is skipped with the
-agent's own reason; the kernel matrix (`make test-kernels`) fails on a kprobe or fentry skip,
-since its Debian kernels have both, and on any mode that did not pass."""
+attaches that mode with the kernel-side identity and request capture (or says why not), a
+curl in a private namespace asks a mock IMDS for credentials, the alert names the caller and
+the request, the metrics count it, and SIGTERM ends it cleanly. A mode the kernel refuses is
+skipped with the agent's own reason; the kernel matrix (`make test-kernels`) fails on a
+kprobe or fentry skip, since its Debian kernels have both, and on any mode that did not
+pass."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import subprocess
 import pytest
 from netns_fixtures import AgentProcess, MetadataNamespace, require_bcc, wait_for, warm_state
 
-from tracer import probes
+from tracer import kernel, probes
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
@@ -22,6 +23,7 @@ IMDS = "169.254.169.254"
 CREDENTIALS = "/latest/meta-data/iam/security-credentials/test-role"
 # BCC compiles at start: seconds here, minutes in the matrix's emulated VMs on a loaded
 # machine (scripts/kernel-guest.sh raises it).
+REFERENCE_KERNEL = (6, 18)  # the development machine's kernel, where request capture loads
 START_TIMEOUT = float(os.environ.get("IMDSWATCH_TEST_AGENT_START_TIMEOUT", "240"))
 
 
@@ -52,7 +54,14 @@ def test_run_sees_and_alerts_in_each_probe_mode(mode, ns, tmp_path):
         log = agent.log.read_text()
         assert agent.metric("imdswatch_probe_info", mode=mode) == 1
         assert f"probe {mode} attached" in log
-        assert agent.metric("imdswatch_request_capture_enabled") == 1, log[-2000:]
+        capture = agent.metric("imdswatch_request_capture_enabled") == 1
+        if not capture:
+            # Older kernels refuse the task helpers the egress program calls in cgroup_skb
+            # (Debian 11's 5.10: "unknown func bpf_get_current_pid_tgid"): the agent must
+            # then say so and go on without requests (issue 8: degrade with a log line and
+            # a metric). On the reference kernel, where it loads, that is a regression.
+            assert kernel.kernel_version() < REFERENCE_KERNEL, log[-2000:]
+            assert "request capture unavailable" in log, log[-2000:]
         # The identity reads load in every mode, except that a kernel whose cgroup programs
         # may not read the task refuses them there: the mode then runs without, and says so.
         if agent.metric("imdswatch_kernel_identity_enabled") != 1:
@@ -68,8 +77,11 @@ def test_run_sees_and_alerts_in_each_probe_mode(mode, ns, tmp_path):
         assert wait_for(mine, 20), agent.log.read_text()[-2000:]
         (alert,) = mine()
         assert alert["process"]["name"] == "curl" and alert["destination"]["ip"] == IMDS
-        assert alert["http"]["request"]["method"] == "GET"
-        assert alert["url"]["path"] == CREDENTIALS
+        if capture:
+            assert alert["http"]["request"]["method"] == "GET"
+            assert alert["url"]["path"] == CREDENTIALS
+        else:
+            assert "http" not in alert
         assert wait_for(lambda: agent.metric("imdswatch_metadata_connections_total",
                                              process="curl") >= 1, 10)
         # BPF sees every namespace: lost events are the agent's fault only when nothing but
