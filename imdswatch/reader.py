@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from typing import Any
 
 import msgspec
@@ -117,11 +118,15 @@ def _one_document_if_pretty(lines: Iterator[tuple[int, bytes | None]]
     starts that way: its first line is a whole document."""
     first = next(lines, None)
     if first is None:
-        return
+        return iter(())
     if first[1] is None or first[1].strip() not in (b"{", b"["):
-        yield first
-        yield from lines
-        return
+        # The lines themselves (chained in C: no generator step per line).
+        return chain((first,), lines)
+    return _one_document(first, lines)
+
+
+def _one_document(first: tuple[int, bytes | None], lines: Iterator[tuple[int, bytes | None]]
+                  ) -> Iterator[tuple[int, bytes | None]]:
     parts = [first[1]]
     size = len(first[1])
     for _, line in lines:
