@@ -148,7 +148,7 @@ class _Caller:
     parent, image, namespace, host): its detectors' keys, where their counts live, and
     whether it is common. Valid while the model's generation is `gen`."""
 
-    __slots__ = ("host", "known", "keys", "refs", "gen", "quiet_until", "quiet_for",
+    __slots__ = ("host", "known", "keys", "refs", "nodes", "gen", "quiet_until", "quiet_for",
                  "pending", "dirty", "day", "last_ts")
 
     def __init__(self, host: Host, known: bool, keys: tuple, gen: int) -> None:
@@ -156,6 +156,9 @@ class _Caller:
         self.known = known
         self.keys = keys  # ((detector index, context, value), ...)
         self.refs: list[tuple[Context, Entry]] | None = None
+        # The same contexts and entries as one flat tuple, in the same order: what `_flush`
+        # adds a deferred count to (one loop step each instead of a pair to unpack).
+        self.nodes: tuple[Entry, ...] = ()
         self.gen = gen
         self.quiet_until = -1.0
         self.quiet_for = QUIET_FOR / 2  # doubled by the first quiet verdict
@@ -391,6 +394,7 @@ class Scorer:
             tables = self.tables
             refs = caller.refs = [tables[i].ensure(ctx, value, ts) for i, ctx, value in
                                   caller.keys]
+            caller.nodes = tuple(x for pair in refs for x in pair)
             if self.entities > self.settings.max_entities:
                 self._over_cap = True
         pending = caller.pending
@@ -442,10 +446,9 @@ class Scorer:
             return
         for caller in dirty:
             pending = caller.pending
-            if caller.gen == self._gen and caller.refs is not None:
-                for c, e in caller.refs:
-                    c.n += pending
-                    e.n += pending
+            if caller.gen == self._gen:
+                for x in caller.nodes:
+                    x.n += pending
             host = caller.host
             if caller.last_ts > host.last_seen:
                 host.last_seen = caller.last_ts
