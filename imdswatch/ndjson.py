@@ -103,7 +103,7 @@ def _reads(raw: BinaryIO, stop: Interrupt | None) -> Iterator[bytes]:
         yield chunk
 
 
-def _gunzip(chunks: Iterator[bytes], first: bytes) -> Iterator[bytes]:
+def _gunzip(chunks: Iterator[bytes], first: bytes, block: int = BLOCK) -> Iterator[bytes]:
     """Decompressed blocks of a gzip stream (several members allowed, as `cat a.gz b.gz`
     makes). zlib checks each member's CRC and length itself."""
     d = zlib.decompressobj(wbits=31)
@@ -113,11 +113,11 @@ def _gunzip(chunks: Iterator[bytes], first: bytes) -> Iterator[bytes]:
         while chunk:
             started = True
             # Bounded output per call: a small gzip bomb must not become one huge block.
-            out = d.decompress(chunk, BLOCK)
+            out = d.decompress(chunk, block)
             if out:
                 yield out
             while d.unconsumed_tail and not d.eof:
-                out = d.decompress(d.unconsumed_tail, BLOCK)
+                out = d.decompress(d.unconsumed_tail, block)
                 if out:
                     yield out
             if not d.eof:
@@ -139,8 +139,12 @@ def _regular(raw: BinaryIO) -> bool:
         return False
 
 
-# Decompressed blocks held ahead of the reader: bounded memory (PREFETCH x BLOCK).
-PREFETCH = 4
+# Decompressed blocks held ahead of the reader: bounded memory (PREFETCH x THREAD_BLOCK).
+# Each block costs the thread one hand-over of the interpreter lock, during which the
+# reader waits for the thread to be scheduled: on a busy machine that wait is long, so
+# the blocks are large (a few thousand lines each).
+PREFETCH = 3
+THREAD_BLOCK = 4 * BLOCK
 _END = object()
 
 
@@ -209,7 +213,7 @@ def _blocks(raw: BinaryIO, stop: Interrupt | None) -> Iterator[bytes]:
         if _regular(raw):
             # Reads of a regular file never wait for input: the thread reads without `stop`
             # and the reader checks it between blocks.
-            yield from _prefetched(_gunzip(_reads(raw, None), first), stop)
+            yield from _prefetched(_gunzip(_reads(raw, None), first, THREAD_BLOCK), stop)
         else:
             yield from _gunzip(chunks, first)
         return

@@ -14,7 +14,7 @@ from imdswatch.ndjson import InputError, Interrupt, Interrupted, numbered_lines
 
 
 def _lines(n):
-    # Several decompressed blocks (BLOCK is 1 MiB): more than the prefetch queue holds.
+    # Many lines: more decompressed blocks than the prefetch queue holds.
     return [b'{"n": %d, "pad": "%s"}' % (i, b"x" * (i % 300)) for i in range(n)]
 
 
@@ -23,13 +23,13 @@ def _gunzip_threads():
 
 
 def test_threaded_gzip_reads_exactly_the_lines_of_the_plain_file(tmp_path):
-    lines = _lines(60_000)
+    lines = _lines(150_000)
     plain = tmp_path / "t.ndjson"
     plain.write_bytes(b"\n".join(lines) + b"\n")
     gz = tmp_path / "t.ndjson.gz"
     gz.write_bytes(gzip.compress(plain.read_bytes(), 1) + gzip.compress(b"last\n"))
     got = list(numbered_lines(str(gz)))
-    assert len(plain.read_bytes()) > (ndjson.PREFETCH + 2) * ndjson.BLOCK
+    assert len(plain.read_bytes()) > (ndjson.PREFETCH + 2) * ndjson.THREAD_BLOCK
     assert got == [*list(numbered_lines(str(plain))), (len(lines) + 1, b"last")]
     assert not _gunzip_threads()
 
