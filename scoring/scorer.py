@@ -483,10 +483,33 @@ class Scorer:
             self._evict(self.entities - int(cap * EVICT_TO))
         self._over_cap = False
         self._gen += 1
-        self._callers.clear()
+        self._keep_callers(retired)
         self._prune_suppression(now)
         self.bursts = {k: b for k, b in self.bursts.items() if now - b.last < BURST_GAP}
         self._next_maintain = now + MAINTAIN_EVERY
+
+    def _keep_callers(self, retired: set[Host]) -> None:
+        """Keep in the memo the callers whose host and entries all survived maintenance,
+        with their quiet state; the others are rebuilt at their next event. Pruning
+        removes only values faded below PRUNE_FLOOR (contexts keep their totals) and hosts
+        silent past the horizon, so a surviving caller's own evidence is what it was judged
+        quiet on: re-scoring every caller after each daily maintenance (what clearing the
+        memo did) gave the same verdicts at twice the cost."""
+        tables = self.tables
+        kept: dict[tuple, _Caller] = {}
+        for sig, caller in self._callers.items():
+            if caller.host in retired:
+                continue
+            refs = caller.refs
+            if refs is not None:
+                for (i, ctx, value), (c, e) in zip(caller.keys, refs, strict=True):
+                    found = tables[i].contexts.get(ctx)
+                    if found is not c or c.values.get(value) is not e:
+                        break
+                else:
+                    caller.gen = self._gen
+                    kept[sig] = caller
+        self._callers = kept
 
     def _evict(self, count: int) -> None:
         """Drop the `count` weakest entries: fewest active days, then fewest calls, the

@@ -1,0 +1,68 @@
+# Metadata addresses here are event data only; nothing connects to them.
+"""The scorer's callers memo survives the daily maintenance (scoring.scorer._keep_callers):
+outcomes are those of a scorer that forgets every caller at each maintenance and re-scores
+it, while far fewer events are fully scored."""
+
+from helpers_events import DAY, MINUTE, T0
+
+from scoring.events import Event
+from scoring.scorer import Scorer
+from scoring.settings import ScorerSettings
+
+IMDS = "169.254.169.254"
+
+
+def trace():
+    out = []
+    callers = [("amazon-ssm-agent", "/usr/bin/amazon-ssm-agent", "root", "systemd", 15),
+               ("kubelet", "/usr/bin/kubelet", "root", "systemd", 10),
+               ("python3", "/usr/bin/python3.11", "app", "gunicorn", 30)]
+    for h in range(6):
+        for k, (name, exe, user, parent, period) in enumerate(callers):
+            t = T0 + h * 37 + k * 11
+            while t < T0 + 6 * DAY:
+                out.append(Event(t, IMDS, name, dst_port=80, exe=exe, user=user,
+                                 parent_name=parent, host=f"node-{h}"))
+                t += period * MINUTE
+    # newcomers and an attacker on later days, between maintenances
+    for day, name, user in ((2.3, "otelcol", "otel"), (3.7, "curl", "www-data"),
+                            (4.1, "velero", "root"), (5.5, "nc", "nobody")):
+        for j in range(3):
+            out.append(Event(T0 + day * DAY + j * 90, IMDS, name, dst_port=80,
+                             exe=f"/usr/bin/{name}", user=user, parent_name="bash",
+                             host="node-2"))
+    out.sort(key=lambda e: e.ts)
+    return out
+
+
+class ForgetfulScorer(Scorer):
+    """The behaviour before: every caller forgotten (and so re-scored) at maintenance."""
+
+    def _keep_callers(self, retired):
+        self._callers.clear()
+
+
+def outcomes(scorer):
+    full = []
+    score = scorer._score
+
+    def counting(*args):
+        full.append(1)
+        return score(*args)
+
+    scorer._score = counting
+    seen = []
+    for e in trace():
+        o = scorer.process(e)
+        # Scores to 9 places: deferred counts are added in another grouping (last bits).
+        seen.append((round(o.score, 9), o.detector, o.alert, o.suppressed, o.reason))
+    return seen, len(full)
+
+
+def test_keeping_callers_over_maintenance_changes_no_verdict_and_saves_scoring():
+    settings = ScorerSettings(learning_period=DAY)
+    kept, kept_full = outcomes(Scorer(settings))
+    forgot, forgot_full = outcomes(ForgetfulScorer(settings))
+    assert kept == forgot
+    assert sum(1 for o in kept if o[2]) >= 4  # the newcomers and the attacker alert
+    assert kept_full < forgot_full * 0.8, (kept_full, forgot_full)
