@@ -11,12 +11,18 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from netns_fixtures import MetadataNamespace
+
 IMDS = "169.254.169.254"
 CREDENTIALS = f"http://{IMDS}/latest/meta-data/iam/security-credentials/test-role"
 
 
-def unusual_curl(ns: object, where: Path) -> tuple[int, str, int]:
-    """Runs the attack in `ns` (a MetadataNamespace); returns (pid, name, uid)."""
+def unusual_curl(ns: MetadataNamespace, where: Path) -> tuple[int, str, int]:
+    """Runs the attack in `ns`, the caller's own namespace with the address on its loopback
+    and its own mock IMDS; returns (pid, name, uid). The client only ever runs through
+    `ns.popen` (`ip netns exec`), never in the host's namespace."""
+    if not isinstance(ns, MetadataNamespace):
+        raise TypeError("the attack runs only inside a test's own MetadataNamespace")
     name = f"atk{secrets.token_hex(4)}"
     uid = 20000 + secrets.randbelow(40000)
     where.mkdir(parents=True, exist_ok=True)

@@ -1,3 +1,4 @@
+# Metadata addresses here are event data only; nothing connects to them.
 """A name flood against the model, through the public `Scorer.process`: the burst it makes
 folds the flood's names into one alert, but must not hide the attack that follows it (a
 new user, a credential request without the anti-SSRF header), and the model stays within
