@@ -18,7 +18,14 @@
  * Bytes read: at most IMDS_CAPTURE_BYTES of each segment, copied straight into the output
  * buffer; segments longer than that are marked (len > captured) and counted.
  *
- * The program always returns 1 (pass): it observes and never drops a packet. */
+ * Kernels that refuse task helpers here (cgroup_skb may call bpf_get_current_pid_tgid only
+ * from Linux 6.? on: Debian's 5.10, 6.1 and 6.12 refuse it) get `imdsw_egress_tracked`: the
+ * same program without the first-SYN path, so it follows only connections a connect hook
+ * tracked. The cgroup mode's hooks track theirs; other modes attach `imdsw_track4/6`, cgroup
+ * connect hooks that only tie the socket cookie to the connecting thread. A connection that
+ * becomes a metadata connection only after NAT is not seen there (userspace says so).
+ *
+ * The programs always return 1 (pass/allow): they observe and never drop a packet. */
 #ifndef IMDSWATCH_REQUESTS_H
 #define IMDSWATCH_REQUESTS_H
 
@@ -164,7 +171,10 @@ static __always_inline void imds_syn(struct __sk_buff *skb, __u64 cookie, __u16 
     }
 }
 
-static __always_inline int imds_egress_slow(struct __sk_buff *skb, __u16 family, __u32 ihl)
+/* `follow_new`: a compile-time constant. 0 leaves imds_syn (and its task helpers) out of the
+ * program, for kernels that refuse them in cgroup_skb. */
+static __always_inline int imds_egress_slow(struct __sk_buff *skb, __u16 family, __u32 ihl,
+                                            int follow_new)
 {
     __u8 tcp[20];
     if (bpf_skb_load_bytes(skb, ihl, tcp, sizeof(tcp)) < 0)
@@ -176,6 +186,8 @@ static __always_inline int imds_egress_slow(struct __sk_buff *skb, __u16 family,
     __u64 cookie = bpf_get_socket_cookie(skb);
     struct imds_conn *c = tracked.lookup(&cookie);
     if (!c) {
+        if (!follow_new)
+            return IMDS_PASS;
         if ((flags & (IMDS_TCP_SYN | IMDS_TCP_ACK)) != IMDS_TCP_SYN)
             return IMDS_PASS;    /* not ours: a server's reply, an older connection */
         __u8 daddr[16] = {};
@@ -202,7 +214,7 @@ static __always_inline int imds_first_set(__u32 *first)
     return first && *first;
 }
 
-int imdsw_egress(struct __sk_buff *skb)
+static __always_inline int imds_egress(struct __sk_buff *skb, int follow_new)
 {
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;
@@ -217,7 +229,7 @@ int imdsw_egress(struct __sk_buff *skb)
             if (!imds_first_set(first4.lookup(&idx)))
                 return IMDS_PASS;
         }
-        return imds_egress_slow(skb, IMDS_AF_INET, (ip[0] & 0xf) * 4);
+        return imds_egress_slow(skb, IMDS_AF_INET, (ip[0] & 0xf) * 4, follow_new);
     }
     if (skb->protocol == bpf_htons(IMDS_ETH_P_IPV6)) {
         __u8 *ip6 = data;
@@ -229,9 +241,68 @@ int imdsw_egress(struct __sk_buff *skb)
             if (!imds_first_set(first6.lookup(&idx)))
                 return IMDS_PASS;
         }
-        return imds_egress_slow(skb, IMDS_AF_INET6, 40);
+        return imds_egress_slow(skb, IMDS_AF_INET6, 40, follow_new);
     }
     return IMDS_PASS;
+}
+
+int imdsw_egress(struct __sk_buff *skb)
+{
+    return imds_egress(skb, 1);
+}
+
+int imdsw_egress_tracked(struct __sk_buff *skb)
+{
+    return imds_egress(skb, 0);
+}
+
+/* For `imdsw_egress_tracked` in the probe modes that know no socket cookie (fentry, kprobe,
+ * tracepoint): a cgroup connect hook that tracks a metadata connection's cookie and hands
+ * userspace the SYN record that pairs the cookie with the connecting thread (the record
+ * imds_syn makes on kernels that allow it). It runs before tcp_v4_connect, so the record
+ * precedes the mode's connect event; userspace pairs them by thread either way. It
+ * counts nothing: the mode's own probe sees and counts the connect. Always allows. */
+static __always_inline void imds_track_connect(struct bpf_sock_addr *ctx, __u16 family)
+{
+    if (ctx->type != 1)    /* SOCK_STREAM */
+        return;
+    struct imds_event ev = {};
+    __u32 *w = (__u32 *)ev.daddr;
+    ev.family = family;
+    ev.dport = bpf_ntohs((__u16)ctx->user_port);
+    if (family == IMDS_AF_INET) {
+        w[0] = ctx->user_ip4;
+    } else {
+        w[0] = ctx->user_ip6[0];
+        w[1] = ctx->user_ip6[1];
+        w[2] = ctx->user_ip6[2];
+        w[3] = ctx->user_ip6[3];
+    }
+    if (!imds_match(ev.family, ev.daddr, ev.dport))
+        return;
+    __u64 id = bpf_get_current_pid_tgid();
+    ev.kind = IMDS_KIND_SYN;
+    ev.flags = IMDS_F_SOCK_MATCH;
+    ev.ts_ns = bpf_ktime_get_ns();
+    ev.pid = (__u32)id;
+    ev.tgid = id >> 32;
+    ev.probe = IMDS_PROBE_CGROUP_SKB;
+    ev.result = IMDS_RESULT_UNKNOWN;
+    ev.cookie = bpf_get_socket_cookie(ctx);
+    imds_track(ev.cookie, &ev);
+    imds_output(ctx, &ev, IMDS_STAT_SEGMENTS, IMDS_STAT_SEGMENTS_DROPPED);
+}
+
+int imdsw_track4(struct bpf_sock_addr *ctx)
+{
+    imds_track_connect(ctx, IMDS_AF_INET);
+    return 1;
+}
+
+int imdsw_track6(struct bpf_sock_addr *ctx)
+{
+    imds_track_connect(ctx, IMDS_AF_INET6);
+    return 1;
 }
 
 #endif /* IMDSWATCH_REQUESTS_H */

@@ -27,6 +27,7 @@ Metric catalog (the alert rules and the Grafana dashboard rely on these names):
 - `imdswatch_events_failed_total`, `imdswatch_log_lines_suppressed_total`
 - `imdswatch_build_info{version,python_version,host}`, `imdswatch_probe_info{mode}`,
   `imdswatch_probe_fallback`, `imdswatch_ready`, `imdswatch_request_capture_enabled`,
+  `imdswatch_request_capture_nat_enabled`,
   `imdswatch_kernel_identity_enabled`, `imdswatch_kernel_segments_dropped_total`
 - `imdswatch_kernel_connections_total`, `imdswatch_kernel_events_dropped_total`
 - `imdswatch_kernel_connections_by_process_total{process,uid}` - the kernel's per-(comm, uid,
@@ -276,6 +277,12 @@ class MetricsExporter:
             "1 when HTTP requests on metadata connections are read (cgroup_skb egress); 0 when "
             "the kernel refused it and connections are reported without their requests.",
             registry=r)
+        self._request_capture_nat = Gauge(
+            "imdswatch_request_capture_nat_enabled",
+            "1 when request capture also follows connections sent to a metadata address only "
+            "by NAT (a DNAT rule); 0 when it does not (the kernel refuses task helpers in "
+            "cgroup_skb programs: only connections made to a metadata address are followed) "
+            "or request capture is off.", registry=r)
         self._kernel_identity = Gauge(
             "imdswatch_kernel_identity_enabled",
             "1 when the probe reads the process's leader name and executable in the kernel; 0 "
@@ -386,9 +393,13 @@ class MetricsExporter:
         self._probe_fallback.set(1 if fallback else 0)
         self.set_ready(True, f"probe {mode} attached")
 
-    def set_request_capture(self, enabled: bool, segments_dropped: int | None = None) -> None:
-        """Whether request capture runs, and the kernel's running total of its lost records."""
+    def set_request_capture(self, enabled: bool, segments_dropped: int | None = None,
+                            follows_nat: bool | None = None) -> None:
+        """Whether request capture runs (and whether it follows NAT'ed connections), and
+        the kernel's running total of its lost records."""
         self._request_capture.set(1 if enabled else 0)
+        if follows_nat is not None:
+            self._request_capture_nat.set(1 if enabled and follows_nat else 0)
         if segments_dropped is not None and segments_dropped > self._segments_dropped_last:
             self._segments_dropped.inc(segments_dropped - self._segments_dropped_last)
             self._segments_dropped_last = segments_dropped

@@ -243,7 +243,8 @@ class Agent:
         release_freed_memory()
         fallback = cfg.agent.probe == "auto" and mode != AUTO_ORDER[0]
         self.metrics.set_probe(mode, fallback)
-        self.metrics.set_request_capture(self.tracer.tracker is not None)
+        self.metrics.set_request_capture(self.tracer.tracker is not None,
+                                         follows_nat=self.tracer.requests_limited is None)
         self.metrics.set_kernel_identity(self.tracer.identity_unavailable is None)
         self.metrics.update_model(self.scorer)
         log.info("agent ready: probe %s, metrics on http://%s/metrics, learning %s",

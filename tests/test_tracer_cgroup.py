@@ -255,11 +255,10 @@ def test_close_detaches_from_the_root_cgroup(ns):
     t.start()
     root = t._bpf.imdsw_cgroup.root
     ours = _our_program_ids(t)
-    # connect4, connect6 and the request-capture egress program; kernels older than the
-    # reference may refuse the last (the tracer then says so and runs without requests).
-    programs = 3 if t.tracker is not None else 2
-    assert programs == 3 or kernel.kernel_version() < (6, 18), t.requests_unavailable
-    assert len(ours) == programs and ours <= _attached_ids(root)
+    # connect4, connect6 and the request-capture egress program (the full one, or the
+    # tracked one on kernels that refuse task helpers in cgroup_skb).
+    assert t.tracker is not None, t.requests_unavailable
+    assert len(ours) == 3 and ours <= _attached_ids(root)
     t.close()
     t.close()
     assert not ours & _attached_ids(root)

@@ -34,8 +34,8 @@ CONNECT_HOOKS = {"connect4": CGROUP_INET4_CONNECT, "connect6": CGROUP_INET6_CONN
 OUR_HOOKS = (CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT, CGROUP_INET_EGRESS)
 BPF_F_ALLOW_MULTI = 1 << 1
 # Every cgroup program of imdswatch is named with one of these prefixes (BPF keeps 15
-# characters of a name): imdsw_connect4/6, imdsw_egress.
-PROGRAM_PREFIX = ("imdsw_connect", "imdsw_egress")
+# characters of a name): imdsw_connect4/6, imdsw_egress(_tracked), imdsw_track4/6.
+PROGRAM_PREFIX = ("imdsw_connect", "imdsw_egress", "imdsw_track")
 # The DaemonSet mounts the host's hierarchy at /host/sys/fs/cgroup: in a container,
 # /sys/fs/cgroup is the root of its cgroup namespace (its own cgroup), not the host's root.
 PREFERRED_ROOTS = ("/host/sys/fs/cgroup", "/host/sys/fs/cgroup/unified", "/sys/fs/cgroup",

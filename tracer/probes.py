@@ -163,14 +163,29 @@ def _attach_cgroup(b: object, cgroup_root: str | None) -> None:
 
 
 REQUEST_PROGRAM = "imdsw_egress"
+# Where the kernel refuses task helpers in cgroup_skb programs (bpf/requests.h): the egress
+# program that follows only tracked connections, and the connect hooks that track them in
+# the modes whose own probe knows no socket cookie.
+REQUEST_PROGRAM_TRACKED = "imdsw_egress_tracked"
+TRACK_HOOKS = {
+    "imdsw_track4": cgroup_attach.CGROUP_INET4_CONNECT,
+    "imdsw_track6": cgroup_attach.CGROUP_INET6_CONNECT,
+}
+NAT_UNSEEN = ("connections sent to a metadata address only by NAT are not followed: this "
+              "kernel refuses task helpers in cgroup_skb programs")
 
 
-def attach_requests(b: object, cgroup_root: str | None = None) -> None:
+def attach_requests(b: object, mode: str, cgroup_root: str | None = None,
+                    variant: str | None = None) -> str | None:
     """Request capture: the cgroup_skb egress program on the cgroup v2 root (any probe
-    mode: it shares the compiled object's maps). Raises ProbeError saying why not."""
+    mode: it shares the compiled object's maps). `variant` "full" or "tracked" forces
+    one; by default the full program is tried first and, if the verifier refuses it, the
+    tracked one (remembered for a resume). Returns None, or what is not captured with
+    the variant attached. Raises ProbeError saying why not at all."""
     import bcc
 
     att = getattr(b, "imdsw_requests", None)
+    variant = variant or getattr(b, "imdsw_requests_variant", None)
     try:
         if att is None:
             root = cgroup_attach.cgroup2_root(cgroup_root or getattr(b, "imdsw_cgroup_root",
@@ -181,11 +196,40 @@ def attach_requests(b: object, cgroup_root: str | None = None) -> None:
                 log.info("could not look for stale imdswatch cgroup programs: %s", exc)
             att = cgroup_attach.CgroupAttachment(root)
             b.imdsw_requests = att
-        fn = b.load_func(REQUEST_PROGRAM.encode(), bcc.BPF.CGROUP_SKB,
-                         attach_type=cgroup_attach.CGROUP_INET_EGRESS)
-        att.attach(fn.fd, cgroup_attach.CGROUP_INET_EGRESS)
+        egress = None
+        refused = None
+        if variant != "tracked":
+            try:
+                egress = b.load_func(REQUEST_PROGRAM.encode(), bcc.BPF.CGROUP_SKB,
+                                     attach_type=cgroup_attach.CGROUP_INET_EGRESS)
+                variant = "full"
+            except Exception as exc:
+                if variant == "full" or _errtext(exc) == EPERM_TEXT:
+                    raise
+                refused = _errtext(exc)
+        if egress is None:
+            egress = b.load_func(REQUEST_PROGRAM_TRACKED.encode(), bcc.BPF.CGROUP_SKB,
+                                 attach_type=cgroup_attach.CGROUP_INET_EGRESS)
+            variant = "tracked"
+            if refused is not None:
+                log.info("request capture: the kernel refused %s (%s); following the "
+                         "connections the connect hooks track instead", REQUEST_PROGRAM,
+                         refused.splitlines()[0] if refused else refused)
+        hooks = [(egress.fd, cgroup_attach.CGROUP_INET_EGRESS)]
+        if variant == "tracked" and mode != "cgroup":
+            hooks += [(b.load_func(name.encode(), bcc.BPF.CGROUP_SOCK_ADDR,
+                                   attach_type=hook).fd, hook)
+                      for name, hook in TRACK_HOOKS.items()]
+        try:
+            for fd, hook in hooks:
+                att.attach(fd, hook)
+        except cgroup_attach.CgroupError:
+            att.detach()
+            raise
     except Exception as exc:
         raise ProbeError(f"request capture (cgroup_skb egress): {_errtext(exc)}") from exc
+    b.imdsw_requests_variant = variant
+    return NAT_UNSEEN if variant == "tracked" else None
 
 
 def detach_requests(b: object) -> None:

@@ -69,12 +69,15 @@ class Tracer:
         pods: PodResolver | None = None,
         cgroup_root: str | None = None,
         requests: bool = True,
+        request_variant: str | None = None,
         capture_bytes: int = 1024,
         identity: bool = True,
     ) -> None:
         """`requests`: capture the HTTP requests sent on metadata connections (cgroup_skb
         egress; without it, or where the kernel refuses it, connections are reported
-        without their requests). `identity`: read the process's leader name and executable
+        without their requests). `request_variant` "full" or "tracked" forces one egress
+        program (tests; by default the kernel decides, `requests_limited` says what the
+        tracked one misses). `identity`: read the process's leader name and executable
         in the kernel (needs kernel BTF for the structure offsets)."""
         if probe != "auto" and probe not in probes.MODES:
             raise ValueError(f"probe must be auto or one of {', '.join(probes.MODES)}")
@@ -90,9 +93,12 @@ class Tracer:
             "capture_bytes": capture_bytes,
         }
         self.want_requests = requests
+        self.request_variant = request_variant
         self.want_identity = identity
         # Why request capture / kernel identity is off, when it is (None: on or not asked).
         self.requests_unavailable: str | None = None
+        # What request capture cannot see on this kernel, when it runs limited.
+        self.requests_limited: str | None = None
         self.identity_unavailable: str | None = None
         self.tracker: RequestTracker | None = None
         self.cgroup_root = cgroup_root  # cgroup mode: None = found from /proc/self/mounts
@@ -129,11 +135,14 @@ class Tracer:
         b = self._bpf
         if self.want_requests:
             try:
-                probes.attach_requests(b, self.cgroup_root)
+                self.requests_limited = probes.attach_requests(
+                    b, self.probe, self.cgroup_root, self.request_variant)
                 self.tracker = RequestTracker(self._emit, self._stop_capture, self._wall)
                 log.info("request capture on: HTTP requests on metadata connections are read "
                          "from the first %d bytes of each segment (cgroup_skb egress)",
                          self._compile_args["capture_bytes"])
+                if self.requests_limited:
+                    log.warning("request capture limited: %s", self.requests_limited)
             except probes.ProbeError as exc:
                 self.requests_unavailable = str(exc)
                 log.warning("request capture unavailable (%s): metadata connections are "
@@ -182,7 +191,7 @@ class Tracer:
         if self._bpf is not None and self.probe is not None and self.paused:
             probes.attach_mode(self._bpf, self.probe, self.cgroup_root)
             if self.tracker is not None:
-                probes.attach_requests(self._bpf, self.cgroup_root)
+                probes.attach_requests(self._bpf, self.probe, self.cgroup_root)
             self.paused = False
 
     def close(self) -> None:
