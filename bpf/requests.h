@@ -18,8 +18,9 @@
  * Bytes read: at most IMDS_CAPTURE_BYTES of each segment, copied straight into the output
  * buffer; segments longer than that are marked (len > captured) and counted.
  *
- * Kernels that refuse task helpers here (cgroup_skb may call bpf_get_current_pid_tgid only
- * from Linux 6.? on: Debian's 5.10, 6.1 and 6.12 refuse it) get `imdsw_egress_tracked`: the
+ * Kernels that refuse task helpers here (Debian's 5.10, 6.1 and 6.12 answer "unknown func
+ * bpf_get_current_pid_tgid" for cgroup_skb; the reference 6.18 allows it) get
+ * `imdsw_egress_tracked`: the
  * same program without the first-SYN path, so it follows only connections a connect hook
  * tracked. The cgroup mode's hooks track theirs; other modes attach `imdsw_track4/6`, cgroup
  * connect hooks that only tie the socket cookie to the connecting thread. A connection that
