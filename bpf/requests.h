@@ -92,22 +92,26 @@ static __always_inline void imds_segment(struct __sk_buff *skb, __u64 cookie, __
     if (!out)
         return;
 #endif
-    /* 64-bit and behind an empty asm: the verifier must see the very register that was
-     * bounded reach the helper (clang otherwise reloads the unbounded 32-bit value). */
     __u64 n = len;
     if (n > IMDS_CAPTURE_BYTES) {
         n = IMDS_CAPTURE_BYTES;
         imds_stat_inc(IMDS_STAT_TRUNCATED);
     }
-    asm volatile("" : "+r"(n));
     out->kind = kind;
     out->len = len;
     out->ts_ns = bpf_ktime_get_ns();
     out->cookie = cookie;
     out->seq = seq;
     out->captured = 0;
-    if (n > 0 && n <= IMDS_CAPTURE_BYTES && bpf_skb_load_bytes(skb, off, out->data, n) == 0)
-        out->captured = n;
+    /* The helper needs a length the verifier knows to lie in 1..IMDS_CAPTURE_BYTES. Older
+     * verifiers (5.10) learn no lower bound from `n != 0`, so the range is checked on n - 1
+     * with one unsigned compare (n == 0 wraps above it) and 1 added after; 64-bit and
+     * behind an empty asm, so the very register that was bounded reaches the helper
+     * (clang otherwise reloads the unbounded 32-bit value). */
+    __u64 m = n - 1;
+    asm volatile("" : "+r"(m));
+    if (m < IMDS_CAPTURE_BYTES && bpf_skb_load_bytes(skb, off, out->data, m + 1) == 0)
+        out->captured = m + 1;
 #ifdef IMDS_USE_RINGBUF
     events.ringbuf_submit(out, 0);
     imds_stat_inc(IMDS_STAT_SEGMENTS);

@@ -457,6 +457,30 @@ def test_tracepoint_mode_joins_requests_by_thread(ns):
         t.close()
 
 
+@pytest.mark.parametrize("ringbuf", [True, False], ids=["ringbuf", "perfbuf"])
+def test_request_programs_load_through_verifier(ringbuf):
+    """The tracked egress program and the tracking connect hooks load on every kernel, in
+    ring- and perf-buffer builds; the full egress program at least on the reference one."""
+    import bcc
+
+    from tracer import cgroup_attach, probes
+
+    require_bcc()
+    if ringbuf and not kernel.ringbuf_supported():
+        pytest.skip("kernel < 5.8 has no BPF ring buffer")
+    b = probes.compile_mode("tracepoint", ringbuf=ringbuf)
+    try:
+        b.load_func(probes.REQUEST_PROGRAM_TRACKED.encode(), bcc.BPF.CGROUP_SKB,
+                    attach_type=cgroup_attach.CGROUP_INET_EGRESS)
+        for name, hook in probes.TRACK_HOOKS.items():
+            b.load_func(name.encode(), bcc.BPF.CGROUP_SOCK_ADDR, attach_type=hook)
+        if kernel.kernel_version() >= (6, 18):
+            b.load_func(probes.REQUEST_PROGRAM.encode(), bcc.BPF.CGROUP_SKB,
+                        attach_type=cgroup_attach.CGROUP_INET_EGRESS)
+    finally:
+        probes.release(b)
+
+
 def _tracked_tracer(probe: str):  # noqa: ANN202 - tracer.Tracer
     """A tracer forced onto the tracked egress program: what kernels that refuse task
     helpers in cgroup_skb (Debian's 5.10, 6.1, 6.12) get by themselves."""
