@@ -28,6 +28,11 @@ def test_doctor_prints_every_check_and_the_probe(capsys):
             assert lines[i + 1].lstrip().startswith("fix: "), line
     if rc == 0 and os.geteuid() == 0:
         assert "auto picks " in out
+        # request capture is checked on the cgroup compile, as root, wherever cgroup v2 is
+        if "] cgroup hooks: connect4/connect6 programs load, attach" in out:
+            assert "[ ok ] request capture: HTTP requests" in out
+            if kernel.kernel_version() >= (6, 18):
+                assert "NAT'ed connections included" in out
         # where the cgroup v2 hooks attach, the doctor says so and auto takes them before
         # the tracepoint (on kernels without fentry and kprobes)
         if "] cgroup hooks: connect4/connect6 programs load, attach" in out and \

@@ -254,27 +254,48 @@ def check_cgroup2(root: str | None = None) -> Check:
     return Check("cgroup v2", True, f"cgroup2 root at {path}")
 
 
-def check_cgroup_hooks(try_attach: bool, root: str | None = None) -> Check:
-    """Load the cgroup connect programs and, as root, attach and detach them for real."""
+def check_cgroup_programs(try_attach: bool, root: str | None = None) -> list[Check]:
+    """The cgroup connect hooks and request capture's egress program, on one compile:
+    loaded and, as root, attached to the root cgroup and detached for real."""
     if not try_attach:
-        return Check("cgroup hooks", True, "connect4/connect6 hooks (load not tried)")
+        return [Check("cgroup hooks", True, "connect4/connect6 hooks (load not tried)")]
     b = None
     try:
-        b = probes.compile_mode("cgroup")
-        probes.load_mode(b, "cgroup")
-        if os.geteuid() != 0:
-            return Check("cgroup hooks", True, "connect4/connect6 programs load (attach not "
-                         "tried: not root)")
-        probes.attach_mode(b, "cgroup", root)
-    except (probes.ProbeError, cgroup_attach.CgroupError, OSError) as exc:
-        return Check("cgroup hooks", False, f"the cgroup connect hooks do not attach ({exc})",
-                     "a kernel with CONFIG_CGROUP_BPF=y and cgroup v2; until then auto falls "
-                     "back to the tracepoint", {"cgroup"})
+        try:
+            b = probes.compile_mode("cgroup")
+            probes.load_mode(b, "cgroup")
+            if os.geteuid() != 0:
+                return [Check("cgroup hooks", True, "connect4/connect6 programs load (attach "
+                              "not tried: not root)")]
+            probes.attach_mode(b, "cgroup", root)
+        except (probes.ProbeError, cgroup_attach.CgroupError, OSError) as exc:
+            return [Check("cgroup hooks", False,
+                          f"the cgroup connect hooks do not attach ({exc})",
+                          "a kernel with CONFIG_CGROUP_BPF=y and cgroup v2; until then auto "
+                          "falls back to the tracepoint", {"cgroup"})]
+        hooks = Check("cgroup hooks", True, "connect4/connect6 programs load, attach to the "
+                      "root cgroup and detach")
+        return [hooks, _request_capture(b, root)]
     finally:
         if b is not None:
             probes.release(b)
-    return Check("cgroup hooks", True, "connect4/connect6 programs load, attach to the root "
-                 "cgroup and detach")
+
+
+def _request_capture(b: object, root: str | None) -> Check:
+    # Attached the way the agent attaches it in cgroup mode; the other modes add only the
+    # tracking hooks, which load wherever the connect hooks above do.
+    try:
+        limited = probes.attach_requests(b, "cgroup", root)
+    except probes.ProbeError as exc:
+        return Check("request capture", False, f"the egress program does not load or attach "
+                     f"({exc}): connections are scored without their HTTP requests",
+                     "a kernel with CONFIG_CGROUP_BPF=y and cgroup v2 (4.10 or later); "
+                     "detection of callers goes on without it")
+    if limited:
+        return Check("request capture", True, "HTTP requests are read on connections made to "
+                     f"a metadata address ({probes.REQUEST_PROGRAM_TRACKED}); {limited}")
+    return Check("request capture", True, "HTTP requests on metadata connections are read "
+                 f"({probes.REQUEST_PROGRAM}), NAT'ed connections included")
 
 
 def checks(try_load: bool = True, cgroup_root: str | None = None) -> list[Check]:
@@ -285,7 +306,7 @@ def checks(try_load: bool = True, cgroup_root: str | None = None) -> list[Check]
     cg = check_cgroup2(cgroup_root)
     out.append(cg)
     if cg.ok:
-        out.append(check_cgroup_hooks(try_load and runnable, cgroup_root))
+        out += check_cgroup_programs(try_load and runnable, cgroup_root)
     return out
 
 
