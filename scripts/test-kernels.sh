@@ -9,6 +9,8 @@
 #                                         6.12 (bookworm-backports); default: all three
 # Environment: KERNEL_JOBS (VMs at once, default 1), KERNEL_VM_CPUS (default 2),
 # KERNEL_VM_MEMORY (default 3G), KERNEL_VM_TIMEOUT (seconds per VM, default 1500),
+# MATRIX_DEADLINE (epoch seconds the whole matrix must end by: each VM gets at most what is
+# left, and a kernel with no time left fails without booting; .ci/run sets it),
 # IMDSWATCH_CACHE (default /var/cache/imdswatch), MATRIX_KEEP=1 keeps the VMs' outputs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,17 +50,25 @@ setup() {
 
 # boot LABEL RELEASE ROOT: one VM, everything inside it; prints the kernel's line.
 boot() {
-  local label=$1 release=$2 root=$3 out t0 rc
+  local label=$1 release=$2 root=$3 out t0 rc budget=$VM_TIMEOUT
   out=$(mktemp -d "/tmp/imdswatch-matrix-$label.XXXXXX")
   t0=$(date +%s)
+  if [ -n "${MATRIX_DEADLINE:-}" ]; then
+    local left=$(( MATRIX_DEADLINE - t0 ))
+    [ "$left" -lt "$budget" ] && budget=$left
+    if [ "$budget" -lt 60 ]; then
+      log "$label: FAIL, not booted: the matrix's deadline leaves ${budget}s"
+      return 1
+    fi
+  fi
   # --rodir: the guest's /var/cache is a tmpfs, so the unpacked kernels are shared explicitly
   # (the VM's /lib/modules links into them). --rwdir: the one host directory it writes.
-  timeout --kill-after=30 "$VM_TIMEOUT" vng --disable-kvm --run "$root/boot/vmlinuz-$release" \
+  timeout --kill-after=30 "$budget" vng --disable-kvm --run "$root/boot/vmlinuz-$release" \
     --cpus "$CPUS" --memory "$MEMORY" --name "imdswatch-$label" \
     --rodir="$CACHE/kernels" --rwdir="$out" \
     --exec "bash scripts/kernel-guest.sh $root $out" > "$out/vng.log" 2>&1 </dev/null
   rc=$?
-  [ "$rc" -eq 124 ] && echo "the VM ran out of its ${VM_TIMEOUT}s" >> "$out/vng.log"
+  [ "$rc" -eq 124 ] && echo "the VM ran out of its ${budget}s" >> "$out/vng.log"
   python3 scripts/matrix_verdict.py "$label" "$out" "$(( $(date +%s) - t0 ))"
   rc=$?
   if [ "$rc" -ne 0 ] || [ -n "${MATRIX_KEEP:-}" ]; then
