@@ -13,27 +13,12 @@
  * make connect() fail with EPERM for every process on the machine. */
 #include "imdswatch.h"
 
-#define IMDS_SOCK_STREAM 1
 #define IMDS_ALLOW 1
 
 static __always_inline void imds_cgroup_connect(struct bpf_sock_addr *ctx, __u16 family)
 {
-    if (ctx->type != IMDS_SOCK_STREAM)
-        return;    /* UDP connect() sends nothing: not a TCP connection */
-
     struct imds_event ev = {};
-    __u32 *w = (__u32 *)ev.daddr;
-    ev.family = family;
-    ev.dport = bpf_ntohs((__u16)ctx->user_port);
-    if (family == IMDS_AF_INET) {
-        w[0] = ctx->user_ip4;
-    } else {
-        w[0] = ctx->user_ip6[0];
-        w[1] = ctx->user_ip6[1];
-        w[2] = ctx->user_ip6[2];
-        w[3] = ctx->user_ip6[3];
-    }
-    if (!imds_match(ev.family, ev.daddr, ev.dport))
+    if (!imds_sock_addr_match(ctx, family, &ev))
         return;
 
     imds_fill_task(&ev, IMDS_PROBE_CGROUP);

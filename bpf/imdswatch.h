@@ -183,6 +183,27 @@ static __always_inline int imds_match(__u16 family, const __u8 *daddr, __u16 por
     return p && imds_port_in(p, port);
 }
 
+/* A cgroup connect hook's TCP destination (struct bpf_sock_addr: UAPI, network order) into
+ * `ev`; 1 when it is an endpoint. UDP connect() sends nothing: never one. */
+static __always_inline int imds_sock_addr_match(struct bpf_sock_addr *ctx, __u16 family,
+                                                struct imds_event *ev)
+{
+    if (ctx->type != 1)    /* SOCK_STREAM */
+        return 0;
+    __u32 *w = (__u32 *)ev->daddr;
+    ev->family = family;
+    ev->dport = bpf_ntohs((__u16)ctx->user_port);
+    if (family == IMDS_AF_INET) {
+        w[0] = ctx->user_ip4;
+    } else {
+        w[0] = ctx->user_ip6[0];
+        w[1] = ctx->user_ip6[1];
+        w[2] = ctx->user_ip6[2];
+        w[3] = ctx->user_ip6[3];
+    }
+    return imds_match(ev->family, ev->daddr, ev->dport);
+}
+
 static __always_inline void imds_count(struct imds_event *ev)
 {
     struct imds_count_key key = {};

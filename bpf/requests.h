@@ -269,21 +269,8 @@ int imdsw_egress_tracked(struct __sk_buff *skb)
  * counts nothing: the mode's own probe sees and counts the connect. Always allows. */
 static __always_inline void imds_track_connect(struct bpf_sock_addr *ctx, __u16 family)
 {
-    if (ctx->type != 1)    /* SOCK_STREAM */
-        return;
     struct imds_event ev = {};
-    __u32 *w = (__u32 *)ev.daddr;
-    ev.family = family;
-    ev.dport = bpf_ntohs((__u16)ctx->user_port);
-    if (family == IMDS_AF_INET) {
-        w[0] = ctx->user_ip4;
-    } else {
-        w[0] = ctx->user_ip6[0];
-        w[1] = ctx->user_ip6[1];
-        w[2] = ctx->user_ip6[2];
-        w[3] = ctx->user_ip6[3];
-    }
-    if (!imds_match(ev.family, ev.daddr, ev.dport))
+    if (!imds_sock_addr_match(ctx, family, &ev))
         return;
     __u64 id = bpf_get_current_pid_tgid();
     ev.kind = IMDS_KIND_SYN;
