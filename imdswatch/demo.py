@@ -406,7 +406,10 @@ def run_demo(keep: bool = False) -> int:
     def on_term(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    # Ctrl-C too, explicitly: a process started with SIGINT ignored (a background job of a
+    # non-interactive shell, as some CI runners start it) keeps it ignored in Python, and
+    # the demo would then neither stop nor clean up.
+    previous = {s: signal.signal(s, on_term) for s in (signal.SIGTERM, signal.SIGINT)}
     demo = Demo(lambda text: print(text, flush=True), keep=keep)
     try:
         return demo.run()
@@ -417,4 +420,5 @@ def run_demo(keep: bool = False) -> int:
         print("imdswatch demo: interrupted", file=sys.stderr, flush=True)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
