@@ -1,4 +1,5 @@
-# Metadata addresses here are event data only; nothing connects to them.
+# Metadata addresses here are event data only: nothing connects to them, so these model-only
+# tests need no network namespace (netns) of their own.
 """A name flood against the model, through the public `Scorer.process`: the burst it makes
 folds the flood's names into one alert, but must not hide the attack that follows it (a
 new user, a credential request without the anti-SSRF header), and the model stays within

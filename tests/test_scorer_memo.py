@@ -1,4 +1,5 @@
-# Metadata addresses here are event data only; nothing connects to them.
+# Metadata addresses here are event data only: nothing connects to them, so these model-only
+# tests need no network namespace (netns) of their own.
 """The scorer's callers memo survives the daily maintenance (scoring.scorer._keep_callers):
 outcomes are those of a scorer that forgets every caller at each maintenance and re-scores
 it, while far fewer events are fully scored."""
