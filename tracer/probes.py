@@ -208,13 +208,18 @@ def attach_requests(b: object, mode: str, cgroup_root: str | None = None,
                     raise
                 refused = _errtext(exc)
         if egress is None:
-            egress = b.load_func(REQUEST_PROGRAM_TRACKED.encode(), bcc.BPF.CGROUP_SKB,
-                                 attach_type=cgroup_attach.CGROUP_INET_EGRESS)
+            try:
+                egress = b.load_func(REQUEST_PROGRAM_TRACKED.encode(), bcc.BPF.CGROUP_SKB,
+                                     attach_type=cgroup_attach.CGROUP_INET_EGRESS)
+            except Exception as exc:
+                # Both refused: say why for each, not only for the fallback.
+                first = f"{REQUEST_PROGRAM}: {refused}; " if refused is not None else ""
+                raise ProbeError(f"{first}{REQUEST_PROGRAM_TRACKED}: {_errtext(exc)}") from exc
             variant = "tracked"
             if refused is not None:
                 log.info("request capture: the kernel refused %s (%s); following the "
                          "connections the connect hooks track instead", REQUEST_PROGRAM,
-                         refused.splitlines()[0] if refused else refused)
+                         refused)
         hooks = [(egress.fd, cgroup_attach.CGROUP_INET_EGRESS)]
         if variant == "tracked" and mode != "cgroup":
             hooks += [(b.load_func(name.encode(), bcc.BPF.CGROUP_SOCK_ADDR,
