@@ -12,6 +12,9 @@ documents that need it, so the common case pays for none of it.
 
 The structs hold only strings, numbers and each other, so they cannot form cycles:
 `gc=False` keeps the garbage collector from walking the thousands of them a replay holds.
+Fields are declared in the order the agent (tracer/ecs.py) and common exports write them:
+msgspec looks for the next declared field first, so a document in that order decodes a
+few percent faster; any order decodes the same.
 """
 
 from __future__ import annotations
@@ -47,10 +50,10 @@ class _Process(Struct, gc=False):
     pid: Number = None
     executable: Text = None
     command_line: Text = None
+    parent: _Parent | None = None
     # The proctitle (Auditd Manager and Auditbeat): the command line when there is no other.
     title: Text = None
     entity_id: Text = None
-    parent: _Parent | None = None
     thread: _Thread | None = None
 
 
@@ -85,9 +88,9 @@ class _Cloud(Struct, gc=False):
 
 class _EventMeta(Struct, gc=False):
     id: Ident = None
-    action: Text = None
     category: Tags = None
     type: Tags = None
+    action: Text = None
 
 
 class _Network(Struct, gc=False):
@@ -138,15 +141,15 @@ class _Hits(Struct, gc=False):
 
 class EcsDoc(Struct, gc=False):
     timestamp: str | int | float | None = field(default=None, name="@timestamp")
+    event: _EventMeta | None = None
     destination: _Destination | None = None
+    network: _Network | None = None
     process: _Process | None = None
     user: _User | None = None
     host: _Host | None = None
+    cloud: _Cloud | None = None
     container: _Container | None = None
     orchestrator: _Orchestrator | None = None
-    cloud: _Cloud | None = None
-    event: _EventMeta | None = None
-    network: _Network | None = None
     http: _Http | None = None
     url: _Url | None = None
     user_agent: _UserAgent | None = None
