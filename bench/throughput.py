@@ -11,9 +11,10 @@ matching, scoring and alert writing are all included. The baseline runs in this 
 (no start-up cost) on one thread, which makes the ratio conservative. Best of `repeat`
 runs each, replay and baseline runs interleaved so both see the same machine.
 
-The replay decompresses a gzip file in a second thread (zlib releases the interpreter
-lock), so its wall time depends on a second core being free: the table gives its CPU time
-(user + system) as well, and the load average around the run. Figures taken while other
+The replay reads in a second process (its gzip in a thread there: zlib releases the
+interpreter lock) and scores in its own, so its wall time depends on a second core being
+free: the table gives its CPU time (user + system) as well, and the load average around
+the run. Figures taken while other
 work runs on the machine are low for both sides; the ratio moves less than the rates.
 """
 
@@ -165,7 +166,8 @@ def run(quick: bool = False, events: int | None = None, repeat: int | None = Non
             f">= {TARGET_RATIO}", ratio >= TARGET_RATIO),
         Row("replay wall time (process start to exit)", round(replay_s, 2), "s",
             f"{parser} parse", round(parse_s, 2)),
-        Row("replay CPU time (user + system, both threads)", round(replay_cpu, 2), "s",
+        Row("replay CPU time (user + system, both processes and their threads)",
+            round(replay_cpu, 2), "s",
             f"{parser} parse (one thread, wall)", round(parse_s, 2)),
         *(Row(f"{name} read+parse alone", round(lines / t), "events/s")
           for name, t in timed.items()),

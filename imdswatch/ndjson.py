@@ -187,9 +187,16 @@ def _prefetched(blocks: Iterator[bytes], stop: Interrupt | None) -> Iterator[byt
     worker.start()
     try:
         while True:
-            if stop is not None and stop.requested:
-                raise Interrupted(stop.signum)
-            item = q.get()
+            if stop is None:
+                item = q.get()
+            else:
+                if stop.requested:
+                    raise Interrupted(stop.signum)
+                stop.blocked = True  # waiting for input, as in _reads
+                try:
+                    item = q.get()
+                finally:
+                    stop.blocked = False
             if item is _END:
                 return
             if item.__class__ is _Failed:

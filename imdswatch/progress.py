@@ -124,8 +124,9 @@ class Progress:
         self._shown = True
 
     def finish(self) -> None:
-        """Erase the progress line, so the summary starts on a clean line."""
-        if self._shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self._shown = False
+        """Erase the progress line, so the summary starts on a clean line. Always: the
+        replay's reading process shows it, from its own copy of this object (on a
+        terminal, erasing a line nothing was written on changes nothing)."""
+        self.stream.write("\r\x1b[K")
+        self.stream.flush()
+        self._shown = False

@@ -100,6 +100,9 @@ def read_events(
             if out.__class__ is tuple:
                 if joined:
                     join.fill(out[0], d.source if d.source is not None else d)  # type: ignore[union-attr]
+                if not_metadata:  # counts are current whenever an event is handed out
+                    skipped[NOT_METADATA] += not_metadata
+                    not_metadata = 0
                 yield lineno, out[0], out[1]
             elif out is NOT_METADATA:
                 not_metadata += 1

@@ -13,13 +13,12 @@ import heapq
 import math
 import sys
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from imdswatch.join import ProcessJoin
 from imdswatch.ndjson import InputError, Interrupt, Interrupted, numbered_lines
-from imdswatch.reader import Position, read_events
+from imdswatch.reader_process import ForkedReader
 from scoring.events import NOT_METADATA
 from scoring.scorer import Outcome, Scorer
 
@@ -82,51 +81,58 @@ def replay(
     reorder_window: float = DEFAULT_REORDER_WINDOW,
     on_malformed: Callable[[int, str, str], None] | None = None,
     stop: Interrupt | None = None,
-    join: ProcessJoin | None = None,
-    numbered: Iterable[tuple[int, bytes]] | None = None,
+    wrap_lines: Callable[[Iterator[tuple[int, bytes | None]]],
+                         Iterator[tuple[int, bytes | None]]] | None = None,
 ) -> ReplayStats:
     """Score every event of `source` (path or '-') through `Scorer.process`, in event
     time; `on_outcome` gets the outcome of each metadata event.
 
-    Raises `imdswatch.ndjson.InputError` when the input cannot be read (after scoring what
-    was read before the failure). When `stop` is requested (a signal), reading stops at a
-    block boundary, the events still in the reorder buffer are left unscored (counted in
-    `stats.unscored`), `stats.stopped` is set and `stats.interrupted` holds the signal.
-    `numbered` replaces the reading of `source` (e.g. wrapped to show progress)."""
+    The lines are read by `read_events` in a second process (`imdswatch.reader_process`)
+    while this one scores. Raises `imdswatch.ndjson.InputError` when the input cannot be
+    read (after scoring what was read before the failure). When `stop` is requested (a
+    signal), reading stops, the events still in the reorder buffer are left unscored
+    (counted in `stats.unscored`), `stats.stopped` is set and `stats.interrupted` holds
+    the signal. `wrap_lines` wraps the numbered lines (to show progress); the reading
+    process iterates them."""
     stats = stats or ReplayStats()
     report = on_malformed or MalformedReporter(stats)
-    join = join if join is not None else ProcessJoin()
     score = _Scoring(scorer, on_outcome, stats, report)
     buffer = ReorderBuffer(reorder_window)
     push = buffer.push
     seq = 0
-    position = Position()
-    lines = numbered_lines(source, stop) if numbered is None else numbered
-    events = read_events(lines, scorer.catalog.match, report,
-                         stats.skipped_by_reason, join, position)
+    waiting = Interrupt()  # the reading process's: tells it when it waits for input
+    lines = numbered_lines(source, waiting)
+    if wrap_lines is not None:
+        lines = wrap_lines(lines)
+    skipped_before = Counter(stats.skipped_by_reason)
     failure: InputError | None = None
+    reader = ForkedReader(lines, scorer.catalog.match, waiting)
     try:
-        for lineno, ev, _ in events:
-            seq += 1  # orders events of equal time as read (a page holds several)
-            released = push((ev.ts, seq, ev, lineno))
-            if released:
-                for item in released:
-                    score(item)
+        for batch in reader.batches(report, stop):
+            for lineno, ev in batch:
+                seq += 1  # orders events of equal time as read (a page holds several)
+                released = push((ev.ts, seq, ev, lineno))
+                if released:
+                    for item in released:
+                        score(item)
     except Interrupted as exc:
         stats.stopped = True
         stats.interrupted = exc.signum
     except InputError as exc:
         failure = exc
+    finally:
+        reader.close()
     if not stats.stopped:
         for item in buffer.drain():
             score(item)
     else:
         stats.unscored = len(buffer.fifo) + len(buffer.heap)
-    stats.lines += position.lineno
+    stats.lines += reader.lineno
+    stats.skipped_by_reason = skipped_before + reader.skipped
     stats.skipped = sum(stats.skipped_by_reason.values())
     stats.late += buffer.late
-    stats.joined += join.filled
-    stats.join_evicted += join.evicted
+    stats.joined += reader.joined
+    stats.join_evicted += reader.join_evicted
     stats.last_ts = scorer.last_ts
     if failure is not None:
         raise failure

@@ -151,7 +151,6 @@ def _run(cfg: Config, events: str, output: str, state_path: str | None,
     def on_signal(signum: int, _frame: object) -> None:
         stop.request(signum)
 
-    from imdswatch.ndjson import numbered_lines
     from imdswatch.progress import Progress
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -169,7 +168,7 @@ def _run(cfg: Config, events: str, output: str, state_path: str | None,
     started = time.perf_counter()
     try:
         replay(events, scorer, alerts, stats=stats, reorder_window=reorder_window, stop=stop,
-               numbered=progress.wrap(numbered_lines(events, stop)) if progress else None)
+               wrap_lines=progress.wrap if progress else None)
     except InputError as exc:
         failure = str(exc)
     finally:

@@ -54,7 +54,7 @@ def test_progress_on_a_terminal(tmp_path) -> None:
         last = updates[-1]
         assert " lines, " in last and "% of " in last and "ETA " in last, last
         # The line is erased before the summary, which then reads as before.
-        assert "imdswatch replay: 60000 lines" in err
+        assert "\r\x1b[Kimdswatch replay: 60000 lines" in err
 
 
 def test_no_progress_when_stderr_is_not_a_terminal(tmp_path) -> None:

@@ -1,0 +1,346 @@
+"""The replay's reading in a second process, so that it runs on a second core beside the
+scoring.
+
+Reading a trace (gzip, the typed decode, `read_doc`) and scoring its events cost about the
+same on the reference machine; in one interpreter they add up, whatever either is made to
+cost. The child reads exactly as an in-process reading would (`imdswatch.reader.
+read_events`: the one parser, its rules and reports), and hands the parent every Event in
+batches; the parent rebuilds them and scores them through the one `Scorer.process`.
+
+The hand-over is what decides whether this pays (turning whole Events into bytes and back
+costs more than scoring them), so a batch carries:
+- per event only what changes from one call to the next (time, pids, event id, line
+  number) and an index into a table of the fields that repeat for a caller (process,
+  user, host, container, request), each row of which is sent once, when first used;
+- the raw lines as one block: each Event's raw line is a slice of it, which only an alert
+  ever decodes (`Event.doc`);
+- the malformed-line reports of the lines it covers, and the running counts (skipped
+  lines by reason, the join's, the last line number), so an early stop loses none of
+  what was handed over.
+
+A batch leaves when it is full, and also whenever the child waits for input (a pipe or
+FIFO gone quiet): everything read so far is then scored, as it would be in one process.
+The child learns that it waits from the `Interrupt` its lines were made with
+(`numbered_lines` sets `blocked` around each wait) and checks it from a 50 ms timer: a
+signal handler that runs while the read waits, where every event read is complete.
+
+Signals belong to the parent. The child ignores SIGINT (a terminal's Ctrl-C reaches the
+whole process group) and is ended by the parent when the replay stops early; the parent's
+wait for a batch is interruptible like any other read (`Interrupt.blocked`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import gc
+import marshal
+import os
+import signal
+import struct
+import sys
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, BinaryIO
+
+from imdswatch.join import ProcessJoin
+from imdswatch.ndjson import InputError, Interrupt, Interrupted
+from imdswatch.reader import Match, Position, read_events
+from scoring.events import Event
+
+BATCH = 2048  # events per batch: a few MB with their lines, a few ms of work each side
+WAIT_CHECK = 0.05  # seconds between the child's checks for a wait on input
+MAX_CALLERS = 65536  # rows in the repeating-fields table; when full, both sides restart it
+PIPE_BYTES = 1 << 20  # asked of the kernel for the pipe (it may give less)
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+# The Event fields that repeat for one caller, in Event's argument order (its per-event
+# ones, `_event` below, left out).
+_CALLER_FIELDS = (
+    "dst_ip", "name", "dst_port", "exe", "command_line", "parent_name", "parent_exe",
+    "user", "uid", "host", "container_id", "image", "namespace", "pod", "cloud", "action",
+    "method", "path", "query", "user_agent", "guarded", "thread_name", "exe_mismatch",
+    "kernel_exe", "proc_exe",
+)
+PER_EVENT_FIELDS = ("ts", "pid", "ppid", "event_id", "_doc", "_raw")
+
+
+def caller_fields(e: Event) -> tuple:
+    """`_CALLER_FIELDS` of `e`, spelt out: twice as fast as an attrgetter here."""
+    return (e.dst_ip, e.name, e.dst_port, e.exe, e.command_line, e.parent_name,
+            e.parent_exe, e.user, e.uid, e.host, e.container_id, e.image, e.namespace, e.pod,
+            e.cloud, e.action, e.method, e.path, e.query, e.user_agent, e.guarded,
+            e.thread_name, e.exe_mismatch, e.kernel_exe, e.proc_exe)
+_HEADER = struct.Struct("<II")  # sizes of the message's marshal part and its line block
+
+Report = Callable[[int, str, str], None]
+
+
+class ForkedReader:
+    """`read_events(lines, match, ...)` run by a forked child; `batches()` gives the
+    parent its (line number, Event) pairs. `waiting`: the Interrupt `lines` was made with
+    (`numbered_lines(source, waiting)`), whose `blocked` says the child waits for input;
+    without it a batch leaves only when full or at the end. After it: `lineno` (the last
+    line read), `skipped` (by reason), `joined` and `join_evicted` (the join's counts)."""
+
+    def __init__(self, lines: Iterable[tuple[int, bytes | None]], match: Match,
+                 waiting: Interrupt | None = None) -> None:
+        self.lineno = 0
+        self.skipped: Counter = Counter()
+        self.joined = 0
+        self.join_evicted = 0
+        self._pid: int | None = None
+        self._input: BinaryIO | None = None
+        for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
+            if stream is not None:
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+        r, w = os.pipe()
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            pass  # a smaller pipe costs more switches, nothing else
+        parent = os.getpid()
+        # The child never frees what it inherits: left in the collector's generations, its
+        # collections would walk (and so copy, page by page) a loaded model it never uses.
+        gc.freeze()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(r)
+            os.close(w)
+            raise InputError(f"cannot start the reader process ({exc.strerror})") from None
+        finally:
+            if os.getpid() == parent:
+                gc.unfreeze()
+        if pid == 0:  # the child: never returns
+            os.close(r)
+            _child(w, lines, match, waiting, parent)
+        os.close(w)
+        self._pid = pid
+        self._input = open(r, "rb", buffering=PIPE_BYTES)  # noqa: SIM115 - closed by close()
+
+    # -- the parent ------------------------------------------------------------------------
+
+    def batches(self, report: Report, stop: Interrupt | None = None
+                ) -> Iterator[list[tuple[int, Event]]]:
+        """The events in file order, a batch at a time; reports malformed lines through
+        `report` as the batches covering them arrive. Raises Interrupted when `stop` is
+        requested, InputError when reading failed (after the events read before)."""
+        callers: list[tuple] = []
+        while True:
+            if stop is not None and stop.requested:
+                raise Interrupted(stop.signum)
+            message = self._receive(stop)
+            if message is None:
+                raise InputError(self._died())
+            if message[0] == "end":
+                _, self.lineno, skipped, self.joined, self.join_evicted, error = message
+                self.skipped = Counter(skipped)
+                self._reap()
+                if error is not None:
+                    raise InputError(error)
+                return
+            (_, restart, new, rows, reports, self.lineno, skipped, self.joined,
+             self.join_evicted), block = message
+            self.skipped = Counter(skipped)
+            for lineno, reason, kind in reports:
+                report(lineno, reason, kind)
+            if restart:
+                callers.clear()
+            callers += new
+            view = memoryview(block)
+            at = 0
+            out = []
+            append = out.append
+            for i, ts, pid, ppid, event_id, lineno, size, doc in rows:
+                if size < 0:
+                    raw = None
+                else:
+                    raw = view[at:at + size]
+                    at += size
+                # Unpacked and passed by position: this line runs once per replayed event.
+                (ip, name, port, exe, cmd, pname, pexe, user, uid, host, cid, image, ns, pod,
+                 cloud, action, method, path, query, ua, guarded, thread, mismatch, kexe,
+                 pexe2) = callers[i]
+                append((lineno, Event(ts, ip, name, port, pid, exe, cmd, ppid, pname, pexe,
+                                      user, uid, host, cid, image, ns, pod, cloud, event_id,
+                                      action, method, path, query, ua, guarded, thread,
+                                      mismatch, kexe, pexe2, doc, raw)))
+            yield out
+
+    def _receive(self, stop: Interrupt | None) -> Any:
+        """The next message, or None at an end without one (the child died)."""
+        f = self._input
+        assert f is not None
+        if stop is not None:
+            stop.blocked = True  # a signal ends the wait (Interrupt.request raises)
+        try:
+            head = f.read(_HEADER.size)
+            if len(head) < _HEADER.size:
+                return None
+            meta_size, block_size = _HEADER.unpack(head)
+            meta = f.read(meta_size)
+            block = f.read(block_size) if block_size else b""
+        finally:
+            if stop is not None:
+                stop.blocked = False
+        if len(meta) < meta_size or len(block) < block_size:
+            return None
+        message = marshal.loads(meta)
+        return message if message[0] == "end" else (message, block)
+
+    def _died(self) -> str:
+        status = self._reap()
+        if status is not None and os.WIFSIGNALED(status):
+            return (f"reading stopped: the reader process was killed by signal "
+                    f"{os.WTERMSIG(status)}")
+        return "reading stopped: the reader process ended without finishing"
+
+    def _reap(self) -> int | None:
+        pid, self._pid = self._pid, None
+        if pid is None:
+            return None
+        try:
+            return os.waitpid(pid, 0)[1]
+        except ChildProcessError:
+            return None
+
+    def close(self) -> None:
+        """Ends the child if it still runs (an early stop) and closes the pipe."""
+        if self._pid is not None:
+            try:
+                os.kill(self._pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if self._input is not None:
+            self._input.close()  # a child blocked writing gets EPIPE
+            self._input = None
+        self._reap()
+
+
+# -- the child -------------------------------------------------------------------------------
+
+
+def _die_with(parent: int) -> None:
+    """Ends this process when `parent` does: it holds what the parent held (the state's
+    lock among them), and a child waiting on a quiet FIFO would otherwise keep it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # gone before the request took effect
+        os._exit(1)
+
+
+def _child(fd: int, lines: Iterable[tuple[int, bytes | None]], match: Match,
+           waiting: Interrupt | None, parent: int) -> None:
+    """Reads and sends everything, then exits without running the parent's clean-up."""
+    status = 0
+    try:
+        _die_with(parent)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # the parent gone: end quietly
+        with open(fd, "wb", buffering=PIPE_BYTES) as out:
+            sender = _Sender(out)
+            if waiting is not None:
+                signal.signal(signal.SIGALRM, lambda _s, _f: sender.send_if(waiting))
+                signal.setitimer(signal.ITIMER_REAL, WAIT_CHECK, WAIT_CHECK)
+            sender.run(lines, match)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except BaseException:  # noqa: BLE001 - the child must never return into the parent's code
+        status = 1
+        try:
+            traceback.print_exc()
+        except BaseException:  # noqa: BLE001, S110
+            pass
+    finally:
+        os._exit(status)
+
+
+class _Sender:
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.ids: dict[tuple, int] = {}
+        self.new: list[tuple] = []
+        self.rows: list[tuple] = []
+        self.lines: list[bytes] = []
+        self.reports: list[tuple[int, str, str]] = []
+        self.restart = False
+        self.sending = False
+        self.position = Position()
+        self.skipped: Counter = Counter()
+        self.join = ProcessJoin()
+
+    def report(self, lineno: int, reason: str, kind: str = "malformed") -> None:
+        self.reports.append((lineno, reason, kind))
+
+    def run(self, lines: Iterable[tuple[int, bytes | None]], match: Match) -> None:
+        error = None
+        ids, rows, raws = self.ids, self.rows, self.lines
+        try:
+            for lineno, ev, _ in read_events(lines, match, self.report, self.skipped,
+                                             self.join, self.position):
+                key = caller_fields(ev)
+                i = ids.get(key)
+                if i is None:
+                    if len(ids) >= MAX_CALLERS:
+                        self.send()
+                        ids.clear()
+                        self.restart = True
+                    i = ids[key] = len(ids)
+                    self.new.append(key)
+                raw = ev._raw
+                if raw is None:
+                    size = -1
+                else:
+                    size = len(raw)
+                    raws.append(raw)
+                rows.append((i, ev.ts, ev.pid, ev.ppid, ev.event_id, lineno, size, ev._doc))
+                if len(rows) >= BATCH:
+                    self.send()
+        except InputError as exc:
+            error = str(exc)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        self.send()
+        self._write(("end", self.position.lineno, dict(self.skipped), self.join.filled,
+                     self.join.evicted, error), b"")
+
+    def send_if(self, waiting: Interrupt) -> None:
+        """From the timer's signal handler: send what is read if the reading waits for
+        input (every event then complete) and no send is under way."""
+        if waiting.blocked and not self.sending:
+            self.send()
+
+    def send(self) -> None:
+        if not self.rows and not self.reports and not self.new:
+            return
+        self.sending = True
+        try:
+            self._send()
+        finally:
+            self.sending = False
+
+    def _send(self) -> None:
+        self._write(("batch", self.restart, self.new, self.rows, self.reports,
+                     self.position.lineno, dict(self.skipped), self.join.filled,
+                     self.join.evicted), b"".join(self.lines))
+        # Emptied in place: `run` holds the same lists.
+        self.new.clear()
+        self.rows.clear()
+        self.reports.clear()
+        self.lines.clear()
+        self.restart = False
+
+    def _write(self, meta: tuple, block: bytes) -> None:
+        data = marshal.dumps(meta)
+        self.out.write(_HEADER.pack(len(data), len(block)))
+        self.out.write(data)
+        if block:
+            self.out.write(block)
+        self.out.flush()  # a message is for now, not when the buffer fills
