@@ -55,8 +55,8 @@ MAX_CALLERS = 65536  # rows in the repeating-fields table; when full, both sides
 PIPE_BYTES = 1 << 20  # asked of the kernel for the pipe (it may give less)
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
-# The Event fields that repeat for one caller, in Event's argument order (its per-event
-# ones, `_event` below, left out).
+# The Event fields that repeat for one caller, in Event's argument order (the per-event
+# ones, PER_EVENT_FIELDS, left out).
 _CALLER_FIELDS = (
     "dst_ip", "name", "dst_port", "exe", "command_line", "parent_name", "parent_exe",
     "user", "uid", "host", "container_id", "image", "namespace", "pod", "cloud", "action",
@@ -72,6 +72,8 @@ def caller_fields(e: Event) -> tuple:
             e.parent_exe, e.user, e.uid, e.host, e.container_id, e.image, e.namespace, e.pod,
             e.cloud, e.action, e.method, e.path, e.query, e.user_agent, e.guarded,
             e.thread_name, e.exe_mismatch, e.kernel_exe, e.proc_exe)
+
+
 _HEADER = struct.Struct("<II")  # sizes of the message's marshal part and its line block
 
 Report = Callable[[int, str, str], None]
