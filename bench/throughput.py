@@ -76,20 +76,19 @@ def parse_baseline(path: Path, loads: Callable[[bytes], object] = orjson.loads
 
 def reading_alone(path: Path) -> tuple[int, float]:
     """The replay's own reading, without scoring: lines to Events through `read_events`
-    (gzip thread, typed decode, `read_doc`), events discarded, at the replay's switch
-    interval. What is left between this and the parse baseline is all scoring may cost
-    before the ratio drops below it."""
+    (gzip thread, typed decode, `read_doc`), events discarded, at the reading process's
+    switch interval: the half of the replay that runs in its reading process."""
     from collections import Counter
 
     from imdswatch.join import ProcessJoin
     from imdswatch.ndjson import numbered_lines
     from imdswatch.reader import read_events
-    from imdswatch.replay_cli import REPLAY_SWITCH_INTERVAL
+    from imdswatch.reader_process import SWITCH_INTERVAL
     from scoring.endpoints import EndpointCatalog
 
     match = EndpointCatalog.from_config().match
     switch = sys.getswitchinterval()
-    sys.setswitchinterval(REPLAY_SWITCH_INTERVAL)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         n = 0
         t = time.perf_counter()

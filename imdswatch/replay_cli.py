@@ -20,8 +20,6 @@ import click
 
 from imdswatch.config import Config
 
-REPLAY_SWITCH_INTERVAL = 0.0005  # seconds (sys.setswitchinterval): see _run
-
 
 def _say(message: str) -> None:
     click.echo(f"imdswatch: {message}", err=True)
@@ -154,13 +152,6 @@ def _run(cfg: Config, events: str, output: str, state_path: str | None,
     from imdswatch.progress import Progress
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    # A gzip input is decompressed by a second thread (imdswatch.ndjson), which needs the
-    # interpreter lock for a moment after every block it inflates; at the default 5 ms
-    # switch interval the busy reader keeps it waiting that long each time, so the two
-    # barely overlap (reading a 500k-line trace took 3.4 s, against 2.5 s for the same
-    # lines uncompressed; at 0.5 ms, 2.5 s). This process is the replay's own.
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(REPLAY_SWITCH_INTERVAL)
     stats = ReplayStats()
     failure: str | None = None
     # On a terminal only: lines, rate, share of the file and ETA, erased at the end.
@@ -176,7 +167,6 @@ def _run(cfg: Config, events: str, output: str, state_path: str | None,
             progress.finish()
         for s, handler in previous.items():
             signal.signal(s, handler)
-        sys.setswitchinterval(switch)
         alerts.close()
     elapsed = time.perf_counter() - started
     status = 0

@@ -269,3 +269,15 @@ def test_the_child_dies_with_its_parent(tmp_path: Path):
         proc.kill()
         proc.wait()
         os.close(writer)
+
+
+def test_a_batch_is_bounded_in_bytes_too(monkeypatch):
+    # Long lines fill a batch before its event count does: what the child holds is bounded.
+    monkeypatch.setattr(reader_process, "BATCH_BYTES", 4096)
+    lines = [orjson.dumps(_doc(i, url={"path": "/" + "a" * 1000})) for i in range(40)]
+    reader = ForkedReader(list(enumerate(lines, 1)), CATALOG.match)
+    try:
+        sizes = [len(b) for b in reader.batches(lambda *r: None)]
+    finally:
+        reader.close()
+    assert sum(sizes) == 40 and max(sizes) <= 4
