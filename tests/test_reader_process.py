@@ -272,12 +272,56 @@ def test_the_child_dies_with_its_parent(tmp_path: Path):
 
 
 def test_a_batch_is_bounded_in_bytes_too(monkeypatch):
-    # Long lines fill a batch before its event count does: what the child holds is bounded.
-    monkeypatch.setattr(reader_process, "BATCH_BYTES", 4096)
+    # Long lines fill a batch's slot before its event count does: what the child holds
+    # is bounded, and every raw line arrives whole.
+    monkeypatch.setattr(reader_process, "SLOT_BYTES", 4096)
     lines = [orjson.dumps(_doc(i, url={"path": "/" + "a" * 1000})) for i in range(40)]
     reader = ForkedReader(list(enumerate(lines, 1)), CATALOG.match)
     try:
-        sizes = [len(b) for b in reader.batches(lambda *r: None)]
+        batches = list(reader.batches(lambda *r: None))
     finally:
         reader.close()
-    assert sum(sizes) == 40 and max(sizes) <= 4
+    sizes = [len(b) for b in batches]
+    assert sum(sizes) == 40 and max(sizes) <= 3
+    assert [bytes(e._raw) for b in batches for _, e in b] == lines
+
+
+def test_slots_are_reused_and_a_line_longer_than_a_slot_arrives_whole(monkeypatch):
+    # Many more batches than slots (the child waits for the parent to give slots back),
+    # lines of every length, one longer than a slot (it travels in its batch's message)
+    # and one read from a copy (no raw line): each Event's raw line is its own line.
+    monkeypatch.setattr(reader_process, "SLOT_BYTES", 2048)
+    monkeypatch.setattr(reader_process, "BATCH", 5)
+    lines = [orjson.dumps(_doc(i, url={"path": "/" + "b" * (i * 37 % 1500)}))
+             for i in range(300)]
+    lines[150] = orjson.dumps(_doc(150, url={"path": "/" + "c" * 5000}))
+    lines[151] = (b'{"@timestamp": "2024-05-01T12:01:00Z", "destination.ip": "169.254.169.254",'
+                  b' "process.name": "dotted", "event.id": "d1"}')
+    reader = ForkedReader(list(enumerate(lines, 1)), CATALOG.match)
+    try:
+        batches = list(reader.batches(lambda *r: None))
+    finally:
+        reader.close()
+    events = [e for b in batches for _, e in b]
+    assert len(batches) > 10 * reader_process.SLOTS
+    assert len(events) == 300 and events[151]._raw is None
+    assert [bytes(e._raw) for e in events if e._raw is not None] == lines[:151] + lines[152:]
+    want, _, _, _ = _in_process(lines)
+    assert [_fields(e) for _, e in want] == [_fields(e) for e in events]
+
+
+def test_replay_raises_the_collector_threshold_while_it_scores_and_restores_it(tmp_path):
+    import gc
+
+    from imdswatch import replay as replay_module
+    from scoring.scorer import Scorer
+
+    path = tmp_path / "t.ndjson"
+    path.write_bytes(b"\n".join(orjson.dumps(_doc(i)) for i in range(30)) + b"\n")
+    before = gc.get_threshold()
+    seen: list[int] = []
+    stats = replay_module.replay(str(path), Scorer(),
+                                 lambda _out: seen.append(gc.get_threshold()[0]))
+    assert stats.scored == 30 and seen
+    assert set(seen) == {replay_module.GC_THRESHOLD} != {before[0]}
+    assert gc.get_threshold() == before
