@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -194,6 +195,29 @@ def test_stop_ends_the_child(tmp_path: Path):
             os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left behind
     finally:
         os.close(writer)
+
+
+def test_closing_ends_a_child_that_waits_for_a_slot(monkeypatch):
+    # The parent takes one batch and stops: the child, every slot handed over, waits for
+    # one to come back; closing ends it and leaves no zombie.
+    monkeypatch.setattr(reader_process, "BATCH", 5)
+    lines = [orjson.dumps(_doc(i)) for i in range(2000)]
+    reader = ForkedReader(list(enumerate(lines, 1)), CATALOG.match)
+    batches = reader.batches(lambda *r: None)
+    assert len(next(batches)) == 5
+    pid = reader._pid
+    assert pid is not None
+    time.sleep(0.3)  # long enough for the child to fill the other slots and wait
+    assert _state(pid) == "S"  # asleep (on the slots' pipe), not running or gone
+    batches.close()
+    reader.close()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def test_a_killed_child_is_an_input_error(tmp_path: Path):
