@@ -39,6 +39,7 @@ class _Facts:
 
     def __init__(self, d: EcsDoc, seen: float) -> None:
         p = d.process
+        assert p is not None, "learn() keeps only documents with a process"
         parent = p.parent
         self.name = _text(p.name)
         self.exe = _text(p.executable)
@@ -99,6 +100,7 @@ class ProcessJoin:
         if not self._facts:
             return
         p = d.process
+        assert p is not None, "an Event has a process name"
         own = self._get(_text(p.entity_id), ev.ts)
         parent_id = _text(p.parent.entity_id) if p.parent is not None else None
         if parent_id is None and own is not None:

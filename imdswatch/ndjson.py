@@ -27,7 +27,7 @@ import stat
 import sys
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import BinaryIO
 
 BLOCK = 1 << 20
@@ -207,7 +207,7 @@ def _prefetched(blocks: Iterator[bytes], stop: Interrupt | None) -> Iterator[byt
         worker.join()
 
 
-def _blocks(raw: BinaryIO, stop: Interrupt | None) -> Iterator[bytes]:
+def _blocks(raw: BinaryIO, stop: Interrupt | None) -> Generator[bytes, None, None]:
     chunks = _reads(raw, stop)
     first = b""
     # A pipe may deliver a single byte first: gather two to see the gzip magic.

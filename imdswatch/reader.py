@@ -97,7 +97,7 @@ def read_events(
             except MalformedEvent as bad:
                 report(lineno, str(bad), bad.kind)
                 continue
-            if out.__class__ is tuple:
+            if isinstance(out, tuple):
                 if joined:
                     join.fill(out[0], d.source if d.source is not None else d)  # type: ignore[union-attr]
                 if not_metadata:  # counts are current whenever an event is handed out
@@ -122,25 +122,26 @@ def _one_document_if_pretty(lines: Iterator[tuple[int, bytes | None]]
     first = next(lines, None)
     if first is None:
         return iter(())
-    if first[1] is None or first[1].strip() not in (b"{", b"["):
+    head = first[1]
+    if head is None or head.strip() not in (b"{", b"["):
         # The lines themselves (chained in C: no generator step per line).
         return chain((first,), lines)
-    return _one_document(first, lines)
+    return _one_document(first[0], head, lines)
 
 
-def _one_document(first: tuple[int, bytes | None], lines: Iterator[tuple[int, bytes | None]]
+def _one_document(lineno: int, head: bytes, lines: Iterator[tuple[int, bytes | None]]
                   ) -> Iterator[tuple[int, bytes | None]]:
-    parts = [first[1]]
-    size = len(first[1])
+    parts = [head]
+    size = len(head)
     for _, line in lines:
         if line is None or size + len(line) + 1 > MAX_LINE_BYTES:
             for _ in lines:  # read to the end; the whole input is one refused line
                 pass
-            yield first[0], None
+            yield lineno, None
             return
         parts.append(line)
         size += len(line) + 1
-    yield first[0], b"\n".join(parts)
+    yield lineno, b"\n".join(parts)
 
 
 def _skip(d: EcsDoc, reason: str, skipped: Counter, join: ProcessJoin | None) -> None:
@@ -197,7 +198,7 @@ def _read_docs(lineno: int, docs: list, label: str | None, match: Match, report:
         except MalformedEvent as bad:
             report(lineno, f"{where}{bad}", bad.kind)
             continue
-        if out.__class__ is tuple:
+        if isinstance(out, tuple):
             if join is not None:
                 join.fill(out[0], d.source if d.source is not None else d)
             yield lineno, out[0], out[1]
@@ -210,7 +211,7 @@ def _is_process_event(d: EcsDoc) -> bool:
     if e is None or d.destination is not None or d.process is None:
         return False
     cat = e.category
-    return cat == "process" or (cat.__class__ is list and "process" in cat)
+    return cat == "process" or (isinstance(cat, list) and "process" in cat)
 
 
 def _time_or_none(d: EcsDoc) -> float | None:

@@ -187,7 +187,7 @@ class ForkedReader:
             # batch was fresh memory, page by page, every time.
             shm = self._shm
             at = slot * self._slot_bytes
-            out = []
+            out: list[tuple[int, Event]] = []
             append = out.append
             for i, ts, pid, ppid, event_id, lineno, size, doc in rows:
                 if size.__class__ is not int:

@@ -37,16 +37,21 @@ class MalformedEvent(ValueError):
         self.kind = kind
 
 
+# Every attribute of an Event. Compiled (setup.py), Event keeps no `__slots__` of its own
+# to list them: tests read this to check that each is read, carried and handed over.
+EVENT_FIELDS = (
+    "ts", "dst_ip", "dst_port", "name", "pid", "exe", "command_line", "ppid",
+    "parent_name", "parent_exe", "user", "uid", "host", "container_id", "image",
+    "namespace", "pod", "cloud", "event_id", "action", "method", "path", "query",
+    "user_agent", "guarded", "thread_name", "exe_mismatch", "kernel_exe", "proc_exe",
+    "_doc", "_raw",
+)
+
+
 class Event:
     """One connection attempt to (possibly) a metadata endpoint, at event time `ts`."""
 
-    __slots__ = (
-        "ts", "dst_ip", "dst_port", "name", "pid", "exe", "command_line", "ppid",
-        "parent_name", "parent_exe", "user", "uid", "host", "container_id", "image",
-        "namespace", "pod", "cloud", "event_id", "action", "method", "path", "query",
-        "user_agent", "guarded", "thread_name", "exe_mismatch", "kernel_exe", "proc_exe",
-        "_doc", "_raw",
-    )
+    __slots__ = EVENT_FIELDS
 
     def __init__(
         self,
@@ -122,8 +127,9 @@ class Event:
         self.exe_mismatch = exe_mismatch
         self.kernel_exe = kernel_exe
         self.proc_exe = proc_exe
-        self._doc = doc
-        self._raw = raw
+        # The raw line until `doc` decodes it, then the marker that `_doc` is safe.
+        self._doc: Any = doc
+        self._raw: Any = raw
 
     @property
     def doc(self) -> dict | None:
@@ -155,8 +161,8 @@ class Event:
         # A user without a name is its uid (the detectors judge `uid:N`): two such users
         # must not share an entity.
         user = self.user if self.user is not None else (self.uid and f"uid:{self.uid}")
-        sig = (self.name, self.exe, user, self.parent_name, self.image, self.namespace,
-               self.host)
+        sig: tuple = (self.name, self.exe, user, self.parent_name, self.image,
+                      self.namespace, self.host)
         if self.exe_mismatch is not None:  # judged by the exe_mismatch detector
             sig = (*sig, self.exe_mismatch, self.kernel_exe, self.proc_exe)
         if self.method is None and self.path is None:
@@ -362,7 +368,7 @@ def read_doc(
         raise MalformedEvent("a _search response page is read as a whole line only")
     dst = d.destination
     ip = dst.ip if dst is not None else None
-    if not ip:
+    if dst is None or not ip:
         e = d.event
         category = e.category if e is not None else None
         if category is not None and not _has(category, "network"):
@@ -382,14 +388,14 @@ def read_doc(
         reason = call_skip_reason(d)
         if reason is not None:
             return reason
-    ts = d.timestamp
-    if ts.__class__ is str and ts == _last[0]:  # parse_timestamp's cache, inline
+    when = d.timestamp
+    if when.__class__ is str and when == _last[0]:  # parse_timestamp's cache, inline
         ts = _last[1]
     else:
-        ts = parse_timestamp(ts)
+        ts = parse_timestamp(when)
     p = d.process
     name = p.name if p is not None else None
-    if name is None:
+    if p is None or name is None:
         raise MalformedEvent("process.name is missing", "missing field")
     pid = p.pid
     if pid is not None and not 0 <= pid <= 0xFFFFFFFF:
@@ -578,6 +584,6 @@ def event_from_ecs(doc: Any) -> Event:
     tracer only ever sends calls."""
     d, copied = typed_doc(doc)
     out = read_doc(d, doc=copied)
-    if out.__class__ is str:
-        raise MalformedEvent(out, "not a call")  # type: ignore[arg-type]
-    return out[0]  # type: ignore[index]
+    if isinstance(out, str):
+        raise MalformedEvent(out, "not a call")
+    return out[0]

@@ -42,6 +42,7 @@ import hashlib
 import heapq
 import math
 from collections.abc import Callable, Hashable, Iterator
+from typing import Any
 
 HOUR = 3600.0
 DAY = 24 * HOUR
@@ -208,7 +209,9 @@ class Sketch:
         for mine, theirs in _aligned(self, other):
             if theirs is None:
                 continue
-            for i, r in enumerate(theirs):
+            # Indexed, not enumerate(): mypyc (1.14-2.4) cannot compile a loop over a bytearray.
+            for i in range(len(theirs)):
+                r = theirs[i]
                 if mine[i] < r:
                     mine[i] = r
         self._recount()
@@ -236,8 +239,9 @@ def _aligned(a: Sketch, b: Sketch) -> Iterator[tuple[bytearray, bytearray | None
 
 
 # The hosts of an entry: None, one `Host` (most entries: no set to pay for), a set of
-# `Host`s up to EXACT_HOSTS, then a `Sketch`.
-HostSet = None | Host | set | Sketch
+# `Host`s up to EXACT_HOSTS, then a `Sketch`. Told apart by `__class__` on the hot path, which
+# a type checker cannot follow: to it (and to the compiled module) the union is `Any`.
+HostSet = Any
 
 
 def hosts_len(hs: HostSet) -> int:
@@ -368,6 +372,7 @@ class RarityTable:
         """How likely a value at most as common as `value` is in `ctx` now."""
         c, e = self.lookup(ctx, value)
         clock = self.clock
+        assert clock is not None, "a table is read on its scorer's clock"
         return probability(clock, c, e, w, clock.now if clock.now is not None else 0.0)
 
     def count(self, ctx: Hashable, value: Hashable, w: float) -> float:

@@ -210,7 +210,7 @@ class Scorer:
         self.first_ts: float | None = None
         self.last_ts: float | None = None
         self.events_learned = 0
-        self.last_alert: dict[tuple, float] = {}
+        self.last_alert: dict[tuple, tuple[float, float]] = {}
         self.bursts: dict[str, _Burst] = {}
         self._thresholds = tuple(self.settings.threshold_for(d.name) for d in DETECTORS)
         self._factor = self.settings.known_caller_factor

@@ -34,6 +34,9 @@ import yaml  # noqa: E402
 from daemonset_podman import DAEMONSET, SERVE_DEPLOYMENT, translate  # noqa: E402
 from fleet_fixtures import post  # noqa: E402
 from netns_fixtures import MetadataNamespace, free_port, wait_for, warm_state  # noqa: E402
+from test_compiled import setup_list  # noqa: E402
+
+COMPILED_MODULES = [p.removesuffix(".py").replace("/", ".") for p in setup_list()]
 
 IMDS = "169.254.169.254"
 NODE = "imdswatch-image-node"
@@ -320,7 +323,18 @@ def main() -> int:
                 f"without the token, alert {alert['anomaly']['detector']} "
                 f"{alert['anomaly']['score']:.0f} for the posted curl, SIGTERM exit 0")
 
+    def compiled() -> str:
+        # The hot path as `make bench` measured it: mypyc's builds, not the sources.
+        code = ("import importlib; print(' '.join(importlib.import_module(m).__file__ "
+                f"for m in {COMPILED_MODULES!r}))")
+        r = podman("run", "--rm", "--entrypoint=/opt/imdswatch/bin/python", image, "-c", code)
+        files = r.stdout.split()
+        check(len(files) == len(COMPILED_MODULES) and all(f.endswith(".so") for f in files),
+              f"modules not compiled in the image: {r.stdout}{r.stderr}")
+        return f"{len(files)} modules compiled"
+
     steps = [
+        ("hot path compiled", compiled),
         ("doctor without privileges", doctor_unprivileged),
         ("doctor as the DaemonSet runs it", doctor_as_daemonset),
         ("start: liveness, readiness", start_ready),

@@ -21,7 +21,7 @@ from imdswatch.ndjson import InputError, Interrupt, Interrupted, numbered_lines
 from imdswatch.reader import read_events
 from imdswatch.reader_process import PER_EVENT_FIELDS, ForkedReader
 from scoring.endpoints import EndpointCatalog
-from scoring.events import Event
+from scoring.events import EVENT_FIELDS, Event
 
 CATALOG = EndpointCatalog.from_config()
 
@@ -105,7 +105,7 @@ def _forked(lines, stop=None):
 
 def _fields(ev: Event) -> dict:
     out = {}
-    for name in Event.__slots__:
+    for name in EVENT_FIELDS:
         v = getattr(ev, name)
         out[name] = bytes(v) if isinstance(v, memoryview) else v
     return out
@@ -130,7 +130,7 @@ def test_every_field_every_report_and_count_as_in_process():
     assert any(e.event_id == "hit-1" for e in evs)
     full = next(e for e in evs if e.name == "full")
     values = [v for v in _fields(full).values() if v is not None]
-    assert len(values) == len(Event.__slots__) - 1  # all but the copied document
+    assert len(values) == len(EVENT_FIELDS) - 1  # all but the copied document
     dotted = next(e for e in evs if e.name == "dotted")
     assert dotted._raw is None and dotted.doc["process"]["name"] == "dotted"
     # An alert's document comes from the raw line handed over as a slice of its batch.
@@ -140,13 +140,23 @@ def test_every_field_every_report_and_count_as_in_process():
 def test_the_transport_covers_every_event_field():
     # A field added to Event must be handed over too (or this fails).
     fields = reader_process._CALLER_FIELDS
-    assert set(fields) | set(PER_EVENT_FIELDS) == set(Event.__slots__)
+    assert set(fields) | set(PER_EVENT_FIELDS) == set(EVENT_FIELDS)
     assert not set(fields) & set(PER_EVENT_FIELDS)
-    # The spelt-out tuple is the list's, field for field (every value distinct).
+    # The spelt-out tuple is the list's, field for field: every value distinct, of the
+    # field's own type (the compiled Event refuses any other).
     ev = Event(0.0, "x", "y")
+    values = []
+    flags = iter((True, False))
     for k, name in enumerate(fields):
-        setattr(ev, name, f"v{k}")
-    assert reader_process.caller_fields(ev) == tuple(f"v{k}" for k in range(len(fields)))
+        for v in (f"v{k}", 1000 + k, None):
+            try:
+                setattr(ev, name, next(flags) if v is None else v)
+                break
+            except TypeError:
+                continue
+        values.append(getattr(ev, name))
+    assert len(set(map(repr, values))) == len(fields)
+    assert reader_process.caller_fields(ev) == tuple(values)
 
 
 def test_caller_table_restarts_when_full(monkeypatch):
