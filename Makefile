@@ -7,6 +7,9 @@ PACKAGES := imdswatch scoring tracer exporters fleet
 COMPILED := scoring/events.py scoring/endpoints.py scoring/known_callers.py scoring/rarity.py \
 	scoring/detectors.py scoring/scorer.py imdswatch/join.py imdswatch/reader.py \
 	imdswatch/reader_process.py imdswatch/replay.py
+# The project's modules they import, interpreted: the compile reads their types too.
+COMPILED_IMPORTS := scoring/ecs_schema.py scoring/settings.py scoring/exceptions.py \
+	scoring/durations.py imdswatch/ndjson.py
 COMPILED_STAMP := $(VENV)/.compiled
 
 .PHONY: setup run demo test lint bench bench-quick clean test-kernels test-image
@@ -20,7 +23,7 @@ $(STAMP): pyproject.toml setup.py scripts/setup.sh scripts/kernel-headers.sh
 
 # The editable install keeps each compiled module beside its source, where it is imported
 # instead of it: an edited source is compiled again before anything runs.
-$(COMPILED_STAMP): $(COMPILED) | $(STAMP)
+$(COMPILED_STAMP): $(COMPILED) $(COMPILED_IMPORTS) | $(STAMP)
 	$(PY) setup.py -q build_ext --inplace -j 2 >/dev/null
 	touch ./*__mypyc.*.so $(COMPILED_STAMP)  # rebuilt, or already the sources' build
 
