@@ -39,14 +39,18 @@ log = logging.getLogger("imdswatch.agent")
 
 POLL_MS = 100
 HOUSEKEEPING_S = 1.0
+# How often freed heap goes back to the kernel (well under a millisecond with a full model):
+# the model's daily pruning and its evictions under a name flood free memory in the middle
+# of the heap, which glibc keeps mapped, and the DaemonSet's limit counts it.
+TRIM_S = 60.0
 LIVE_STALL_S = 30.0
 
 
 def release_freed_memory() -> None:
-    """Give the heap that compiling the BPF programs freed back to the kernel. glibc keeps
-    freed memory mapped, so LLVM's compile (and each probe mode auto tried) would stay in
-    the agent's resident set, which the DaemonSet's memory limit counts, for its lifetime
-    (about 40 MB here)."""
+    """Give freed heap back to the kernel. glibc keeps freed memory mapped, so LLVM's
+    compile (and each probe mode auto tried) would stay in the agent's resident set, which
+    the DaemonSet's memory limit counts, for its lifetime (about 40 MB here); so would
+    what the model frees when it prunes or evicts (every TRIM_S)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
@@ -310,6 +314,7 @@ class Agent:
         assert self.tracer is not None and self.metrics is not None
         interval = float(self.config.agent.state_save_interval)
         next_house = time.monotonic() + HOUSEKEEPING_S
+        next_trim = time.monotonic() + TRIM_S
         next_save = time.monotonic() + interval if self.state_path and interval > 0 else None
         while not self.stop.is_set():
             self.tracer.poll(POLL_MS, self.handle)
@@ -324,6 +329,10 @@ class Agent:
             if next_save is not None and now >= next_save:
                 next_save = now + interval
                 self.save()
+                next_trim = now  # saving built the state's chunks: free them now
+            if now >= next_trim:
+                next_trim = now + TRIM_S
+                release_freed_memory()
 
     def housekeeping(self) -> None:
         assert self.tracer is not None and self.metrics is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Hashable
 from math import log10
+from typing import cast
 
 from scoring.detectors import (
     DETECTOR_NAMES,
@@ -112,12 +113,15 @@ QUIET_P = probability_for_score(QUIET_SCORE)
 # counts only grow, and nothing reads them before the next full scoring or save).
 QUIET_FOR = 6 * HOUR
 QUIET_MAX = 24 * HOUR
-# Bounds the memory of the callers memo (about 1.4 KB a caller): a quarter of the cap on
-# entries, from CALLER_MIN to CALLER_MAX; past it the memo starts again from empty. The
-# upper bound is for the fleet scorer, whose 1.2M-entry cap would otherwise let the memo
-# alone hold 300k callers (~400 MB) for a speed-up that a fleet's spread of callers does
-# not repay.
-CALLER_MIN = 10_000
+# Bounds the memory of the callers memo (about 0.8 KB a caller): an eighth of the cap on
+# entries, from CALLER_MIN to CALLER_MAX; past it the memo starts again from empty. A
+# caller has 5-7 entries, so an eighth holds every caller the model can keep with room to
+# spare, and under a flood of new names (each seen once: nothing to reuse) the memo's
+# share of the agent's memory stays small (75k entries: 9,375 callers, ~8 MB). The upper
+# bound is for the fleet scorer, whose 1.2M-entry cap would otherwise let the memo alone
+# hold 150k callers (~120 MB) for a speed-up that a fleet's spread of callers does not
+# repay.
+CALLER_MIN = 4_000
 CALLER_MAX = 50_000
 # Entries whose decayed count fell below this are pruned (a single call, after ~4.3
 # half-lives), and hosts silent for HOST_RETIRE half-lives are retired, each day.
@@ -148,17 +152,17 @@ class _Caller:
     parent, image, namespace, host): its detectors' keys, where their counts live, and
     whether it is common. Valid while the model's generation is `gen`."""
 
-    __slots__ = ("host", "known", "keys", "refs", "nodes", "gen", "quiet_until", "quiet_for",
+    __slots__ = ("host", "known", "keys", "nodes", "gen", "quiet_until", "quiet_for",
                  "pending", "dirty", "day", "last_ts")
 
     def __init__(self, host: Host, known: bool, keys: tuple, gen: int) -> None:
         self.host = host
         self.known = known
         self.keys = keys  # ((detector index, context, value), ...)
-        self.refs: list[tuple[Context, Entry]] | None = None
-        # The same contexts and entries as one flat tuple, in the same order: what `_flush`
-        # adds a deferred count to (one loop step each instead of a pair to unpack).
-        self.nodes: tuple[Entry, ...] = ()
+        # Where the keys' counts live once learned: context, entry, context, entry, ... in
+        # the keys' order (None before). One flat tuple rather than a list of pairs: a
+        # flood of new names fills the memo, and pairs cost ~0.7 KB more per caller.
+        self.nodes: tuple[Entry, ...] | None = None
         self.gen = gen
         self.quiet_until = -1.0
         self.quiet_for = QUIET_FOR / 2  # doubled by the first quiet verdict
@@ -220,7 +224,7 @@ class Scorer:
         self._dirty: list[_Caller] = []
         self._gen = 0
         self._over_cap = False
-        self._caller_limit = min(CALLER_MAX, max(CALLER_MIN, self.settings.max_entities // 4))
+        self._caller_limit = min(CALLER_MAX, max(CALLER_MIN, self.settings.max_entities // 8))
         self._epoch_len = HOST_RETIRE * self.settings.half_life / 2
 
     # -- time ------------------------------------------------------------------
@@ -317,12 +321,18 @@ class Scorer:
         best_i, best_margin = -1, -1e9
         best_ref: tuple[Context | None, Entry | None] = (None, None)
         min_p = 1.0
-        refs = caller.refs
+        nodes = caller.nodes
+        c: Context | None
+        e: Entry | None
         for k, (i, ctx, value) in enumerate(caller.keys):
             det = DETECTORS[i]
             if det.judges is not None and not det.judges(event):
                 continue  # learned, not scored
-            c, e = refs[k] if refs is not None else tables[i].lookup(ctx, value)
+            if nodes is not None:
+                c = cast(Context, nodes[2 * k])
+                e = nodes[2 * k + 1]
+            else:
+                c, e = tables[i].lookup(ctx, value)
             p = (probability(clock, c, e, w, ts) if det.probability is None
                  else det.probability(tables[i], ctx, value, w))
             if p < min_p:
@@ -389,18 +399,19 @@ class Scorer:
         caller.day = day
         epoch = int(ts // self._epoch_len)
         slot_idx, slot_rank = host.slot
-        refs = caller.refs
-        if refs is None:
+        nodes = caller.nodes
+        if nodes is None:
             tables = self.tables
-            refs = caller.refs = [tables[i].ensure(ctx, value, ts) for i, ctx, value in
-                                  caller.keys]
-            caller.nodes = tuple(x for pair in refs for x in pair)
+            nodes = caller.nodes = tuple(x for i, ctx, value in caller.keys
+                                         for x in tables[i].ensure(ctx, value, ts))
             if self.entities > self.settings.max_entities:
                 self._over_cap = True
         pending = caller.pending
         if pending:
             caller.pending = 0.0  # still listed as dirty: `_flush` adds nothing then
-        for c, e in refs:
+        for k in range(0, len(nodes), 2):
+            c = cast(Context, nodes[k])
+            e = nodes[k + 1]
             c.n += w + pending
             e.n += w + pending
             if e.day != day:
@@ -446,8 +457,9 @@ class Scorer:
             return
         for caller in dirty:
             pending = caller.pending
-            if caller.gen == self._gen:
-                for x in caller.nodes:
+            nodes = caller.nodes
+            if caller.gen == self._gen and nodes is not None:
+                for x in nodes:
                     x.n += pending
             host = caller.host
             if caller.last_ts > host.last_seen:
@@ -500,11 +512,12 @@ class Scorer:
         for sig, caller in self._callers.items():
             if caller.host in retired:
                 continue
-            refs = caller.refs
-            if refs is not None:
-                for (i, ctx, value), (c, e) in zip(caller.keys, refs, strict=True):
+            nodes = caller.nodes
+            if nodes is not None:
+                for k, (i, ctx, value) in enumerate(caller.keys):
+                    c = cast(Context, nodes[2 * k])
                     found = tables[i].contexts.get(ctx)
-                    if found is not c or c.values.get(value) is not e:
+                    if found is not c or c.values.get(value) is not nodes[2 * k + 1]:
                         break
                 else:
                     caller.gen = self._gen

@@ -62,3 +62,25 @@ def test_keeping_callers_over_maintenance_changes_no_verdict_and_saves_scoring()
     assert kept == forgot
     assert sum(1 for o in kept if o[2]) >= 4  # the newcomers and the attacker alert
     assert kept_full < forgot_full * 0.8, (kept_full, forgot_full)
+
+
+def test_memo_stays_within_an_eighth_of_the_entry_cap_under_a_name_flood():
+    """A flood of new names (each seen once) fills the memo with callers it never reuses:
+    it is emptied at its bound, an eighth of the entry cap (at least CALLER_MIN), so its
+    memory stays a small share of the model's, and nothing it held is lost from the
+    model (the flood's names are still learned, within the cap)."""
+    from scoring import scorer as scorer_module
+
+    s = ScorerSettings()
+    s.max_entities = 80_000
+    scorer = Scorer(s)
+    limit = max(scorer_module.CALLER_MIN, 80_000 // 8)
+    assert scorer._caller_limit == limit == 10_000
+    peak = 0
+    for i in range(25_000):
+        scorer.process(Event(T0 + i * 0.01, IMDS, f"f{i:06x}", dst_port=80,
+                             exe="/usr/bin/python3.11", user="root", host="node-1"))
+        peak = max(peak, len(scorer._callers))
+    assert peak == limit
+    assert scorer.entities <= s.max_entities + 16
+    assert scorer.tables[0].distinct(None) > limit  # names past the memo's bound learned

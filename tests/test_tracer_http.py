@@ -116,6 +116,26 @@ def test_idle_connection_reported_then_later_request_too():
     assert len(out) == 2 and out[1]["url"]["path"] == "/x"
 
 
+def test_reported_connection_keeps_a_compact_copy_and_later_requests_see_it_all():
+    """Once a connection's document has gone out, the tracker keeps it marshalled (a flood
+    of refused connects held ~45 MB of dicts otherwise); every later document is derived
+    from it with all the original fields, and none changes one already emitted."""
+    t, out, _stopped, now = _tracker()
+    now[0] += IDLE_SECONDS + 0.1
+    t.tick()
+    first = out[0]
+    snapshot = repr(first)
+    assert isinstance(t.conns[COOKIE].doc, bytes)
+    assert len(t.conns[COOKIE].doc) < 200
+    t.segment(Segment(KIND_DATA, COOKIE, 1, 1, 40,
+                      b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n"))
+    assert [d["url"]["path"] for d in out[1:]] == ["/a", "/b"]
+    for d in out[1:]:
+        assert d["process"] == {"name": "c"} and d["event"]["action"] == "http_request"
+    assert [d["event"]["id"] for d in out[1:]] == ["x-r1", "x-r2"]
+    assert repr(first) == snapshot and "url" not in first
+
+
 def test_connection_table_is_bounded(monkeypatch):
     import tracer.requests as r
 

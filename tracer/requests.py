@@ -24,6 +24,7 @@ What is emitted (contract section 1):
 from __future__ import annotations
 
 import logging
+import marshal
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,7 +44,12 @@ MAX_REQUESTS_PER_SEGMENT = 64  # pipelining bound: a segment of 1 KiB holds ~20 
 
 @dataclass(slots=True)
 class _Conn:
-    doc: dict
+    # The connection's document: the dict until it has gone out once, then marshalled
+    # (`_doc` reads either). Up to MAX_CONNECTIONS connections are followed, reported ones
+    # too (a keep-alive request may still come), and refused connects never close from
+    # the caller's side: as dicts (~5.7 KB each) a flood of them held ~45 MB until
+    # evicted, marshalled under 1 KB each.
+    doc: dict | bytes
     created: float
     buf: bytearray = field(default_factory=bytearray)  # unparsed bytes from `pos` on
     pos: int | None = None  # stream position (TCP sequence) of the next request / of buf[0]
@@ -309,17 +315,36 @@ class RequestTracker:
 
     # -- documents ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _doc(conn: _Conn) -> dict:
+        d = conn.doc
+        return marshal.loads(d) if isinstance(d, bytes) else d
+
+    @staticmethod
+    def _compact(conn: _Conn) -> None:
+        """After its document went out, keep the connection's own copy small (the emitted
+        dict belongs to the scorer now; later documents are derived from a fresh copy)."""
+        if isinstance(conn.doc, dict):
+            try:
+                conn.doc = marshal.dumps(conn.doc)
+            except ValueError:  # not plain data (never from tracer.ecs): keep the dict
+                pass
+
     def _report_connection(self, conn: _Conn) -> None:
         conn.reported = True
         self.stats.connections_without_request += 1
-        self.emit(conn.doc)
+        doc = self._doc(conn)
+        self._compact(conn)
+        self.emit(doc)
 
-    def _derived(self, conn: _Conn, ts_ns: int | None, action: str, n: int) -> tuple[dict,
-                                                                                     dict]:
-        base = conn.doc
+    def _derived(self, conn: _Conn, ts_ns: int | None, action: str | None, n: int
+                 ) -> tuple[dict, dict]:
+        base = self._doc(conn)
+        self._compact(conn)
         doc = dict(base)
         event = dict(base["event"])
-        event["action"] = action
+        if action is not None:
+            event["action"] = action
         if n:
             event["id"] = f"{event['id']}-r{n}"
         doc["event"] = event
@@ -353,6 +378,6 @@ class RequestTracker:
         if conn.reported:
             return
         conn.reported = True
-        doc, imds = self._derived(conn, None, conn.doc["event"]["action"], 0)
+        doc, imds = self._derived(conn, None, None, 0)
         imds["request"] = {"unreadable": why}
         self.emit(doc)
