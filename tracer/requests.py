@@ -159,7 +159,7 @@ class RequestTracker:
             conn = self.conns.get(cookie)
             if conn is not None and not conn.reported:
                 # Still followed afterwards (keep-alive) until it closes or is evicted.
-                self._report_connection(conn)
+                self._report_connection(conn, followed=True)
         for tid, (t, doc) in list(self._connects.items()):
             if now - t >= JOIN_SECONDS:
                 # No SYN followed (the connect failed before sending one): a connection.
@@ -330,11 +330,14 @@ class RequestTracker:
             except ValueError:  # not plain data (never from tracer.ecs): keep the dict
                 pass
 
-    def _report_connection(self, conn: _Conn) -> None:
+    def _report_connection(self, conn: _Conn, followed: bool = False) -> None:
+        """`followed`: the connection stays in the table, so its copy is kept compact
+        (closed and evicted ones are dropped: nothing to keep)."""
         conn.reported = True
         self.stats.connections_without_request += 1
         doc = self._doc(conn)
-        self._compact(conn)
+        if followed:
+            self._compact(conn)
         self.emit(doc)
 
     def _derived(self, conn: _Conn, ts_ns: int | None, action: str | None, n: int
