@@ -2,14 +2,14 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
-PACKAGES := imdswatch scoring tracer exporters fleet
+PACKAGES := tracer scoring intake exporters lab fleet imdswatch
 # The modules setup.py compiles with mypyc (keep in step with its COMPILED: a test checks).
 COMPILED := scoring/events.py scoring/endpoints.py scoring/known_callers.py scoring/rarity.py \
-	scoring/detectors.py scoring/scorer.py imdswatch/join.py imdswatch/reader.py \
-	imdswatch/reader_process.py imdswatch/replay.py
+	scoring/detectors.py scoring/scorer.py intake/parser.py intake/join.py intake/reader.py \
+	intake/forked_reader.py intake/reorder.py imdswatch/replay.py
 # The project's modules they import, interpreted: the compile reads their types too.
-COMPILED_IMPORTS := scoring/ecs_schema.py scoring/settings.py scoring/exceptions.py \
-	scoring/durations.py imdswatch/ndjson.py
+COMPILED_IMPORTS := intake/ecs_schema.py scoring/settings.py scoring/allowlist.py \
+	scoring/durations.py intake/ndjson.py
 COMPILED_STAMP := $(VENV)/.compiled
 
 .PHONY: setup run demo test lint bench bench-quick clean test-kernels test-image

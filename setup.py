@@ -25,9 +25,11 @@ COMPILED = [
     "scoring/rarity.py",
     "scoring/detectors.py",
     "scoring/scorer.py",
-    "imdswatch/join.py",
-    "imdswatch/reader.py",
-    "imdswatch/reader_process.py",
+    "intake/parser.py",
+    "intake/join.py",
+    "intake/reader.py",
+    "intake/forked_reader.py",
+    "intake/reorder.py",
     "imdswatch/replay.py",
 ]
 

@@ -3,7 +3,7 @@ probe `auto`, a warmed state) and, in a private network namespace holding the me
 address, one process that renames itself (prctl on its thread-group leader) before each
 connect, 200,000 names (20,000 with --quick), paced so that the agent reads most events
 (the model's worst case: the names reach it). Then a real attack (a copy of curl under a
-name and uid of its own asks for the role's credentials, tests/flood_attack.py) must still
+name and uid of its own asks for the role's credentials, lab/flood_attack.py) must still
 alert.
 
 Figures, each beside a baseline from the same run: the agent's peak RSS (VmHWM) against
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.rows import Row
 
-TESTS = Path(__file__).resolve().parent.parent / "tests"
+LAB = Path(__file__).resolve().parent.parent / "lab"
 IMDS = "169.254.169.254"
 RSS_TARGET_MIB = 256
 STATE_TARGET_MB = 20
@@ -51,11 +51,12 @@ def run(quick: bool = False, names: int | None = None) -> list[Row]:
     reason = _skip_reason()
     if reason:
         return [Row(f"agent flood: skipped ({reason})", None, "")]
-    sys.path.insert(0, str(TESTS))
-    from flood_attack import unusual_curl
-    from netns_fixtures import AgentProcess, MetadataNamespace, wait_for, warm_state
-
-    from imdswatch.config import AGENT_MAX_ENTITIES
+    from lab.agent_process import AgentProcess
+    from lab.flood_attack import unusual_curl
+    from lab.history import warm_state
+    from lab.sandbox import Sandbox as MetadataNamespace
+    from lab.wait import wait_for
+    from scoring.settings import AGENT_MAX_ENTITIES
 
     names = names or (20_000 if quick else 200_000)
     cap = AGENT_MAX_ENTITIES  # the agent's default
@@ -72,7 +73,7 @@ def run(quick: bool = False, names: int | None = None) -> list[Row]:
             rss_start, hwm_start = agent.rss_kb()
             before = {n: agent.metric(n) for n in COUNTERS}
             prefix = f"f{secrets.token_hex(2)}"
-            r = ns.run(["python3", str(TESTS / "name_flood_client.py"), IMDS, "9", str(names),
+            r = ns.run(["python3", str(LAB / "name_flood_client.py"), IMDS, "9", str(names),
                         str(names / RATE * 3 + 60), prefix, str(RATE)],
                        timeout=names / RATE * 3 + 120)
             made, seconds = int(r.stdout.split()[0]), float(r.stdout.split()[1])

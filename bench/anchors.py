@@ -48,7 +48,7 @@ class FalcoMetadataFromContainer:
     where the shipped `user_known_metadata_access` is `k8s.ns.name = "kube-system"`.
     Here: every connection attempt is `outbound`; `container` is a container id being
     present; the namespace is `orchestrator.namespace`. Only the IPv4 address matches
-    (no IPv6 IMDS, no ECS/EKS/WireServer/GKE endpoints). Falco evaluates each syscall as
+    (no IPv6 IMDS, no AWS ECS/EKS/WireServer/GKE endpoints). Falco evaluates each syscall as
     it happens, so an alert is raised at the event's own time and every matching event
     is its own alert.
     """
@@ -228,7 +228,7 @@ class ElasticNewTermsImds:
         return self.detections
 
 
-# Substrings of the credential and token paths of AWS IMDS (and Alibaba's RAM), the ECS
+# Substrings of the credential and token paths of AWS IMDS (and Alibaba's RAM), the AWS ECS
 # and EKS Pod Identity credential endpoints, GCP's service-account tokens and Azure's
 # managed identity, as a hand-written SIEM or Falco rule on `url.path` would list them.
 _SECRET_PATHS = re.compile(

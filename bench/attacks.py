@@ -7,7 +7,7 @@ Each actor is one intrusion: the same process on the same host, a handful of met
 connections (or a beacon, or a burst). Their kinds follow what is seen in the wild and
 what the issue asks for: web shells, interpreters in containers, masquerading binaries,
 common tools run by an unusual user or parent, and the endpoints other than
-169.254.169.254 (IPv6 IMDS, the ECS task endpoint, EKS Pod Identity, Azure WireServer).
+169.254.169.254 (IPv6 IMDS, the AWS ECS task endpoint, EKS Pod Identity, Azure WireServer).
 Several are built to be hard for a particular anchor: a common name (python3, node,
 java) from an unusual parent defeats rarity by name; kube-system defeats Falco's default
 exception; an executable already seen on the host defeats a new-terms rule.
@@ -269,7 +269,7 @@ class Attacks:
                    (get(CREDS_PATH, "curl/7.88.1"),))
         h, pod = self._web("aws")
         self.actor("ecs-endpoint-wget", "other_endpoint",
-                   "wget to the ECS task credentials endpoint from a pod",
+                   "wget to the AWS ECS task credentials endpoint from a pod",
                    h, self.proc("wget", "/usr/bin/wget", "nginx", "101", SH,
                                 "wget -qO- http://169.254.170.2/v2/credentials/"
                                 "3c3b9e0e-6a4b-4cf4-9a9e-1e7b0f0f6a11"),

@@ -37,7 +37,7 @@ import orjson
 
 from bench.anchors import ANCHORS, Detection
 from bench.scenario import Scenario, generate
-from scoring.events import MalformedEvent, event_from_ecs
+from intake.parser import MalformedEvent, event_from_ecs
 
 
 @dataclass
@@ -133,7 +133,7 @@ def score(system: str, detections: list[tuple[float, int, object]], labels: Labe
 
 
 def read_events(path: Path):  # noqa: ANN201 - iterator of (line index, Event)
-    from imdswatch.ndjson import numbered_lines
+    from intake.ndjson import numbered_lines
 
     for lineno, line in numbered_lines(str(path)):
         try:

@@ -290,7 +290,7 @@ def quality(quick: bool, seed: int) -> list[Row]:
 
 
 def _ts(doc: dict) -> float:
-    from scoring.events import parse_timestamp
+    from intake.parser import parse_timestamp
 
     return parse_timestamp(doc["@timestamp"])
 

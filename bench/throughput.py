@@ -80,10 +80,10 @@ def reading_alone(path: Path) -> tuple[int, float]:
     switch interval: the half of the replay that runs in its reading process."""
     from collections import Counter
 
-    from imdswatch.join import ProcessJoin
-    from imdswatch.ndjson import numbered_lines
-    from imdswatch.reader import read_events
-    from imdswatch.reader_process import SWITCH_INTERVAL
+    from intake.forked_reader import SWITCH_INTERVAL
+    from intake.join import ProcessJoin
+    from intake.ndjson import numbered_lines
+    from intake.reader import read_events
     from scoring.endpoints import EndpointCatalog
 
     match = EndpointCatalog.from_config().match

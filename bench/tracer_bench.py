@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent.parent / "tests"
+LAB = Path(__file__).resolve().parent.parent / "lab"
 IMDS = "169.254.169.254"
 
 _LATENCY_CLIENT = """
@@ -87,7 +87,7 @@ while True:
 def _loop_us(ns: object, host: str, count: int, port: int = 9) -> float:
     """Microseconds per connect() of the flood client's loop (port 9: refused, no
     listener; port 9000: accepted by _ACCEPT_SERVER)."""
-    r = ns.run(["python3", str(TESTS / "flood_client.py"), host, str(port), str(count), "30"],
+    r = ns.run(["python3", str(LAB / "flood_client.py"), host, str(port), str(count), "30"],
                timeout=60)
     made, seconds = r.stdout.split()
     return float(seconds) / int(made) * 1e6
@@ -104,7 +104,7 @@ def _overhead(ns: object, quick: bool) -> list[dict]:
     import subprocess
 
     from scoring.endpoints import EndpointCatalog
-    from tracer import Tracer
+    from tracer.session import Tracer
 
     # Many short paired rounds: the noise of a shared 2-core machine (a server process
     # competes for the other core in the accepted loop) averages out better than in few long ones.
@@ -252,7 +252,7 @@ def _request_capture(ns: object, quick: bool) -> list[dict]:
     import subprocess
 
     from scoring.endpoints import EndpointCatalog
-    from tracer import Tracer
+    from tracer.session import Tracer
 
     rounds, size = (4, 128 << 20) if quick else (12, 512 << 20)
     stats_knob = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -443,7 +443,7 @@ def _flood(ns: object, agent: object, quick: bool) -> list[dict]:
     kc0 = agent.metric("imdswatch_kernel_connections_total")
     drop0 = agent.metric("imdswatch_kernel_events_dropped_total")
     # Two loops: one per core of the 2-core reference machine.
-    clients = [ns.popen(["python3", str(TESTS / "flood_client.py"), IMDS, "9",
+    clients = [ns.popen(["python3", str(LAB / "flood_client.py"), IMDS, "9",
                          str(per_client), "20", f"imdsw-flood{i}"],
                         stdout=-1, text=True) for i in range(2)]
     t0 = time.time()
@@ -477,8 +477,9 @@ def run(quick: bool = False) -> list[dict]:
     reason = _skip_reason()
     if reason:
         return [_row(f"tracer: skipped ({reason})", None, "")]
-    sys.path.insert(0, str(TESTS))
-    from netns_fixtures import AgentProcess, MetadataNamespace, warm_state
+    from lab.agent_process import AgentProcess
+    from lab.history import warm_state
+    from lab.sandbox import Sandbox as MetadataNamespace
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="imdsw-bench-") as tmpdir, \

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from exporters.timestamps import rfc3339_millis
 from scoring.durations import format_duration
 
 SUMMARY_RULE = "imdswatch alert cap reached"
@@ -113,8 +114,6 @@ class AlertCap:
         return self._summary(held, by, first or start, last or start)
 
     def _summary(self, held: int, by: Counter, first: float, last: float) -> dict:
-        from exporters.alerts import rfc3339_millis
-
         caps = []
         if self.max_per_window:
             caps.append(f"{self.max_per_window} per {format_duration(self.window)} "

@@ -5,14 +5,15 @@ from __future__ import annotations
 import io
 import os
 import threading
-from datetime import UTC, datetime
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import orjson
 
 from exporters.alertcap import AlertCap
 from exporters.redact import redact, redact_args
-from scoring.detectors import request_class
+from exporters.timestamps import rfc3339_millis
+from scoring.events import Event
+from scoring.scorer import Outcome
 
 # The fields an alert copies from its triggering event: exactly those the contract names
 # (sections 1 and 2), nothing else. An allowlist, not a denylist: an export or a future
@@ -65,33 +66,7 @@ def copy_allowed(value: Any, allowed: dict) -> dict:
     return out
 
 
-class OutcomeLike(Protocol):
-    """The attributes of `scoring.scorer.Outcome` this module reads."""
-
-    event: Any
-    endpoint: Any
-    score: float
-    detector: str
-    rule_name: str
-    reason: str
-    severity: str
-    entity: str
-    scores: dict
-
-
-def rfc3339_millis(ts: float) -> str:
-    """Epoch seconds to `2024-05-01T12:00:00.123Z` (ECS `@timestamp` style)."""
-    dt = datetime.fromtimestamp(ts, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
-
-
-def _endpoint_id(endpoint: Any) -> str | None:
-    if endpoint is None:
-        return None
-    return getattr(endpoint, "id", None) or str(endpoint)
-
-
-def build_alert(outcome: OutcomeLike, scored_by: str = "agent") -> dict:
+def build_alert(outcome: Outcome, scored_by: str = "agent") -> dict:
     """The contract §2 alert for `outcome`: the allowed fields only, secrets redacted.
     `scored_by` says which model judged it: `agent` (on the node) or `fleet`
     (`imdswatch serve`).
@@ -100,12 +75,11 @@ def build_alert(outcome: OutcomeLike, scored_by: str = "agent") -> dict:
     the event the scorer (or a later alert) still holds.
     """
     event = outcome.event
-    doc = event.doc if isinstance(getattr(event, "doc", None), dict) else {}
+    doc = event.doc or {}
     alert: dict[str, Any] = {"@timestamp": rfc3339_millis(event.ts)}
     ecs_event: dict[str, Any] = {"kind": "alert"}
-    event_id = getattr(event, "event_id", None)
-    if event_id:
-        ecs_event["id"] = event_id
+    if event.event_id:
+        ecs_event["id"] = event.event_id
     alert["event"] = ecs_event
     alert["rule"] = {"name": outcome.rule_name}
     anomaly: dict[str, Any] = {
@@ -113,22 +87,17 @@ def build_alert(outcome: OutcomeLike, scored_by: str = "agent") -> dict:
         "detector": outcome.detector,
         "reason": redact(outcome.reason) if isinstance(outcome.reason, str) else outcome.reason,
     }
-    severity = getattr(outcome, "severity", None)
-    if severity:
-        anomaly["severity"] = severity
-    entity = getattr(outcome, "entity", None)
-    if entity:
-        anomaly["entity"] = redact(entity) if isinstance(entity, str) else entity
-    scores = getattr(outcome, "scores", None)
+    anomaly["severity"] = outcome.severity
+    if outcome.entity:
+        anomaly["entity"] = redact(outcome.entity)
+    scores = outcome.scores
     if scores:
         anomaly["scores"] = {k: round(float(v), 1) for k, v in scores.items()}
     alert["anomaly"] = anomaly
     alert.update(copy_allowed(doc, ALLOWED_FIELDS))
     own: dict[str, Any] = {"scored_by": scored_by}
-    endpoint = _endpoint_id(getattr(outcome, "endpoint", None))
-    if endpoint:
-        own["endpoint"] = endpoint
-    if getattr(event, "exe_mismatch", None):
+    own["endpoint"] = outcome.endpoint.id
+    if event.exe_mismatch:
         # The kernel's executable at connect time against /proc's (the caller's
         # process.executable is left out: /proc's is not the caller's).
         kernel: dict[str, Any] = {"exe_mismatch": True,
@@ -137,14 +106,14 @@ def build_alert(outcome: OutcomeLike, scored_by: str = "agent") -> dict:
             kernel["proc_executable"] = redact(event.proc_exe)
         own["process"] = kernel
     alert["imdswatch"] = own
-    _copy_request(alert, event, doc)
+    _copy_request(alert, event, outcome.request_class)
     return alert
 
 
-def _copy_request(alert: dict, event: Any, doc: dict) -> None:
+def _copy_request(alert: dict, event: Event, request_class: str | None) -> None:
     """The HTTP request (contract §2): method, path, redacted query, user agent, whether
     the anti-SSRF header was there, and the class of what it asked for."""
-    if getattr(event, "method", None) is None and getattr(event, "path", None) is None:
+    if not event.is_request:
         return
     if event.method is not None:
         alert["http"] = {"request": {"method": event.method}}
@@ -157,7 +126,7 @@ def _copy_request(alert: dict, event: Any, doc: dict) -> None:
         alert["url"] = url
     if event.user_agent is not None:
         alert["user_agent"] = {"original": redact(event.user_agent)}
-    request: dict[str, Any] = {"class": request_class(event)}
+    request: dict[str, Any] = {"class": request_class}
     if event.guarded is not None:
         request["guarded"] = event.guarded
     alert.setdefault("imdswatch", {})["request"] = request
@@ -189,7 +158,7 @@ class AlertWriter:
         self.cap = cap
         self.scored_by = scored_by
 
-    def write(self, outcome: OutcomeLike) -> dict | None:
+    def write(self, outcome: Outcome) -> dict | None:
         """Write one alert line for `outcome` and return the alert document, or None when
         the alert cap held it back."""
         if self.cap is not None:

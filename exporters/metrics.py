@@ -65,7 +65,7 @@ from prometheus_client.registry import Collector
 from exporters.httpserver import HealthState, MetricsServer, start_server
 from exporters.redact import redact
 from exporters.series import BoundedCounter
-from scoring.detectors import request_class
+from scoring.scorer import Outcome, Scorer
 
 # Label values are names and paths; anything longer is noise that bloats every scrape.
 MAX_LABEL_LENGTH = 200
@@ -181,10 +181,8 @@ class MetricsExporter:
 
     def __init__(self, registry: CollectorRegistry | None = None,
                  max_series: int | None = None, anomaly_ttl: float = 900.0, *,
-                 host: str | None = None, clock: Callable[[], float] = time.time,
-                 max_label_values: int | None = None) -> None:
-        # `max_label_values` is the setting's former name, still accepted.
-        max_series = max_series or max_label_values or DEFAULT_MAX_SERIES
+                 host: str | None = None, clock: Callable[[], float] = time.time) -> None:
+        max_series = max_series or DEFAULT_MAX_SERIES
         # `*_created` series double the series count of every counter and no rule or panel
         # here reads them; the switch is process-wide, which is what the agent wants anyway.
         disable_created_metrics()
@@ -316,31 +314,31 @@ class MetricsExporter:
 
     # -- events -------------------------------------------------------------------------
 
-    def observe(self, outcome: Any) -> None:
+    def observe(self, outcome: Outcome) -> None:
         """Count one scored metadata connection and, if it alerts, the anomaly."""
         event = outcome.event
         self._seen.inc()
-        endpoint = getattr(outcome.endpoint, "id", outcome.endpoint)
+        endpoint = outcome.endpoint.id
         self._connections.inc((
             _text(event.host or self.host), _text(endpoint), _text(event.name),
             _text(event.user if event.user is not None else event.uid),
             _text(event.namespace)))
-        if getattr(event, "method", None) is not None or getattr(event, "path", None) is not None:
-            guarded = getattr(event, "guarded", None)
+        if event.is_request:
+            guarded = event.guarded
             self._requests.labels(
-                endpoint=_text(endpoint), **{"class": request_class(event)},
+                endpoint=_text(endpoint), **{"class": outcome.request_class},
                 guarded="unknown" if guarded is None else str(bool(guarded)).lower(),
             ).inc()
-        alerting = bool(getattr(outcome, "alert", False))
+        alerting = outcome.alert
         if alerting:
             self._anomalies.labels(detector=_text(outcome.detector),
                                    severity=_text(outcome.severity)).inc()
         # A suppressed outcome would have alerted: it keeps the entity's series alive (and
         # the Prometheus alert firing) for as long as the anomaly goes on.
-        if alerting or getattr(outcome, "suppressed", False):
+        if alerting or outcome.suppressed:
             self._update_anomaly(outcome, keep_labels=not alerting)
 
-    def _update_anomaly(self, outcome: Any, keep_labels: bool) -> None:
+    def _update_anomaly(self, outcome: Outcome, keep_labels: bool) -> None:
         event = outcome.event
         host = _text(event.host or self.host)
         entity = redact(_text(outcome.entity))
@@ -362,14 +360,12 @@ class MetricsExporter:
 
     # -- agent state --------------------------------------------------------------------
 
-    def update_model(self, scorer: Any) -> None:
+    def update_model(self, scorer: Scorer) -> None:
         """Copy model size and learning state from the scorer (call after a batch)."""
         for detector, size in scorer.model_size().items():
             self._model_entities.labels(detector=detector).set(size)
         self._learning.set(1 if scorer.learning else 0)
-        hosts = getattr(scorer, "hosts_seen", None)
-        if hosts is not None:
-            self._model_hosts.set(hosts if isinstance(hosts, int | float) else len(hosts))
+        self._model_hosts.set(scorer.hosts_seen)
 
     def set_learning_end(self, event_ts: float | None, wall_ts: float | None) -> None:
         self._learning_end.set(float("nan") if event_ts is None else event_ts)

@@ -43,9 +43,9 @@ from fleet.dedup import IdWindow
 from fleet.ingest import Item, Parsed, parse
 from fleet.metrics import ServeMetrics
 from fleet.wal import WriteAheadLog
-from imdswatch.config import AGENT_MAX_ENTITIES
-from imdswatch.replay import ReorderBuffer
+from intake.reorder import ReorderBuffer
 from scoring.scorer import Scorer
+from scoring.settings import AGENT_MAX_ENTITIES
 from scoring.state import (
     StateError,
     load_state_dict,
@@ -56,9 +56,9 @@ from scoring.state import (
 
 log = logging.getLogger("imdswatch.fleet")
 
-# Acknowledged events waiting for the scorer: ~2.5 s of ingest at 20k events/s. Each is
-# held decoded (about 2 KB), so this bounds serve's memory beyond the model; agents keep
-# what a 503 turns away in their spools.
+# Acknowledged events waiting for the scorer, a few seconds of ingest. Each is held
+# decoded, so this bounds serve's memory beyond the model; agents keep what a 503 turns
+# away in their spools.
 DEFAULT_QUEUE_EVENTS = 50_000
 DEFAULT_HOLD = 0.5
 # Events of one log record are ordered by (event time, record seq << ORDER_BITS | index).

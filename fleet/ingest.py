@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import orjson
 
 from fleet.dedup import digest
-from imdswatch.ndjson import MAX_LINE_BYTES
-from imdswatch.reader import read_events
+from intake.ndjson import MAX_LINE_BYTES
+from intake.reader import read_events
 from scoring.endpoints import EndpointCatalog
 from scoring.events import Event
 
@@ -84,7 +84,7 @@ def _flag(doc: dict) -> bool:
 
 
 def parse(body: bytes, catalog: EndpointCatalog) -> Parsed:
-    """Every line of `body`, read by the reader `imdswatch replay` uses (`imdswatch.reader`:
+    """Every line of `body`, read by the reader `imdswatch replay` uses (`intake.reader`:
     the typed ECS schema, Elasticsearch hits and arrays, dotted keys), so serve takes
     exactly the events replay would. Raises NotNdjson when no line at all is JSON."""
     res = Parsed()

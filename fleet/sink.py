@@ -25,14 +25,15 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
+from exporters.metrics import MetricsExporter
 from fleet.client import FleetClient, FleetRejected, FleetUnavailable
 from fleet.ingest import AGENT_ALERTED
 from fleet.metrics import AgentFleetMetrics
 from fleet.spool import DEFAULT_MAX_BYTES, Spool, SpoolError
+from fleet.token_file import read_token
 from scoring.events import Event
 from scoring.scorer import Outcome, Scorer
 from scoring.state import StateError, load_state_dict
@@ -56,9 +57,7 @@ class FleetOptions:
 
 
 class FleetSink:
-    def __init__(self, opts: FleetOptions, scorer: Scorer, exporter: Any) -> None:
-        from fleet.serve import read_token
-
+    def __init__(self, opts: FleetOptions, scorer: Scorer, exporter: MetricsExporter) -> None:
         token = read_token(opts.token_file, "--fleet-token-file") if opts.token_file else None
         self.client = FleetClient(opts.url, token, opts.ca_file)
         self.model_client = FleetClient(opts.url, token, opts.ca_file)

@@ -20,14 +20,17 @@ import tempfile
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from typing import IO, Any
 
 from exporters.alertcap import AlertCap
 from exporters.alerts import AlertWriter
+from exporters.httpserver import MetricsServer
 from exporters.metrics import MetricsExporter
+from fleet.sink import FleetOptions, FleetSink
 from imdswatch import libout, lograte, status
-from scoring.events import MalformedEvent, event_from_ecs
+from imdswatch.config import AgentSettings, Config
+from imdswatch.status import AgentStats
+from intake.parser import MalformedEvent, event_from_ecs
 from scoring.scorer import Scorer
 from scoring.state import StateError, load_state, save_state, state_lock
 from tracer import doctor
@@ -49,23 +52,12 @@ LIVE_STALL_S = 30.0
 def release_freed_memory() -> None:
     """Give freed heap back to the kernel. glibc keeps freed memory mapped, so LLVM's
     compile (and each probe mode auto tried) would stay in the agent's resident set, which
-    the DaemonSet's memory limit counts, for its lifetime (about 40 MB here); so would
+    the DaemonSet's memory limit counts, for its lifetime; so would
     what the model frees when it prunes or evicts (every TRIM_S)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc (musl has no malloc_trim): nothing to give back
-
-
-@dataclass
-class AgentStats:
-    events: int = 0
-    scored: int = 0
-    skipped: int = 0
-    malformed: int = 0
-    failed: int = 0
-    alerts: int = 0
-    started: float = field(default_factory=time.monotonic)
 
 
 def _setup_logging() -> None:
@@ -77,11 +69,11 @@ def _setup_logging() -> None:
         )
 
 
-def start_pod_directory(agent_settings: Any) -> PodDirectory | None:
+def start_pod_directory(agent_settings: AgentSettings) -> PodDirectory | None:
     """The pod directory the agent's settings ask for, started; None when Kubernetes
     enrichment is off or not applicable. Never raises: enrichment is optional."""
-    mode = getattr(agent_settings, "kubernetes", "auto")
-    api = getattr(agent_settings, "kubernetes_api", None)
+    mode = agent_settings.kubernetes
+    api = agent_settings.kubernetes_api
     if mode == "off":
         return None
     if mode == "auto" and not api and not os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -135,16 +127,16 @@ class Agent:
 
     def __init__(
         self,
-        config: Any,
+        config: Config,
         *,
         state_path: str | None = None,
         output: str | IO[Any] = "-",
         stop: threading.Event | None = None,
-        fleet: Any = None,
+        fleet: FleetOptions | None = None,
     ) -> None:
         self.config = config
         self.fleet_options = fleet
-        self.fleet: Any = None  # fleet.sink.FleetSink with --fleet
+        self.fleet: FleetSink | None = None
         self.state_path = state_path
         self.output = output
         self.stop = stop or threading.Event()
@@ -155,7 +147,7 @@ class Agent:
         self.writer: AlertWriter | None = None
         self.tracer: Tracer | None = None
         self.pods: PodDirectory | None = None
-        self.server: Any = None
+        self.server: MetricsServer | None = None
         self.attached = False
         # Set when the alert output failed (a full disk, a closed pipe): the agent stops,
         # saves its state and exits 2 with this message.
@@ -211,8 +203,6 @@ class Agent:
         self.writer.cap = AlertCap(a.max_per_window, a.window, a.max_per_run,
                                    on_held=self.metrics.observe_held_back)
         if self.fleet_options is not None:
-            from fleet.sink import FleetSink
-
             try:
                 self.fleet = FleetSink(self.fleet_options, self.scorer, self.metrics)
             except ValueError as exc:
@@ -227,7 +217,7 @@ class Agent:
             passwd_path=cfg.agent.passwd,
             host_name=cfg.agent.node_name,
             pods=self.pods,
-            cgroup_root=getattr(cfg.agent, "cgroup_root", None),
+            cgroup_root=cfg.agent.cgroup_root,
         )
         failure: ProbeError | None = None
         # BCC and libbpf print on fd 2 while modes are tried; said once, in our words.
@@ -461,7 +451,7 @@ def _install_signals(agent: Agent) -> dict[int, Any]:
 
 
 def run_agent(
-    config: Any,
+    config: Config,
     state_path: str | None = None,
     probe: str | None = None,
     metrics_address: str | None = None,
@@ -469,7 +459,7 @@ def run_agent(
     learning_period: float | None = None,
     *,
     stop: threading.Event | None = None,
-    fleet: Any = None,
+    fleet: FleetOptions | None = None,
 ) -> int:
     """`imdswatch run`. Arguments left None keep the config's values. Returns the exit
     status: 0 after a clean stop, 2 when the machine cannot trace or a setting is unusable."""
@@ -480,7 +470,7 @@ def run_agent(
         config.metrics.address = metrics_address
     if learning_period is not None:
         config.scorer.learning_period = learning_period
-    problems = doctor.preflight(config.agent.probe, getattr(config.agent, "cgroup_root", None))
+    problems = doctor.preflight(config.agent.probe, config.agent.cgroup_root)
     if problems:
         for p in problems:
             print(f"imdswatch run: {p}", file=sys.stderr)

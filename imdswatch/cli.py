@@ -9,8 +9,9 @@ import sys
 import click
 
 from imdswatch import __version__
-from imdswatch.config import AGENT_MAX_ENTITIES, PROBES, Config, ConfigError, load_config
+from imdswatch.config import PROBES, Config, ConfigError, load_config
 from scoring.durations import parse_duration
+from scoring.settings import AGENT_MAX_ENTITIES
 from scoring.state import StateError
 
 
@@ -195,7 +196,7 @@ def serve(listen: str, state_path: str, config_path: str | None, metrics_address
           tls_cert: str | None, tls_key: str | None, save_interval: float, max_body: int,
           queue_events: int, max_connections: int) -> None:
     """The fleet scorer: one model for every agent's events (contract section 5)."""
-    from fleet.serve import ServeOptions, run_serve
+    from imdswatch.serve import ServeOptions, run_serve
 
     cfg = _config(config_path)
     if threshold is not None:

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scoring.allowlist import ExceptionRule, parse_exception
 from scoring.detectors import DETECTOR_NAMES
 from scoring.durations import parse_duration
 from scoring.endpoints import EndpointCatalog
-from scoring.exceptions import ExceptionRule, parse_exception
 from scoring.settings import ScorerSettings
 
 
@@ -26,8 +26,6 @@ class MetricsSettings:
     address: str = "0.0.0.0:9464"
     # Series per labelled metric; beyond it the least recently updated series is evicted.
     max_series: int = 1000
-    # The former name of the cap (it was per label); setting it sets max_series.
-    max_label_values: int = 1000
     # An anomalous entity's score gauge disappears this long after its last anomaly,
     # so Prometheus alerts on it resolve.
     anomaly_ttl: float = 900.0
@@ -128,14 +126,9 @@ def _string(value: Any, where: str) -> str:
     return value
 
 
-# The model's cap on entries (memory: about 0.5 KB each); below the minimum a fleet's own
-# callers would be evicted.
+# The bounds of `scoring.max_entities`: below the minimum a fleet's own callers would be
+# evicted.
 MIN_ENTITIES, MAX_ENTITIES = 1000, 100_000_000
-# The node agent's own default (`run`): a node's callers are few, and at about 1.4 KB of
-# resident memory per entry (contexts, keys, the caller memo) a flood of new names filling
-# 75,000 entries keeps the agent under 256 MiB, well inside the DaemonSet's 384 MiB limit
-# (bench/agent_flood.py). Replay and serve keep the scorer's 200,000.
-AGENT_MAX_ENTITIES = 75_000
 
 
 def _scoring(t: dict) -> ScorerSettings:
@@ -254,14 +247,12 @@ def _address(value: Any, where: str) -> str:
 
 def _metrics(t: dict) -> MetricsSettings:
     t = _table(t, "metrics")
-    _check_keys(t, {"address", "max_series", "max_label_values", "anomaly_ttl"}, "metrics")
+    _check_keys(t, {"address", "max_series", "anomaly_ttl"}, "metrics")
     m = MetricsSettings()
     if "address" in t:
         m.address = _address(t["address"], "metrics.address")
-    for key in ("max_label_values", "max_series"):
-        if key in t:
-            m.max_series = m.max_label_values = int(_number(t[key], f"metrics.{key}",
-                                                            1, 1_000_000))
+    if "max_series" in t:
+        m.max_series = int(_number(t["max_series"], "metrics.max_series", 1, 1_000_000))
     if "anomaly_ttl" in t:
         m.anomaly_ttl = _duration(t["anomaly_ttl"], "metrics.anomaly_ttl")
     return m

@@ -1,13 +1,13 @@
 """`imdswatch demo`: see the agent catch metadata credential theft, in under a minute.
 
 Everything happens in a private network namespace served by a mock metadata service
-(`imdswatch.sandbox`), so no real metadata service is ever contacted:
+(`lab.sandbox`), so no real metadata service is ever contacted:
 
 1. a synthetic history (two days of cloud agents calling the service on ten nodes) is
    replayed into a model, so the agent starts warm instead of learning for a day;
 2. the real agent (`imdswatch run`, the real BPF probe) starts from that model;
 3. a stand-in for the AWS SSM agent, at its packaged path, calls the service: no alert;
-4. the attack simulations of `imdswatch.simulations` run one by one, each shown as it is
+4. the attack simulations of `lab.attacks` run one by one, each shown as it is
    caught with the alert's detector, score and reason;
 5. the metrics the agent exported are shown, and everything is removed again (also on
    Ctrl-C or SIGTERM).
@@ -22,17 +22,16 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imdswatch import simulations as sims
-from imdswatch.sandbox import Sandbox, SandboxError
+from lab import attacks
+from lab.agent_process import AgentProcess, AgentStartError
+from lab.sandbox import Sandbox, SandboxError
 
 NODE = "demo-node-0"
 HOSTS = 20
@@ -41,6 +40,8 @@ HISTORY_DAYS = 3.0
 # metadata addresses in their own namespaces meanwhile (the probe sees every namespace).
 HISTORY_EVENTS = 30_000
 ALERT_WAIT = 10.0
+# The mock's answers wait this long, as a loaded service's do.
+ANSWER_DELAY = 0.3
 KNOWN_WAIT = 3.0
 KNOWN_AGENT = "/usr/bin/amazon-ssm-agent"
 
@@ -82,7 +83,7 @@ def write_history(path: Path, end: float) -> int:
             _, name, exe, user, parent = cycle[(i * 7) % len(cycle)]
             fh.write(json.dumps({
                 "@timestamp": start + i * step,
-                "destination": {"ip": sims.IMDS, "port": 80},
+                "destination": {"ip": attacks.IMDS, "port": 80},
                 "process": {"name": name, "executable": exe, "parent": {"name": parent}},
                 "user": {"name": user, "id": "0"},
                 "host": {"name": f"demo-node-{i % HOSTS}"},
@@ -101,82 +102,6 @@ def warm_state(history: Path, state: Path) -> Any:
     replay(str(history), scorer, lambda _out: None)
     save_state(str(state), scorer)
     return scorer
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class AgentProcess:
-    """The real agent, `imdswatch run`, as a child process of the demo."""
-
-    def __init__(self, workdir: Path, config: Path, state: Path) -> None:
-        self.port = _free_port()
-        self.alerts = workdir / "alerts.ndjson"
-        self.log = workdir / "agent.log"
-        self.argv = [sys.executable, "-m", "imdswatch.cli", "run", "--config", str(config),
-                     "--state", str(state), "--output", str(self.alerts),
-                     "--metrics-address", f"127.0.0.1:{self.port}"]
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 120.0) -> float:
-        t0 = time.monotonic()
-        env = {**os.environ, "NODE_NAME": NODE}
-        with self.log.open("wb") as log:
-            # Own session: Ctrl-C reaches the demo only, which stops the agent in order.
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log,
-                                         env=env, start_new_session=True)
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise DemoError(f"the agent exited with status {self.proc.returncode}:\n"
-                                + self.log.read_text(errors="replace")[-2000:])
-            if self.get("/readyz")[0] == 200:
-                return time.monotonic() - t0
-            time.sleep(0.1)
-        raise DemoError(f"the agent was not ready after {timeout:.0f}s; its log: {self.log}")
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=3) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, ""
-        except OSError:
-            return 0, ""
-
-    def alert_lines(self) -> list[dict]:
-        try:
-            text = self.alerts.read_text()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in text.splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # a line being written right now
-        return out
-
-    def log_lines(self, containing: str) -> list[str]:
-        try:
-            return [x for x in self.log.read_text(errors="replace").splitlines()
-                    if containing in x]
-        except FileNotFoundError:
-            return []
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 def _ts(alert: dict) -> float:
@@ -255,8 +180,8 @@ def known_agent_argv(sandbox: Sandbox, workdir: Path) -> list[str]:
               f"workdir={work} /usr/bin && exec \"$@\"")
     return sandbox.argv([
         "unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-        "python3", "-c", sims.LAUNCH_AS_SERVICE, KNOWN_AGENT, "-s", "-m", "5",
-        f"http://{sims.IMDS}/latest/meta-data/instance-id"])
+        "python3", "-c", attacks.LAUNCH_AS_SERVICE, KNOWN_AGENT, "-s", "-m", "5",
+        f"http://{attacks.IMDS}/latest/meta-data/instance-id"])
 
 
 METRICS_SHOWN = ("imdswatch_anomalies_total", "imdswatch_learning ", "imdswatch_probe_info",
@@ -293,10 +218,10 @@ class Demo:
         try:
             say("imdswatch demo: everything below happens in a private network namespace "
                 "with a mock metadata service; no real metadata service is contacted.")
-            sandbox = Sandbox().__enter__()
+            sandbox = Sandbox(prefix="imdsw-demo", delay=ANSWER_DELAY).__enter__()
             say(f"[1/5] sandbox: network namespace {sandbox.name}: "
                 f"{', '.join(sandbox.addresses)} on its loopback, served by a mock IMDS "
-                "(IMDSv1, IMDSv2, role credentials) and ECS credentials endpoint")
+                "(IMDSv1, IMDSv2, role credentials) and AWS ECS credentials endpoint")
             history, state, config = (workdir / "history.ndjson", workdir / "state.json.gz",
                                       workdir / "imdswatch.toml")
             n = write_history(history, time.time() - 60)
@@ -306,9 +231,13 @@ class Demo:
             say(f"[2/5] history: {n} synthetic metadata calls over {HISTORY_DAYS:.0f} days on "
                 f"{HOSTS} nodes ({callers}) replayed into a model: learning "
                 f"{'still on' if scorer.learning else 'done'}, so alerts are on from the start")
-            agent = AgentProcess(workdir, config, state)
+            agent = AgentProcess(workdir, "--config", str(config), "--state", str(state),
+                                 env={"NODE_NAME": NODE}, own_session=True)
             say(f"[3/5] agent: {' '.join(['imdswatch', *agent.argv[3:]])}")
-            took = agent.start()
+            try:
+                took = agent.start(120.0).ready_after
+            except AgentStartError as exc:
+                raise DemoError(str(exc)) from None
             probe = next((x.split("probe ", 1)[1].split(",")[0]
                           for x in agent.log_lines("agent ready: probe")), "?")
             say(f"      ready in {took:.1f}s: probe {probe}, metrics on "
@@ -317,13 +246,13 @@ class Demo:
                 say("      agent log: " + line.split(": ", 1)[1][:160])
             say("[4/5] metadata calls:")
             self.known_agent(agent, sandbox, workdir)
-            for sim in sims.SIMULATIONS:
+            for sim in attacks.SIMULATIONS:
                 self.attack(agent, sandbox, workdir, sim)
             say(f"[5/5] metrics: http://127.0.0.1:{agent.port}/metrics "
                 "(Prometheus format; alert lines were written to "
                 f"{agent.alerts})")
             self.show_metrics(agent)
-            total = len(sims.SIMULATIONS)
+            total = len(attacks.SIMULATIONS)
             ok = self.caught == total and not self.known_alerted
             say(f"result: {self.caught} of {total} attack simulations caught, "
                 f"{'an alert' if self.known_alerted else 'no alert'} for the known agent, "
@@ -346,11 +275,11 @@ class Demo:
     def known_agent(self, agent: AgentProcess, sandbox: Sandbox, workdir: Path) -> None:
         selector = f'process="{KNOWN_NAME}"'
         seen_before = _metric(agent, "imdswatch_metadata_connections_total", selector)
-        known = sims.Simulation("known-agent", "known agent", KNOWN_NAME, sims.IMDS, (),
+        known = attacks.Simulation("known-agent", "known agent", KNOWN_NAME, attacks.IMDS, (),
                                 lambda t, w: [])
-        ran = sims.run_argv(known, known_agent_argv(sandbox, workdir))
+        ran = attacks.run_argv(known, known_agent_argv(sandbox, workdir))
         time.sleep(KNOWN_WAIT)
-        alerts = matching_alerts(agent.alert_lines(), KNOWN_NAME, sims.IMDS, ran.started,
+        alerts = matching_alerts(agent.alert_lines(), KNOWN_NAME, attacks.IMDS, ran.started,
                                  ran.pid)
         seen = _metric(agent, "imdswatch_metadata_connections_total", selector) - seen_before
         self.known_alerted = bool(alerts)
@@ -364,8 +293,8 @@ class Demo:
                 self.say("             " + line)
 
     def attack(self, agent: AgentProcess, sandbox: Sandbox, workdir: Path,
-               sim: sims.Simulation) -> None:
-        ran = sims.run(sim, sims.SANDBOX, workdir, sandbox.argv)
+               sim: attacks.Simulation) -> None:
+        ran = attacks.run(sim, attacks.SANDBOX, workdir, sandbox.argv)
         if ran.status is None and ran.note.startswith("skipped"):
             self.missed.append(sim.key)
             self.say(f"  {'SKIPPED':8} {sim.title}: {ran.note}")
@@ -385,7 +314,7 @@ class Demo:
 
     def show_metrics(self, agent: AgentProcess) -> None:
         _, text = agent.get("/metrics")
-        ours = {f'process="{s.process}"' for s in sims.SIMULATIONS} | {f'process="{KNOWN_NAME}"'}
+        ours = {f'process="{s.process}"' for s in attacks.SIMULATIONS} | {f'process="{KNOWN_NAME}"'}
         for line in text.splitlines():
             if line.startswith(METRICS_SHOWN) or (
                     line.startswith("imdswatch_metadata_connections_total{")

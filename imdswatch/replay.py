@@ -10,28 +10,27 @@ infinite window sorts the whole input first. No wall-clock time is read while sc
 from __future__ import annotations
 
 import gc
-import heapq
-import math
 import sys
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from imdswatch.ndjson import InputError, Interrupt, Interrupted, numbered_lines
-from imdswatch.reader_process import ForkedReader
-from scoring.events import NOT_METADATA
+from intake.forked_reader import ForkedReader
+from intake.ndjson import InputError, Interrupt, Interrupted, numbered_lines
+from intake.parser import NOT_METADATA
+from intake.reorder import ReorderBuffer
 from scoring.scorer import Outcome, Scorer
 
 DEFAULT_REORDER_WINDOW = 600.0
 MALFORMED_SHOWN = 20
 # The cyclic collector's first threshold while a replay scores (the default is 700). Events,
 # their outcomes and batches are freed by their reference counts, so the collector finds
-# nothing to free in a replay; but a batch of 2,048 events in flight keeps more than 700
-# objects alive, so at the default it ran ~1,000 times on a 500k-line trace to find that
-# out (0.33 s of the scoring process's 2.7 s). Above what a batch holds, it runs when
-# objects do accumulate, and whatever cyclic garbage there is stays bounded by it.
+# nothing to free in a replay; but a batch of events in flight keeps more than 700 objects
+# alive, so at the default it would run over and over to find that out. Above what a batch
+# holds, it runs when objects do accumulate, and whatever cyclic garbage there is stays
+# bounded by it.
 GC_THRESHOLD = 50_000
 
 
@@ -107,8 +106,8 @@ def replay(
     """Score every event of `source` (path or '-') through `Scorer.process`, in event
     time; `on_outcome` gets the outcome of each metadata event.
 
-    The lines are read by `read_events` in a second process (`imdswatch.reader_process`)
-    while this one scores. Raises `imdswatch.ndjson.InputError` when the input cannot be
+    The lines are read by `read_events` in a second process (`intake.forked_reader`)
+    while this one scores. Raises `intake.ndjson.InputError` when the input cannot be
     read (after scoring what was read before the failure). When `stop` is requested (a
     signal), reading stops, the events still in the reorder buffer are left unscored
     (counted in `stats.unscored`), `stats.stopped` is set and `stats.interrupted` holds
@@ -158,72 +157,6 @@ def replay(
     if failure is not None:
         raise failure
     return stats
-
-
-class ReorderBuffer:
-    """Holds items (time, line number, ...) until the newest time seen is `window` past them, then
-    releases them in time order. In-order arrivals, the usual case, queue in a FIFO;
-    only out-of-order ones pay for the heap. An item older than what was already
-    released comes straight back out and is counted in `late`."""
-
-    def __init__(self, window: float) -> None:
-        self.window = window
-        self.fifo: deque[tuple] = deque()
-        self.heap: list[tuple] = []
-        self.newest = -math.inf
-        self.released = -math.inf
-        self.late = 0
-
-    def push(self, item: tuple) -> list[tuple]:
-        """Add `item`; returns the items now released, in time order."""
-        ts = item[0]
-        if ts < self.released:
-            self.late += 1
-            return [item]
-        fifo = self.fifo
-        if self.heap or (fifo and ts < fifo[-1][0]):
-            if not fifo or ts >= fifo[-1][0]:
-                fifo.append(item)
-            else:
-                heapq.heappush(self.heap, item)
-            if ts <= self.newest:
-                return _NONE
-            self.newest = ts
-            return self._release(ts - self.window)
-        # In order, nothing in the heap: the usual case, kept short.
-        fifo.append(item)
-        self.newest = ts
-        horizon = ts - self.window
-        if fifo[0][0] > horizon:
-            return _NONE
-        out = [fifo.popleft()]
-        while fifo and fifo[0][0] <= horizon:
-            out.append(fifo.popleft())
-        self.released = out[-1][0]
-        return out
-
-    def _release(self, horizon: float) -> list[tuple]:
-        fifo, heap = self.fifo, self.heap
-        out = []
-        while True:
-            if fifo and fifo[0][0] <= horizon:
-                if heap and heap[0] < fifo[0]:
-                    out.append(heapq.heappop(heap))
-                else:
-                    out.append(fifo.popleft())
-            elif heap and heap[0][0] <= horizon:
-                out.append(heapq.heappop(heap))
-            else:
-                break
-        if out:
-            self.released = out[-1][0]
-        return out
-
-    def drain(self) -> list[tuple]:
-        return self._release(math.inf)
-
-
-_NONE: list[tuple] = []
 
 
 class _Scoring:

@@ -14,11 +14,17 @@ import signal
 import stat
 import sys
 import time
-from typing import Any
 
 import click
 
+from exporters.alertcap import AlertCap
+from exporters.alerts import AlertWriter
 from imdswatch.config import Config
+from imdswatch.progress import Progress
+from imdswatch.replay import ReplayStats, replay, summary
+from intake.ndjson import InputError, Interrupt
+from scoring.scorer import Outcome, Scorer
+from scoring.state import StateError, load_state, save_state, state_lock
 
 
 def _say(message: str) -> None:
@@ -48,9 +54,7 @@ class _Alerts:
     """The alert writer; a failed write stops the replay (through `stop`) instead of
     raising through the scorer, and later alerts are counted as not written."""
 
-    def __init__(self, output: str, stop: Any, cap: Any = None) -> None:
-        from exporters.alerts import AlertWriter
-
+    def __init__(self, output: str, stop: Interrupt, cap: AlertCap | None = None) -> None:
         self.stop = stop
         self.error: str | None = None
         self.lost = 0
@@ -68,7 +72,7 @@ class _Alerts:
                 raise OSError(f"{output}: cannot write alerts ({exc.strerror})") from None
             self.stdout = False
 
-    def __call__(self, out: Any) -> None:
+    def __call__(self, out: Outcome) -> None:
         if not out.alert:
             return
         if self.error is not None:
@@ -105,8 +109,6 @@ def run_replay(cfg: Config, events: str, output: str, state_path: str | None,
                reorder_window: float) -> int:
     """`imdswatch replay`; holds the state's lock from load to save (one writer per
     state: a second replay on it would lose this one's learning, or this one its)."""
-    from scoring.state import StateError, state_lock
-
     if not state_path:
         return _run(cfg, events, output, state_path, reorder_window)
     try:
@@ -119,11 +121,6 @@ def run_replay(cfg: Config, events: str, output: str, state_path: str | None,
 
 def _run(cfg: Config, events: str, output: str, state_path: str | None,
          reorder_window: float) -> int:
-    from imdswatch.ndjson import InputError, Interrupt
-    from imdswatch.replay import ReplayStats, replay, summary
-    from scoring.scorer import Scorer
-    from scoring.state import StateError, load_state, save_state
-
     problem = _input_problem(events)
     if problem:
         _say(problem)
@@ -135,8 +132,6 @@ def _run(cfg: Config, events: str, output: str, state_path: str | None,
         except StateError as exc:
             _say(str(exc))
             return 2
-    from exporters.alertcap import AlertCap
-
     stop = Interrupt()
     a = cfg.alerts
     cap = AlertCap(a.max_per_window, a.window, a.max_per_run) if a.configured else None
@@ -148,8 +143,6 @@ def _run(cfg: Config, events: str, output: str, state_path: str | None,
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.request(signum)
-
-    from imdswatch.progress import Progress
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     stats = ReplayStats()

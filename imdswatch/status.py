@@ -9,11 +9,11 @@ the same facts are metrics (`imdswatch_learning`, `imdswatch_learning_end_*`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from scoring.durations import format_duration
+from scoring.scorer import Scorer
 
 SKIP_HINT = ("to skip it, start from a warmed model: --state FILE written by `imdswatch replay "
              "--state` or `imdswatch state merge`, or a fleet model with --fleet URL")
@@ -21,6 +21,17 @@ SKIP_HINT = ("to skip it, start from a warmed model: --state FILE written by `im
 
 def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@dataclass
+class AgentStats:
+    events: int = 0
+    scored: int = 0
+    skipped: int = 0
+    malformed: int = 0
+    failed: int = 0
+    alerts: int = 0
+    started: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -34,7 +45,7 @@ class Learning:
     text: str
 
 
-def learning_status(scorer: Any, now: float | None = None) -> Learning:
+def learning_status(scorer: Scorer, now: float | None = None) -> Learning:
     now = time.time() if now is None else now
     period = float(scorer.settings.learning_period)
     first, last = scorer.first_ts, scorer.last_ts
@@ -60,12 +71,12 @@ def learning_status(scorer: Any, now: float | None = None) -> Learning:
         f"the wall clock, {format_duration(max(0.0, ends - last))} from now); {SKIP_HINT}")
 
 
-def summary_line(stats: Any, probe: str | None, kernel: dict[str, int], held_back: int,
+def summary_line(stats: AgentStats, probe: str | None, kernel: dict[str, int], held_back: int,
                  since: float, learning: Learning) -> str:
     """The periodic one-line summary (counts since the agent started)."""
     return (
         f"summary: {stats.events} events ({stats.scored} scored, {stats.skipped} skipped, "
-        f"{stats.malformed} malformed, {getattr(stats, 'failed', 0)} failed), "
+        f"{stats.malformed} malformed, {stats.failed} failed), "
         f"{stats.alerts} alerts ({held_back} held back by the alert cap), "
         f"probe {probe or 'none'}, kernel drops {kernel.get('dropped', 0)} over "
         f"{format_duration(max(0.0, time.monotonic() - since))}; "

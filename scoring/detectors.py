@@ -102,7 +102,7 @@ class Detector:
     # this detector assigns, from its table (a fixed rule that history can only silence).
     probability: Callable[[RarityTable, Hashable, Hashable, float], float] | None = None
     # True: suspicious on its own, so it may alert with no history at all, during the
-    # learning period too (issue 8: no blind first day).
+    # learning period too (no blind first day).
     history_free: bool = False
 
     def describe(self, event: Event, r: Rarity, others: list[tuple[Hashable, float]],

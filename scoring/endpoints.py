@@ -172,7 +172,7 @@ class EndpointCatalog:
 # "has this caller ever asked for credentials before?" and metrics can count requests by
 # class (bounded: never by path). The classes:
 CREDENTIALS = "credentials"  # keys that act as the instance/task/pod: AWS role credentials,
-#                              ECS/EKS credentials, Alibaba RAM, OCI instance principal, ...
+#                              AWS ECS/EKS credentials, Alibaba RAM, OCI instance principal, ...
 TOKEN = "token"  # an OAuth access token: GCP service-account token, Azure managed identity
 IDENTITY = "identity"  # signed proof of identity: AWS identity document/signature/pkcs7,
 #                        GCP identity token (JWT), Azure attested document
@@ -225,9 +225,9 @@ _FAMILIES: tuple[tuple[frozenset[str], str, tuple[tuple[str, str], ...], str], .
     (frozenset({"azure"}), r"/(vmsettings|extensionartifact|health|status)", (
         (r"", USER_DATA),
     ), METADATA),
-    (frozenset({"aws"}), r"/v2/credentials", ((r"(/.*)?", CREDENTIALS),), CREDENTIALS),  # ECS
+    (frozenset({"aws"}), r"/v2/credentials", ((r"(/.*)?", CREDENTIALS),), CREDENTIALS),  # AWS ECS
     (frozenset({"aws"}), r"/v1/credentials", ((r"(/.*)?", CREDENTIALS),), CREDENTIALS),  # EKS
-    (frozenset({"aws"}), r"/v[1-4]", (), METADATA),  # ECS task metadata v2-v4
+    (frozenset({"aws"}), r"/v[1-4]", (), METADATA),  # AWS ECS task metadata v2-v4
     (frozenset({"oci"}), r"/opc/v[12]", (
         (r"/identity(/.*)?", CREDENTIALS),
         (r"/instance/metadata/user_data", USER_DATA),

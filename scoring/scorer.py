@@ -12,17 +12,18 @@ from collections.abc import Hashable
 from math import log10
 from typing import cast
 
+from scoring.allowlist import ExceptionRule, first_match
 from scoring.detectors import (
     DETECTOR_NAMES,
     DETECTORS,
     Detector,
     probability_for_score,
+    request_class,
     score_from_surprise,
 )
 from scoring.durations import format_duration
 from scoring.endpoints import Endpoint, EndpointCatalog
 from scoring.events import Event
-from scoring.exceptions import ExceptionRule, first_match
 from scoring.known_callers import KnownCallerCatalog
 from scoring.rarity import (
     DAY,
@@ -60,11 +61,15 @@ class Outcome:
     __slots__ = (
         "event", "endpoint", "score", "detector", "rule_name", "reason", "entity", "scores",
         "alert", "learning", "suppressed", "excepted", "known_caller", "novel", "burst",
+        "request_class",
     )
 
-    def __init__(self, event: Event, endpoint: Endpoint) -> None:
+    def __init__(self, event: Event, endpoint: Endpoint,
+                 request_class: str | None = None) -> None:
         self.event = event
         self.endpoint = endpoint
+        # What the request asked for (a `scoring.endpoints` class), None for a connection.
+        self.request_class = request_class
         self.score = 0.0
         self.detector: str | None = None
         self.rule_name: str | None = None
@@ -113,14 +118,12 @@ QUIET_P = probability_for_score(QUIET_SCORE)
 # counts only grow, and nothing reads them before the next full scoring or save).
 QUIET_FOR = 6 * HOUR
 QUIET_MAX = 24 * HOUR
-# Bounds the memory of the callers memo (about 0.8 KB a caller): an eighth of the cap on
-# entries, from CALLER_MIN to CALLER_MAX; past it the memo starts again from empty. A
-# caller has 5-7 entries, so an eighth holds every caller the model can keep with room to
-# spare, and under a flood of new names (each seen once: nothing to reuse) the memo's
-# share of the agent's memory stays small (75k entries: 9,375 callers, ~8 MB). The upper
-# bound is for the fleet scorer, whose 1.2M-entry cap would otherwise let the memo alone
-# hold 150k callers (~120 MB) for a speed-up that a fleet's spread of callers does not
-# repay.
+# Bounds the memory of the callers memo: an eighth of the cap on entries, from CALLER_MIN
+# to CALLER_MAX; past it the memo starts again from empty. A caller has 5-7 entries, so an
+# eighth holds every caller the model can keep with room to spare, and under a flood of
+# new names (each seen once: nothing to reuse) the memo's share of the agent's memory
+# stays small. The upper bound is for the fleet scorer, whose large cap would otherwise
+# let the memo alone hold more callers than a fleet's spread of callers repays.
 CALLER_MIN = 4_000
 CALLER_MAX = 50_000
 # Entries whose decayed count fell below this are pruned (a single call, after ~4.3
@@ -153,15 +156,17 @@ class _Caller:
     whether it is common. Valid while the model's generation is `gen`."""
 
     __slots__ = ("host", "known", "keys", "nodes", "gen", "quiet_until", "quiet_for",
-                 "pending", "dirty", "day", "last_ts")
+                 "pending", "dirty", "day", "last_ts", "request_class")
 
-    def __init__(self, host: Host, known: bool, keys: tuple, gen: int) -> None:
+    def __init__(self, host: Host, known: bool, keys: tuple, gen: int,
+                 request_class: str | None) -> None:
         self.host = host
         self.known = known
+        self.request_class = request_class  # a function of the signature
         self.keys = keys  # ((detector index, context, value), ...)
         # Where the keys' counts live once learned: context, entry, context, entry, ... in
         # the keys' order (None before). One flat tuple rather than a list of pairs: a
-        # flood of new names fills the memo, and pairs cost ~0.7 KB more per caller.
+        # flood of new names fills the memo, and the pairs would cost more per caller.
         self.nodes: tuple[Entry, ...] | None = None
         self.gen = gen
         self.quiet_until = -1.0
@@ -282,7 +287,7 @@ class Scorer:
                     self._dirty.append(caller)
             else:
                 self._learn(caller, w, ts, day)
-            out = Outcome(event, endpoint)
+            out = Outcome(event, endpoint, caller.request_class)
             out.known_caller = caller.known
             out.learning = (self.last_ts - self.first_ts  # self.learning, inlined
                             < self.settings.learning_period)
@@ -306,12 +311,13 @@ class Scorer:
         if len(self._callers) >= self._caller_limit:
             self._flush()
             self._callers.clear()
-        caller = self._callers[sig] = _Caller(host, known, tuple(keys), self._gen)
+        caller = self._callers[sig] = _Caller(host, known, tuple(keys), self._gen,
+                                              request_class(event))
         return caller
 
     def _score(self, event: Event, endpoint: Endpoint, caller: _Caller, w: float,
                ts: float) -> Outcome:
-        out = Outcome(event, endpoint)
+        out = Outcome(event, endpoint, caller.request_class)
         out.known_caller = known = caller.known
         out.learning = learning = self.learning
         clock = self.clock

@@ -6,6 +6,15 @@ from dataclasses import dataclass, field
 
 DAY = 86400.0
 
+# The model's cap on (context, value) entries, by mode; `scoring.max_entities` in the
+# config sets any of them. A node's own callers are few, so the agent's cap is what keeps
+# its memory within the DaemonSet's limit under a flood of new names; the fleet scorer's
+# holds the callers of a large fleet; replay keeps the scorer's default. `make bench`
+# measures the memory each cap costs.
+REPLAY_MAX_ENTITIES = 200_000
+AGENT_MAX_ENTITIES = 75_000
+FLEET_MAX_ENTITIES = 1_200_000
+
 # Elastic's companion rule "Unusual Linux User Calling the Metadata Service" alerts at 75;
 # every other detector follows the global threshold (50, the seed rule's).
 DEFAULT_DETECTOR_THRESHOLDS = {"rare_user": 75.0}
@@ -32,11 +41,8 @@ class ScorerSettings:
     known_caller_factor: float = 0.3
     # Hard cap on the model's (context, value) entries over all detectors: past it the
     # weakest (fewest active days, newest) are evicted, so a flood of throwaway names
-    # cannot grow the model without bound nor push out the established history. This is
-    # replay's default; `run` uses imdswatch.config.AGENT_MAX_ENTITIES (75k: about 1.4 KB
-    # of an agent's resident memory each, bench/agent_flood.py) and `serve` 1.2M (about
-    # 0.8 KB each at rest, bench/serve_bench.py); `scoring.max_entities` sets any of them.
-    max_entities: int = 200_000
+    # cannot grow the model without bound nor push out the established history.
+    max_entities: int = REPLAY_MAX_ENTITIES
 
     def threshold_for(self, detector: str) -> float:
         return max(self.threshold, self.detector_thresholds.get(detector, self.threshold))

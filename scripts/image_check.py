@@ -33,8 +33,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
 import yaml  # noqa: E402
 from daemonset_podman import DAEMONSET, SERVE_DEPLOYMENT, translate  # noqa: E402
 from fleet_fixtures import post  # noqa: E402
-from netns_fixtures import MetadataNamespace, free_port, wait_for, warm_state  # noqa: E402
 from test_compiled import setup_list  # noqa: E402
+
+from lab.agent_process import free_port  # noqa: E402
+from lab.history import warm_state  # noqa: E402
+from lab.sandbox import Sandbox as MetadataNamespace  # noqa: E402
+from lab.wait import wait_for  # noqa: E402
 
 COMPILED_MODULES = [p.removesuffix(".py").replace("/", ".") for p in setup_list()]
 

@@ -18,6 +18,8 @@ from helpers_events import DAY, T0, ev, to_ecs, unique_times
 from helpers_events import fleet_events as helper_fleet
 from netns_fixtures import HERE, free_port, wait_for
 
+from lab import scrape
+
 EXE = HERE.parent / ".venv" / "bin" / "imdswatch"
 CMD = [str(EXE)] if EXE.exists() else [sys.executable, "-c",
                                        "from imdswatch.cli import main; main()"]
@@ -76,28 +78,13 @@ class ServeProcess:
         return self
 
     def metrics_get(self, path: str) -> tuple[int, str]:
-        try:
-            url = f"http://127.0.0.1:{self.metrics_port}{path}"
-            with urllib.request.urlopen(url, timeout=2) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, ""
-        except OSError:
-            return 0, ""
+        return scrape.get(self.metrics_port, path, timeout=2)
 
     def ready(self) -> bool:
         return self.metrics_get("/readyz")[0] == 200
 
     def metric(self, name: str, **labels: str) -> float:
-        total = 0.0
-        for line in self.metrics_get("/metrics")[1].splitlines():
-            if line.startswith("#"):
-                continue
-            head, _, value = line.rpartition(" ")
-            metric, _, lab = head.partition("{")
-            if metric == name and all(f'{k}="{v}"' in lab for k, v in labels.items()):
-                total += float(value)
-        return total
+        return scrape.metric(self.metrics_get("/metrics")[1], name, **labels)
 
     def alert_lines(self) -> list[dict]:
         if not self.alerts.exists():

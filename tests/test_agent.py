@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers.fake_kube import CID_A, IMAGE_A, UID_A, FakeApi
 from netns_fixtures import (
-    HERE,
+    LAB,
     AgentProcess,
     MetadataNamespace,
     require_bcc,
@@ -160,7 +160,7 @@ def test_flood_counted_per_process_in_kernel(ns, agent_factory):
     """The labelled kernel counter equals the connects made, drops or not."""
     agent = agent_factory("--learning-period", "1h")
     comm = f"imdsw-a{secrets.token_hex(3)}"
-    r = ns.run(["python3", str(HERE / "flood_client.py"), IMDS, "9", "3000", "20", comm],
+    r = ns.run(["python3", str(LAB / "flood_client.py"), IMDS, "9", "3000", "20", comm],
                timeout=30)
     assert r.returncode == 0, r.stderr
     made = int(r.stdout.split()[0])

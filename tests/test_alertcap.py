@@ -11,8 +11,8 @@ from pathlib import Path
 
 from exporters.alertcap import SUMMARY_DETECTOR, AlertCap
 from exporters.alerts import AlertWriter
+from intake.parser import event_from_ecs
 from scoring.endpoints import BUILTIN_ENDPOINTS
-from scoring.events import event_from_ecs
 from scoring.scorer import Outcome
 
 ROOT = Path(__file__).resolve().parent.parent

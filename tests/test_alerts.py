@@ -9,9 +9,10 @@ import json
 import orjson
 from helpers.imdsw_scenario import attack_event, baseline_events
 
-from exporters.alerts import AlertWriter, build_alert, rfc3339_millis
+from exporters.alerts import AlertWriter, build_alert
+from exporters.timestamps import rfc3339_millis
+from intake.parser import event_from_ecs
 from scoring.endpoints import BUILTIN_ENDPOINTS
-from scoring.events import event_from_ecs
 from scoring.scorer import Outcome, Scorer
 from scoring.settings import ScorerSettings
 

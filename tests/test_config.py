@@ -45,7 +45,7 @@ def test_defaults_without_a_file():
     assert len(cfg.catalog) == len(BUILTIN_ENDPOINTS)
     assert cfg.exceptions == ()
     assert cfg.metrics.address == "0.0.0.0:9464"
-    assert cfg.metrics.max_label_values > 0 and cfg.metrics.anomaly_ttl > 0
+    assert cfg.metrics.max_series > 0 and cfg.metrics.anomaly_ttl > 0
     assert cfg.agent.probe == "auto"
     assert (cfg.agent.kubernetes, cfg.agent.kubernetes_api) == ("auto", None)
     assert cfg.path is None
@@ -95,7 +95,7 @@ FULL = """
 
     [metrics]
     address = "127.0.0.1:9999"
-    max_label_values = 50
+    max_series = 50
     anomaly_ttl = "10m"
 
     [agent]
@@ -139,7 +139,7 @@ def test_every_section_is_parsed(tmp_path):
     assert cfg.exceptions[1].user is None
 
     assert cfg.metrics.address == "127.0.0.1:9999"
-    assert cfg.metrics.max_label_values == 50
+    assert cfg.metrics.max_series == 50
     assert cfg.metrics.anomaly_ttl == 600
     a = cfg.agent
     assert (a.probe, a.proc_root, a.passwd, a.node_name) == (
@@ -234,7 +234,7 @@ def test_bad_durations(tmp_path, text, where):
     ("[scoring.detector_thresholds]\nrare_user = 'x'\n", "rare_user"),
     ("[scoring.detector_thresholds]\nrare_users = 80\n", "rare_users"),
     ("[scoring]\nknown_caller_factor = 2\n", "known_caller_factor"),
-    ("[metrics]\nmax_label_values = 0\n", "metrics.max_label_values"),
+    ("[metrics]\nmax_series = 0\n", "metrics.max_series"),
 ])
 def test_bad_thresholds_and_numbers(tmp_path, text, where):
     assert where in config_error(tmp_path, text)

@@ -59,7 +59,7 @@ IMDSWATCH = ROOT / ".venv" / "bin" / "imdswatch"
     ({"scoring": {"max_entities": 1e6}}, "scoring.max_entities"),
     ({"scoring": {"max_entities": 10**12}}, "scoring.max_entities"),
     ({"metrics": {"anomaly_ttl": math.inf}}, "anomaly_ttl"),
-    ({"metrics": {"max_label_values": math.nan}}, "max_label_values"),
+    ({"metrics": {"max_series": math.nan}}, "max_series"),
     ({"metrics": {"address": "9464"}}, "HOST:PORT"),
     ({"metrics": {"address": "0.0.0.0:99999"}}, "HOST:PORT"),
     ({"agent": {"state_save_interval": math.nan}}, "state_save_interval"),
@@ -103,7 +103,7 @@ VALUES = st.recursive(
     | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
 KEYS = [("scoring", "threshold"), ("scoring", "learning_period"), ("scoring", "half_life"),
         ("scoring", "detector_thresholds"), ("endpoints", "add"), ("endpoints", "remove"),
-        ("endpoints", "builtin"), ("metrics", "address"), ("metrics", "max_label_values"),
+        ("endpoints", "builtin"), ("metrics", "address"), ("metrics", "max_series"),
         ("agent", "probe"), ("agent", "kubernetes"), ("agent", "state_save_interval")]
 
 

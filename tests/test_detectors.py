@@ -10,8 +10,8 @@ import re
 import pytest
 from helpers_events import DAY, HOUR, MINUTE, T0, Agent, ev, fleet_events
 
+from scoring.allowlist import parse_exception
 from scoring.detectors import DETECTOR_NAMES
-from scoring.exceptions import parse_exception
 from scoring.known_callers import KnownCallerCatalog
 from scoring.scorer import Scorer
 from scoring.settings import ScorerSettings

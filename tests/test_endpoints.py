@@ -13,7 +13,7 @@ from scoring.endpoints import BUILTIN_ENDPOINTS, EndpointCatalog
 CATALOG = [
     ("169.254.169.254", 80, "aws"),
     ("fd00:ec2::254", 80, "aws"),
-    ("169.254.170.2", 80, "aws"),  # ECS task metadata
+    ("169.254.170.2", 80, "aws"),  # AWS ECS task metadata
     ("169.254.170.23", 80, "aws"),  # EKS Pod Identity
     ("fd00:ec2::23", 80, "aws"),
     ("169.254.169.252", 988, "gcp"),  # GKE metadata server

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from scoring.events import EVENT_FIELDS, Event, MalformedEvent, event_from_ecs
+from intake.parser import MalformedEvent, event_from_ecs
+from scoring.events import EVENT_FIELDS, Event
 
 NOON = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC).timestamp()  # 1714564800.0
 
@@ -299,11 +300,63 @@ def test_request_fields_read_alike_from_a_line():
     """One parser: a replayed line and a live document give the same Event."""
     import msgspec
 
-    from scoring.ecs_schema import decoder
-    from scoring.events import read_doc
+    from intake.ecs_schema import decoder
+    from intake.parser import read_doc
     line = msgspec.json.encode(_request_doc())
     ev, _ = read_doc(decoder().decode(line), raw=line)
     live = event_from_ecs(_request_doc())
     for slot in EVENT_FIELDS:
         if not slot.startswith("_"):
             assert getattr(ev, slot) == getattr(live, slot), slot
+
+
+def _typed_values(names: tuple[str, ...]) -> list:
+    """A distinct value per field, of the type the compiled Event accepts for it."""
+    ev = Event(0.0, "x", "y")
+    out = []
+    flags = iter((True, False, True, False))
+    for k, name in enumerate(names):
+        if name in ("_doc", "_raw"):  # the document: a dict, or the line's bytes
+            out.append(None if name == "_doc" else b"{}")
+            continue
+        for v in (f"v{k}", 1000 + k, 1000.5 + k, b"raw", None):
+            try:
+                setattr(ev, name, next(flags) if v is None else v)
+                break
+            except TypeError:
+                continue
+        out.append(getattr(ev, name))
+    return out
+
+
+def test_event_arguments_follow_the_one_list_of_fields():
+    # EVENT_FIELDS is the order of Event's arguments: the reader's hand-over and the
+    # parser pass every field by position, so the two must agree.
+    names = tuple(n for n in EVENT_FIELDS if n != "_doc")
+    values = _typed_values(EVENT_FIELDS)
+    ev = Event(*values)
+    for name in names:
+        assert getattr(ev, name) == values[EVENT_FIELDS.index(name)], name
+
+
+def test_every_text_field_is_capped():
+    from intake.parser import _STRING_SLOTS
+
+    doc = {
+        "@timestamp": "2026-11-30T10:00:00Z", "event": {"action": "http_request", "id": "e"},
+        "destination": {"ip": "169.254.169.254", "port": 80},
+        "process": {"name": "curl", "pid": 7, "executable": "/usr/bin/curl",
+                    "command_line": "curl x", "thread": {"name": "t"},
+                    "parent": {"pid": 1, "name": "sh", "executable": "/bin/sh"}},
+        "user": {"name": "root", "id": "0"}, "host": {"name": "h"},
+        "container": {"id": "c", "image": {"name": "i"}},
+        "orchestrator": {"namespace": "n", "resource": {"name": "p"}},
+        "cloud": {"provider": "aws"}, "http": {"request": {"method": "GET"}},
+        "url": {"path": "/", "query": "q"}, "user_agent": {"original": "ua"},
+        "imdswatch": {"request": {"guarded": False},
+                      "process": {"exe_mismatch": True, "kernel_executable": {"name": "k"},
+                                  "proc_executable": "/p"}},
+    }
+    ev = event_from_ecs(doc)
+    text = {n for n in EVENT_FIELDS if not n.startswith("_") and isinstance(getattr(ev, n), str)}
+    assert text == set(_STRING_SLOTS)

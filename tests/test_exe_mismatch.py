@@ -17,7 +17,7 @@ from pathlib import Path
 from netns_fixtures import AgentProcess, MetadataNamespace, require_bcc, wait_for
 
 from exporters.alerts import build_alert
-from scoring.events import event_from_ecs
+from intake.parser import event_from_ecs
 from scoring.scorer import Scorer
 from scoring.settings import ScorerSettings
 from scoring.state import save_state

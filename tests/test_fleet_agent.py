@@ -15,7 +15,7 @@ from netns_fixtures import AgentProcess, MetadataNamespace, free_port, require_b
 from exporters.metrics import MetricsExporter
 from fleet.sink import FleetOptions, FleetSink
 from fleet.spool import Spool
-from scoring.events import event_from_ecs
+from intake.parser import event_from_ecs
 from scoring.scorer import Scorer
 from scoring.settings import ScorerSettings
 

@@ -13,9 +13,16 @@ import secrets
 import signal
 
 import pytest
-from flood_attack import unusual_curl
-from netns_fixtures import HERE, AgentProcess, MetadataNamespace, require_bcc, wait_for, warm_state
+from netns_fixtures import (
+    LAB,
+    AgentProcess,
+    MetadataNamespace,
+    require_bcc,
+    wait_for,
+    warm_state,
+)
 
+from lab.flood_attack import unusual_curl
 from scoring.scorer import Scorer
 from scoring.state import load_state
 
@@ -31,7 +38,7 @@ STATE_MAX = 20 * 1024 * 1024
 def flood(ns: MetadataNamespace, prefix: str, names: int = NAMES, port: int = 9,
           max_seconds: float = MAX_SECONDS) -> tuple[int, float]:
     """(connects made, seconds) of one process connecting once per name PREFIX<n>."""
-    r = ns.run(["python3", str(HERE / "name_flood_client.py"), IMDS, str(port), str(names),
+    r = ns.run(["python3", str(LAB / "name_flood_client.py"), IMDS, str(port), str(names),
                 str(max_seconds), prefix], timeout=max_seconds + 30)
     assert r.returncode == 0, r.stderr
     made, seconds = r.stdout.split()
@@ -116,7 +123,7 @@ def test_name_flood_is_counted_bounded_and_does_not_hide_an_attack(tmp_path):
 def test_name_flood_client_names_are_distinct():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("nfc", HERE / "name_flood_client.py")
+    spec = importlib.util.spec_from_file_location("nfc", LAB / "name_flood_client.py")
     nfc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(nfc)
     names = {nfc.name("q1a2", i) for i in range(200_000)}

@@ -23,12 +23,12 @@ from helpers_events import DAY, HOUR, T0, ev, fleet_events, to_ecs, unique_times
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imdswatch import ndjson
-from imdswatch.ndjson import numbered_lines
-from imdswatch.reader import read_events
-from scoring.ecs_schema import decoder
+from intake import ndjson
+from intake.ecs_schema import decoder
+from intake.ndjson import numbered_lines
+from intake.parser import MalformedEvent, event_from_ecs, parse_timestamp, read_doc
+from intake.reader import read_events
 from scoring.endpoints import EndpointCatalog
-from scoring.events import MalformedEvent, event_from_ecs, parse_timestamp, read_doc
 
 ROOT = Path(__file__).resolve().parents[1]
 IMDSWATCH = ROOT / ".venv" / "bin" / "imdswatch"

@@ -16,7 +16,7 @@ import pytest
 from helpers.fake_kube import CID_A, IMAGE_A, UID_A, UID_OTHER, FakeApi
 
 from imdswatch.agent import start_pod_directory
-from scoring.events import event_from_ecs
+from intake.parser import event_from_ecs
 from scoring.scorer import Scorer
 from scoring.settings import ScorerSettings
 from tracer.kubernetes import PodDirectory

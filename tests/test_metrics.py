@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.metrics import MetricsExporter
+from intake.parser import event_from_ecs
 from scoring.endpoints import BUILTIN_ENDPOINTS
-from scoring.events import event_from_ecs
 from scoring.scorer import Outcome, Scorer
 from scoring.settings import ScorerSettings
 

@@ -1,6 +1,6 @@
 # No network here: gzip files on disk only.
 """A gzip regular file is decompressed by a thread ahead of the reader
-(imdswatch.ndjson._prefetched): same lines in the same order as the single-threaded path,
+(intake.ndjson._prefetched): same lines in the same order as the single-threaded path,
 errors raised after the lines before them, and no thread left behind by a reader that
 stops early."""
 
@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from imdswatch import ndjson
-from imdswatch.ndjson import InputError, Interrupt, Interrupted, numbered_lines
+from intake import ndjson
+from intake.ndjson import InputError, Interrupt, Interrupted, numbered_lines
 
 
 def _lines(n):

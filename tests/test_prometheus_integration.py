@@ -16,7 +16,7 @@ import yaml
 from helpers.imdsw_scenario import attack_event, baseline_events
 
 from exporters.metrics import MetricsExporter
-from scoring.events import event_from_ecs
+from intake.parser import event_from_ecs
 from scoring.scorer import Scorer
 from scoring.settings import ScorerSettings
 

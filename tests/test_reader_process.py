@@ -1,6 +1,6 @@
 # Metadata addresses in this file are event data only: nothing here connects to them, so no
 # netns is needed.
-"""The replay's reading in a forked process (imdswatch.reader_process): what the parent
+"""The replay's reading in a forked process (intake.forked_reader): what the parent
 rebuilds is exactly what `read_events` gives in process, field for field, with the same
 reports and counts; errors, early stops and a dying child end cleanly."""
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from imdswatch import reader_process
-from imdswatch.ndjson import InputError, Interrupt, Interrupted, numbered_lines
-from imdswatch.reader import read_events
-from imdswatch.reader_process import PER_EVENT_FIELDS, ForkedReader
+from intake import forked_reader as reader_process
+from intake.forked_reader import PER_EVENT_FIELDS, ForkedReader
+from intake.ndjson import InputError, Interrupt, Interrupted, numbered_lines
+from intake.reader import read_events
 from scoring.endpoints import EndpointCatalog
 from scoring.events import EVENT_FIELDS, Event
 
@@ -84,7 +84,7 @@ def _lines() -> list[bytes]:
 def _in_process(lines: list[bytes]):
     bad: list = []
     skipped: Counter = Counter()
-    from imdswatch.join import ProcessJoin
+    from intake.join import ProcessJoin
 
     join = ProcessJoin()
     events = [(n, e) for n, e, _ in read_events(
@@ -272,8 +272,8 @@ def test_the_child_dies_with_its_parent(tmp_path: Path):
     script = tmp_path / "parent.py"
     script.write_text(
         "import sys, time\n"
-        "from imdswatch.ndjson import numbered_lines\n"
-        "from imdswatch.reader_process import ForkedReader\n"
+        "from intake.ndjson import numbered_lines\n"
+        "from intake.forked_reader import ForkedReader\n"
         "from scoring.endpoints import EndpointCatalog\n"
         f"r = ForkedReader(numbered_lines({str(fifo)!r}), EndpointCatalog.from_config().match)\n"
         "print(r._pid, flush=True)\n"

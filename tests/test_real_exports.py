@@ -21,8 +21,8 @@ from pathlib import Path
 
 import orjson
 
-from imdswatch.join import ProcessJoin
-from imdswatch.reader import read_events
+from intake.join import ProcessJoin
+from intake.reader import read_events
 from scoring.endpoints import EndpointCatalog
 
 ROOT = Path(__file__).resolve().parents[1]

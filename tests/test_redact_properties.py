@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from exporters.alerts import build_alert
 from exporters.redact import redact, redact_args
+from intake.parser import event_from_ecs
 from scoring.endpoints import BUILTIN_ENDPOINTS
-from scoring.events import event_from_ecs
 from scoring.scorer import Outcome
 
 # Token-like values: what credentials look like (base64/base64url/hex plus . and -).

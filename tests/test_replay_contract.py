@@ -28,7 +28,7 @@ from helpers_events import (
     write_ndjson,
 )
 
-from scoring.events import event_from_ecs
+from intake.parser import event_from_ecs
 from scoring.scorer import Scorer
 from scoring.settings import ScorerSettings
 

@@ -15,8 +15,9 @@ from helpers_events import DAY, MINUTE, T0, rfc3339, write_ndjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from intake.parser import event_from_ecs
 from scoring.detectors import DETECTOR_NAMES, REQUEST_DETECTORS, request_class, user_of
-from scoring.events import Event, event_from_ecs
+from scoring.events import Event
 from scoring.scorer import Scorer
 from scoring.settings import ScorerSettings
 

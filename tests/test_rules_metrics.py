@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.metrics import MetricsExporter
 from fleet.metrics import AgentFleetMetrics, ServeMetrics
-from scoring.events import event_from_ecs
+from intake.parser import event_from_ecs
 from scoring.scorer import Scorer
 from scoring.settings import ScorerSettings
 

@@ -15,8 +15,8 @@ import pytest
 from bench.attacks import KINDS
 from bench.ecs import COMM_LEN
 from bench.scenario import generate, main, truth_path
+from intake.parser import event_from_ecs
 from scoring.endpoints import EndpointCatalog
-from scoring.events import event_from_ecs
 
 
 @pytest.fixture(scope="module")

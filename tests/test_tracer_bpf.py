@@ -14,15 +14,17 @@ import time
 import pytest
 from netns_fixtures import Collector, MetadataNamespace, require_bcc, started_tracer, wait_for
 
+from intake.parser import event_from_ecs
 from scoring.endpoints import BUILTIN_ENDPOINTS, EndpointCatalog
-from scoring.events import event_from_ecs
-from tracer import ProbeError, Tracer, probes
+from tracer import probes
 from tracer.kernel import ringbuf_supported
+from tracer.probes import ProbeError
+from tracer.session import Tracer
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
 IMDS = "169.254.169.254"
-ECS = "169.254.170.2"
+AWS_ECS = "169.254.170.2"
 V6 = "fd00:ec2::254"
 WIRESERVER = "168.63.129.16"
 DNS_NEIGHBOUR = "169.254.169.253"  # AWS DNS: next to IMDS, not an endpoint
@@ -69,7 +71,7 @@ def _comm() -> str:
 @pytest.fixture(scope="module")
 def ns():
     require_bcc()
-    with MetadataNamespace(v4=(IMDS, ECS, WIRESERVER, DNS_NEIGHBOUR), v6=(V6,)) as n:
+    with MetadataNamespace(v4=(IMDS, AWS_ECS, WIRESERVER, DNS_NEIGHBOUR), v6=(V6,)) as n:
         yield n
 
 
@@ -125,12 +127,12 @@ def test_attach_and_trace_connect_probes(mode, ns):
     try:
         with Collector(t) as c:
             pid = _pid(ns, _py_connect(IMDS, 80, linger=0.3))
-            mapped = _pid(ns, _py_connect(f"::ffff:{ECS}", 80, "AF_INET6", linger=0.3))
+            mapped = _pid(ns, _py_connect(f"::ffff:{AWS_ECS}", 80, "AF_INET6", linger=0.3))
             (doc,) = c.wait(pid=pid)
             assert doc["imdswatch"]["probe"] == mode
             assert doc["event"]["outcome"] == "success"
             # one event for a v4-mapped connect although tcp_v6_connect calls tcp_v4_connect
-            assert len(c.wait(pid=mapped, ip=f"::ffff:{ECS}")) == 1
+            assert len(c.wait(pid=mapped, ip=f"::ffff:{AWS_ECS}")) == 1
     finally:
         t.close()
 
@@ -170,12 +172,12 @@ def test_clients_each_give_one_event(ns, live):
 
 def test_ipv6_and_v4_mapped_destinations(ns, live):
     curl = _pid(ns, ["curl", "-s", "-g", "-o", "/dev/null", f"http://[{V6}]/latest/meta-data/"])
-    py = _pid(ns, _py_connect(f"::ffff:{ECS}", 80, "AF_INET6"))
+    py = _pid(ns, _py_connect(f"::ffff:{AWS_ECS}", 80, "AF_INET6"))
     (v6,) = live.wait(pid=curl)
     assert v6["destination"]["ip"] == V6
     assert v6["network"]["type"] == "ipv6"
     (mapped,) = live.wait(pid=py)
-    assert mapped["destination"]["ip"] == f"::ffff:{ECS}"
+    assert mapped["destination"]["ip"] == f"::ffff:{AWS_ECS}"
     cat = EndpointCatalog(BUILTIN_ENDPOINTS)
     assert cat.match(mapped["destination"]["ip"], 80).id == "aws-ecs-task-metadata"
 

@@ -26,9 +26,10 @@ from netns_fixtures import (
     warm_state,
 )
 
+from intake.parser import event_from_ecs
 from scoring.endpoints import EndpointCatalog
-from scoring.events import event_from_ecs
-from tracer import Tracer, cgroup_attach, kernel, probes
+from tracer import cgroup_attach, kernel, probes
+from tracer.session import Tracer
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 

@@ -8,12 +8,12 @@ import secrets
 import time
 
 import pytest
-from netns_fixtures import HERE, Collector, MetadataNamespace, require_bcc, wait_for
+from netns_fixtures import LAB, Collector, MetadataNamespace, require_bcc, wait_for
 from prometheus_client import CollectorRegistry
 
 from exporters.metrics import MetricsExporter
 from scoring.endpoints import EndpointCatalog
-from tracer import Tracer
+from tracer.session import Tracer
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
@@ -23,7 +23,7 @@ MAX_SECONDS = 20
 
 
 def _flood(ns: MetadataNamespace, comm: str, count: int = COUNT) -> int:
-    r = ns.run(["python3", str(HERE / "flood_client.py"), IMDS, "9", str(count),
+    r = ns.run(["python3", str(LAB / "flood_client.py"), IMDS, "9", str(count),
                 str(MAX_SECONDS), comm], timeout=MAX_SECONDS + 10)
     assert r.returncode == 0, r.stderr
     return int(r.stdout.split()[0])

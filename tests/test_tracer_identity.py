@@ -31,7 +31,8 @@ _CHILD = """
 import json, subprocess, sys, time
 sys.path[:0] = [sys.argv[1]]
 from scoring.endpoints import EndpointCatalog
-from tracer import Tracer, btf, probes
+from tracer.session import Tracer
+from tracer import btf, probes
 
 probe, numbers, connect = sys.argv[2], sys.argv[3] == "numbers", json.loads(sys.argv[4])
 hidden = all(line.split()[0].strip("0") == "" for line in open("/proc/kallsyms")

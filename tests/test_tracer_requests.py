@@ -15,20 +15,20 @@ from pathlib import Path
 import pytest
 from netns_fixtures import HERE, Collector, MetadataNamespace, require_bcc, started_tracer
 
-from scoring.events import event_from_ecs
+from intake.parser import event_from_ecs
 from tracer import kernel
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
 IMDS = "169.254.169.254"
-ECS = "169.254.170.2"
+AWS_ECS = "169.254.170.2"
 TOKEN = "AQAEAtesttoken=="  # what the mock IMDS hands out for the token PUT
 
 
 @pytest.fixture(scope="module")
 def ns():
     require_bcc()
-    with MetadataNamespace(v4=(IMDS, ECS), v6=()) as n:
+    with MetadataNamespace(v4=(IMDS, AWS_ECS), v6=()) as n:
         yield n
 
 
@@ -208,9 +208,9 @@ def test_wget_and_python_urllib(ns, live):
 
 def test_ecs_credentials_authorization(ns, live):
     pid = _run(ns, ["curl", "-s", "-o", "/dev/null", "-H", "Authorization: secret-auth",
-                    f"http://{ECS}/v2/credentials/test-id"])
+                    f"http://{AWS_ECS}/v2/credentials/test-id"])
     (d,) = _docs(live, pid)
-    assert d["destination"]["ip"] == ECS and d["imdswatch"]["request"]["guarded"] is True
+    assert d["destination"]["ip"] == AWS_ECS and d["imdswatch"]["request"]["guarded"] is True
     _no_secret([d], "secret-auth")
 
 
@@ -485,7 +485,7 @@ def _tracked_tracer(probe: str):  # noqa: ANN202 - tracer.Tracer
     """A tracer forced onto the tracked egress program: what kernels that refuse task
     helpers in cgroup_skb (Debian's 5.10, 6.1, 6.12) get by themselves."""
     from scoring.endpoints import EndpointCatalog
-    from tracer import Tracer
+    from tracer.session import Tracer
 
     t = Tracer(EndpointCatalog.from_config(), probe=probe, request_variant="tracked")
     t.start()
@@ -553,7 +553,7 @@ def _attached(t) -> list[tuple[int, str]]:
 
 def test_request_capture_off_reports_connections(ns):
     from scoring.endpoints import EndpointCatalog
-    from tracer import Tracer
+    from tracer.session import Tracer
 
     t = Tracer(EndpointCatalog.from_config(), probe="cgroup", requests=False)
     t.start()
@@ -601,7 +601,8 @@ def test_request_capture_degrades_with_a_log_line(ns, monkeypatch, caplog):
 
     from exporters.metrics import MetricsExporter
     from scoring.endpoints import EndpointCatalog
-    from tracer import Tracer, probes
+    from tracer import probes
+    from tracer.session import Tracer
 
     def refuse(*_a: object, **_k: object) -> None:
         raise probes.ProbeError("request capture (cgroup_skb egress): test refusal")

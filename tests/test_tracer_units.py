@@ -15,8 +15,8 @@ import time
 
 import pytest
 
+from intake.parser import event_from_ecs
 from scoring.endpoints import EndpointCatalog
-from scoring.events import event_from_ecs
 from tracer import maps, sources
 from tracer.cgroups import identify
 from tracer.clock import MonotonicClock, rfc3339

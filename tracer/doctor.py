@@ -56,7 +56,7 @@ def _command() -> str:
 
 # Capabilities are granted to the agent alone: to the container by the pod spec, or to one
 # service by systemd. Never by file capabilities on an interpreter, which every local user
-# can run (issue 11: `setcap` on the system Python makes every user root).
+# can run (`setcap` on the system Python would make every user root).
 _SYSTEMD_CAPS = ("or as a systemd service of its own with "
                  "AmbientCapabilities=CAP_BPF CAP_PERFMON CAP_SYS_ADMIN")
 

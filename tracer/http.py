@@ -47,7 +47,7 @@ def _text(raw: bytes) -> str:
 
 def _guard_present(path: str, headers: dict[bytes, bytes]) -> bool:
     """The guard header of the service the path belongs to; any provider's for a path of
-    none (the ECS and EKS credential endpoints use `Authorization`)."""
+    none (the AWS ECS and EKS credential endpoints use `Authorization`)."""
     aws = b"x-aws-ec2-metadata-token" in headers or \
         b"x-aws-ec2-metadata-token-ttl-seconds" in headers
     gcp = headers.get(b"metadata-flavor", b"").strip().lower() == b"google"

@@ -13,8 +13,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-from scoring.endpoints import Endpoint
+from typing import Protocol
 
 PORT_WORDS = 1024  # 65536 bits
 
@@ -32,6 +31,18 @@ class PortSet:
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Endpoint(Protocol):
+    """What the kernel filter needs of a metadata endpoint (the catalog's entries,
+    `scoring.endpoints.Endpoint`, are passed in by the app): its network and its ports,
+    none meaning every port."""
+
+    @property
+    def network(self) -> Network: ...
+
+    @property
+    def ports(self) -> frozenset[int]: ...
 
 
 def _kernel_networks(e: Endpoint) -> list[Network]:

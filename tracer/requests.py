@@ -47,8 +47,8 @@ class _Conn:
     # The connection's document: the dict until it has gone out once, then marshalled
     # (`_doc` reads either). Up to MAX_CONNECTIONS connections are followed, reported ones
     # too (a keep-alive request may still come), and refused connects never close from
-    # the caller's side: as dicts (~5.7 KB each) a flood of them held ~45 MB until
-    # evicted, marshalled under 1 KB each.
+    # the caller's side: under a flood of them the table is full, and a marshalled
+    # document is several times smaller than its dict.
     doc: dict | bytes
     created: float
     buf: bytearray = field(default_factory=bytearray)  # unparsed bytes from `pos` on

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
-from scoring.endpoints import Endpoint
 from tracer import btf, kernel, maps, probes
 from tracer.clock import MonotonicClock, rfc3339
 from tracer.ecs import to_ecs
@@ -24,6 +23,7 @@ from tracer.layout import (
     decode_segment,
     record_kind,
 )
+from tracer.maps import Endpoint
 from tracer.requests import RequestTracker
 
 log = logging.getLogger("imdswatch.tracer")

@@ -251,8 +251,7 @@ def numbered_lines(source: str, stop: Interrupt | None = None,
             if not block:
                 break
             # Lines are cut at each newline `find` locates (memchr), not by `split`, which
-            # compares every byte in a loop of its own: on ~1 KB lines that was most of
-            # the cost of cutting them.
+            # compares every byte in a loop of its own.
             find = block.find
             start = 0
             end = find(b"\n")

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from netns_fixtures import MetadataNamespace
+from lab.sandbox import Sandbox as MetadataNamespace
 
 IMDS = "169.254.169.254"
 CREDENTIALS = f"http://{IMDS}/latest/meta-data/iam/security-credentials/test-role"

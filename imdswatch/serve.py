@@ -14,25 +14,23 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from exporters.alertcap import AlertCap
 from exporters.metrics import MetricsExporter
 from fleet.core import DEFAULT_HOLD, DEFAULT_QUEUE_EVENTS, AlertSink, FleetCore
 from fleet.dedup import DEFAULT_CAPACITY, IdWindow
+from fleet.http_api import DEFAULT_BODY_LIMIT, DEFAULT_MAX_CONNECTIONS, IngestServer, tls_context
 from fleet.metrics import ServeMetrics
-from fleet.server import DEFAULT_BODY_LIMIT, DEFAULT_MAX_CONNECTIONS, IngestServer, tls_context
+from fleet.token_file import read_token
 from fleet.wal import WalError
+from imdswatch.config import Config
 from scoring.scorer import Scorer
+from scoring.settings import FLEET_MAX_ENTITIES
 from scoring.state import StateError
 
 log = logging.getLogger("imdswatch.serve")
 
 DEFAULT_LISTEN = "0.0.0.0:9465"
-# The fleet model's entry cap unless the config sets `scoring.max_entities`: 100k nodes with
-# ten callers each of their own, in about 1 GiB (bench/serve_bench.py measures it). A node
-# agent's default is imdswatch.config.AGENT_MAX_ENTITIES.
-FLEET_MAX_ENTITIES = 1_200_000
 
 
 @dataclass
@@ -53,24 +51,12 @@ class ServeOptions:
     dedup_ids: int = DEFAULT_CAPACITY
 
 
-def read_token(path: str, what: str = "--token-file") -> str:
-    """The bearer token in `path` (surrounding whitespace removed). Raises ValueError with a
-    message that names the file, never its content."""
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{what} {path}: cannot read ({exc})") from None
-    if not token or any(c.isspace() or not c.isprintable() for c in token):
-        raise ValueError(f"{what} {path}: must hold one token, without spaces")
-    return token
-
-
 def _fail(message: str) -> int:
     print(f"imdswatch serve: {message}", file=sys.stderr, flush=True)
     return 2
 
 
-def run_serve(config: Any, opts: ServeOptions, *, stop: threading.Event | None = None) -> int:
+def run_serve(config: Config, opts: ServeOptions, *, stop: threading.Event | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -93,7 +79,7 @@ def run_serve(config: Any, opts: ServeOptions, *, stop: threading.Event | None =
     if not state_dir.is_dir():
         return _fail(f"--state {opts.state}: directory {state_dir} does not exist")
     metrics_address = opts.metrics_address or config.metrics.address
-    exporter = MetricsExporter(max_label_values=config.metrics.max_label_values,
+    exporter = MetricsExporter(max_series=config.metrics.max_series,
                                anomaly_ttl=config.metrics.anomaly_ttl)
     serve_metrics = ServeMetrics(exporter.registry)
     exporter.set_ready(False, "restoring state and write-ahead log")

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from scoring.ecs_schema import EcsDoc
+from intake.ecs_schema import EcsDoc
 from scoring.events import Event
 
 DEFAULT_MAX_ENTITIES = 100_000

@@ -2,7 +2,7 @@
 
 Each is what an intruder does to take a node's cloud credentials (MITRE ATT&CK T1552.005),
 done with a real program: curl with IMDSv1, the IMDSv2 token flow from netcat, wget as the
-`nobody` user, Python's urllib, bash's /dev/tcp, the IPv6 endpoint, the ECS credentials
+`nobody` user, Python's urllib, bash's /dev/tcp, the IPv6 endpoint, the AWS ECS credentials
 endpoint, and a copy of a known cloud agent started from the wrong place.
 
 Against the sandbox (the default) the requests ask for the role's credentials, as an
@@ -22,7 +22,7 @@ from pathlib import Path
 
 IMDS = "169.254.169.254"
 IMDS_V6 = "fd00:ec2::254"
-ECS = "169.254.170.2"
+AWS_ECS = "169.254.170.2"
 
 # Sets the launcher's process name to "systemd" and runs the rest of argv: the agent (or
 # its stand-in, or its masquerading copy) then has the parent name a cloud agent has.
@@ -37,12 +37,12 @@ LAUNCH_AS_SERVICE = (
 class Target:
     name: str
     credentials_path: str  # the IMDS path asked for
-    ecs_path: str          # the ECS endpoint path asked for
+    aws_ecs_path: str          # the AWS ECS endpoint path asked for
 
 
 SANDBOX = Target("sandbox", "/latest/meta-data/iam/security-credentials/demo-role",
                  "/v2/credentials/8b1c6f2e-demo-4d6e-9a55-1f0c2d3e4f5a")
-# Harmless against a real service: the instance id and the ECS task metadata, no secret.
+# Harmless against a real service: the instance id and the AWS ECS task metadata, no secret.
 METADATA = Target("metadata", "/latest/meta-data/instance-id", "/v2/metadata")
 
 
@@ -125,8 +125,8 @@ SIMULATIONS: tuple[Simulation, ...] = (
     Simulation("curl-ipv6", "the IPv6 endpoint", "curl", IMDS_V6, ("curl",),
                lambda t, w: _curl(f"http://[{IMDS_V6}]{t.credentials_path}"),
                "curl http://[fd00:ec2::254]/..."),
-    Simulation("curl-ecs", "the ECS credentials endpoint", "curl", ECS, ("curl",),
-               lambda t, w: _curl(f"http://{ECS}{t.ecs_path}"),
+    Simulation("curl-aws-ecs", "the AWS ECS credentials endpoint", "curl", AWS_ECS, ("curl",),
+               lambda t, w: _curl(f"http://{AWS_ECS}{t.aws_ecs_path}"),
                "curl http://169.254.170.2/v2/credentials/ID"),
     Simulation("masquerade", "a copy of the SSM agent started from /tmp",
                "amazon-ssm-agen", IMDS, ("python3",), _masquerade,

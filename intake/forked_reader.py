@@ -2,10 +2,10 @@
 scoring.
 
 Reading a trace (gzip, the typed decode, `read_doc`) and scoring its events cost about the
-same on the reference machine; in one interpreter they add up, whatever either is made to
-cost. The child reads exactly as an in-process reading would (`imdswatch.reader.
-read_events`: the one parser, its rules and reports), and hands the parent every Event in
-batches; the parent rebuilds them and scores them through the one `Scorer.process`.
+same; in one interpreter they add up, whatever either is made to cost. The child reads
+exactly as an in-process reading would (`intake.reader.read_events`: the one parser, its
+rules and reports), and hands the parent every Event in batches; the parent rebuilds them
+and scores them through the one `Scorer.process`.
 
 The hand-over is what decides whether this pays (turning whole Events into bytes and back
 costs more than scoring them), so a batch carries:
@@ -15,10 +15,8 @@ costs more than scoring them), so a batch carries:
 - the raw lines, which only an alert ever decodes (`Event.doc`), not through the pipe but
   through memory both processes share: the child copies a batch's lines into one of a few
   slots of it, the parent copies each line out as the Event's own bytes and gives the slot
-  back. Through the pipe, the ~1 KB lines of a trace cost the pair of processes more than
-  all the rest of the hand-over (a 500k-line replay: 3.9-4.1 s with them in the pipe,
-  3.2-3.3 s with no line sent at all, 3.5-3.8 s through shared memory). A line longer
-  than a slot travels in the batch's message itself;
+  back. Through the pipe, the lines would cost the pair of processes more than all the
+  rest of the hand-over. A line longer than a slot travels in the batch's message itself;
 - the malformed-line reports of the lines it covers, and the running counts (skipped
   lines by reason, the join's, the last line number), so an early stop loses none of
   what was handed over.
@@ -50,10 +48,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
-from imdswatch.join import ProcessJoin
-from imdswatch.ndjson import InputError, Interrupt, Interrupted
-from imdswatch.reader import Match, Position, read_events
-from scoring.events import Event
+from intake.join import ProcessJoin
+from intake.ndjson import InputError, Interrupt, Interrupted
+from intake.reader import Match, Position, read_events
+from scoring.events import EVENT_FIELDS, Event
 
 BATCH = 2048  # events per batch: a few MB with their lines, a few ms of work each side
 SLOT_BYTES = 8 << 20  # raw lines of one batch at most (a longer line travels in its message)
@@ -63,21 +61,15 @@ MAX_CALLERS = 65536  # rows in the repeating-fields table; when full, both sides
 PIPE_BYTES = 1 << 20  # asked of the kernel for the pipe (it may give less)
 PR_SET_PDEATHSIG = 1  # prctl(2)
 # The reading process's switch interval (sys.setswitchinterval). A gzip input is
-# decompressed by a thread of it (imdswatch.ndjson), which needs the interpreter lock for a
+# decompressed by a thread of it (intake.ndjson), which needs the interpreter lock for a
 # moment after every block it inflates; at the default 5 ms the busy parser keeps it waiting
-# that long each time, so the two barely overlap (reading a 500k-line trace took 3.4 s,
-# against 2.5 s for the same lines uncompressed; at 0.5 ms, 2.5 s).
+# that long each time, so the two barely overlap.
 SWITCH_INTERVAL = 0.0005
 
 # The Event fields that repeat for one caller, in Event's argument order (the per-event
 # ones, PER_EVENT_FIELDS, left out).
-_CALLER_FIELDS = (
-    "dst_ip", "name", "dst_port", "exe", "command_line", "parent_name", "parent_exe",
-    "user", "uid", "host", "container_id", "image", "namespace", "pod", "cloud", "action",
-    "method", "path", "query", "user_agent", "guarded", "thread_name", "exe_mismatch",
-    "kernel_exe", "proc_exe",
-)
 PER_EVENT_FIELDS = ("ts", "pid", "ppid", "event_id", "_doc", "_raw")
+_CALLER_FIELDS = tuple(f for f in EVENT_FIELDS if f not in PER_EVENT_FIELDS)
 
 
 def caller_fields(e: Event) -> tuple:
@@ -182,9 +174,9 @@ class ForkedReader:
                 callers.clear()
             callers += new
             # Each raw line is copied out of the shared slot as its own bytes: it may
-            # outlive the batch (the reorder buffer holds it, an alert reads it), and lines
-            # of ~1 KB reuse the memory of those freed before them, where one block per
-            # batch was fresh memory, page by page, every time.
+            # outlive the batch (the reorder buffer holds it, an alert reads it), and small
+            # lines reuse the memory of those freed before them, where one block per batch
+            # would be fresh memory, page by page, every time.
             shm = self._shm
             at = slot * self._slot_bytes
             out: list[tuple[int, Event]] = []

@@ -1,12 +1,12 @@
 """From numbered NDJSON lines to the Events of metadata calls, through the one parser.
 
-Each line is decoded once into the typed schema (`scoring.ecs_schema`) and read by the
+Each line is decoded once into the typed schema (`intake.ecs_schema`) and read by the
 rules of `scoring.events.read_doc`, the same rules the live agent applies. Around that:
 - an Elasticsearch hit (`_source`, as `_search` and elasticdump write them) is read as
   its document, and a whole `{"hits": {"hits": [...]}}` response page as its hits;
 - a document whose required sections are only present as dotted keys ("process.name")
   is unflattened and read again;
-- process events feed the entity-id join (`imdswatch.join`) instead of being scored;
+- process events feed the entity-id join (`intake.join`) instead of being scored;
 - every line that yields no event is accounted for: malformed ones through `report`
   (line number, reason, kind), skipped ones in `skipped` by reason.
 """
@@ -21,18 +21,18 @@ from typing import Any
 import msgspec
 import orjson
 
-from imdswatch.join import ProcessJoin
-from imdswatch.ndjson import MAX_LINE_BYTES
-from scoring.ecs_schema import EcsDoc, decoder
-from scoring.events import (
+from intake.ecs_schema import EcsDoc, decoder
+from intake.join import ProcessJoin
+from intake.ndjson import MAX_LINE_BYTES
+from intake.parser import (
     NOT_METADATA,
-    Event,
     MalformedEvent,
     has_dotted_keys,
     parse_timestamp,
     read_doc,
     typed_doc,
 )
+from scoring.events import Event
 
 Report = Callable[[int, str, str], None]
 Match = Callable[[str, int | None], Any]

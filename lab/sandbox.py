@@ -1,9 +1,10 @@
-"""A private network namespace that holds the metadata addresses, with the mock service.
+"""A private network namespace that holds the metadata addresses, served by the mock.
 
-SAFETY: everything `imdswatch demo` and `imdswatch simulate` send to a metadata address runs
-through `Sandbox.argv`, i.e. inside a fresh namespace whose only interface is loopback
-carrying those addresses and served by `imdswatch.mockimds`. Nothing can reach a real
-metadata service from there, and nothing outside the namespace is changed.
+SAFETY: everything the demo, `imdswatch simulate`, the tests and the benchmarks send to a
+metadata address runs through `Sandbox.argv` (or `run`/`popen`), i.e. inside a fresh
+namespace whose only interface is loopback carrying those addresses and served by
+`lab.mock_imds`. Nothing can reach a real metadata service from there, and nothing outside
+the namespace is changed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+from typing import Any
 
 V4 = ("169.254.169.254", "169.254.170.2")
 V6 = ("fd00:ec2::254",)
@@ -28,11 +30,15 @@ def _ip(*args: str) -> None:
 
 
 class Sandbox:
-    """`with Sandbox() as sb: subprocess.run(sb.argv(["curl", ...]))`"""
+    """`with Sandbox() as sb: sb.run(["curl", ...])`: the addresses `v4` and `v6` on the
+    namespace's loopback, the mock listening on `ports` (answers waiting `delay` s)."""
 
-    def __init__(self, prefix: str = "imdsw-demo") -> None:
+    def __init__(self, prefix: str = "imdsw-lab", v4: tuple[str, ...] = V4,
+                 v6: tuple[str, ...] = V6, ports: tuple[int, ...] = (80,),
+                 delay: float = 0.0) -> None:
         self.name = f"{prefix}-{secrets.token_hex(4)}"
-        self.addresses = (*V4, *V6)
+        self.v4, self.v6, self.ports, self.delay = v4, v6, ports, delay
+        self.addresses = (*v4, *v6)
         self._server: subprocess.Popen | None = None
         self._created = False
 
@@ -43,14 +49,15 @@ class Sandbox:
             _ip("netns", "add", self.name)
             self._created = True
             _ip("-n", self.name, "link", "set", "lo", "up")
-            for a in V4:
+            for a in self.v4:
                 _ip("-n", self.name, "addr", "add", f"{a}/32", "dev", "lo")
-            for a in V6:
+            for a in self.v6:
                 _ip("-n", self.name, "-6", "addr", "add", f"{a}/128", "dev", "lo", "nodad")
             # Its own session: a Ctrl-C in the terminal reaches the demo, which stops the
             # server itself, in order.
             self._server = subprocess.Popen(
-                self.argv([sys.executable, "-m", "imdswatch.mockimds", "80"]),
+                self.argv([sys.executable, "-m", "lab.mock_imds", "--delay", str(self.delay),
+                           *map(str, self.ports)]),
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                 start_new_session=True,
             )
@@ -79,3 +86,11 @@ class Sandbox:
     def argv(self, cmd: list[str]) -> list[str]:
         """`cmd` run inside the namespace."""
         return ["ip", "netns", "exec", self.name, *cmd]
+
+    def run(self, cmd: list[str], timeout: float = 20, **kw: Any) -> subprocess.CompletedProcess:
+        """Run `cmd` inside the namespace, its output captured as text."""
+        return subprocess.run(self.argv(cmd), capture_output=True, text=True, timeout=timeout,
+                              **kw)
+
+    def popen(self, cmd: list[str], **kw: Any) -> subprocess.Popen:
+        return subprocess.Popen(self.argv(cmd), **kw)
