@@ -50,13 +50,15 @@ test-image: setup
 
 # The sources compiled first, as pip does when it installs the package (the image): the
 # replay's start-up is then timed as users have it, not with a compile of every module.
+# `make bench` writes the report the README quotes (docs/benchmarks.md; commit it);
+# `make bench-quick` writes its smaller run under build/.
 bench: setup
 	$(PY) -m compileall -q $(PACKAGES) >/dev/null
-	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench --report docs/benchmarks.md $(BENCH_ARGS)
 
 bench-quick: setup
 	$(PY) -m compileall -q $(PACKAGES) >/dev/null
-	$(PY) -m bench --quick $(BENCH_ARGS)
+	$(PY) -m bench --quick --report build/benchmarks-quick.md $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

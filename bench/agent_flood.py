@@ -1,4 +1,4 @@
-"""The live agent under a 200,000-name flood (issue 11): the real `imdswatch run` (real BPF,
+"""The live agent under a 200,000-name flood: the real `imdswatch run` (real BPF,
 probe `auto`, a warmed state) and, in a private network namespace holding the metadata
 address, one process that renames itself (prctl on its thread-group leader) before each
 connect, 200,000 names (20,000 with --quick), paced so that the agent reads most events
@@ -12,7 +12,7 @@ the flood's rate and what the agent scored of it (every connect is scored or cou
 dropped); the model's entries against its cap. Targets: peak RSS <= 256 MiB (the DaemonSet's
 limit is 384 MiB), state <= 20 MB.
 
-`run(quick)` returns rows {name, value, unit, baseline, baseline_value, target, ok}.
+`run(quick)` returns a bench.rows.Section.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.rows import Row
+from bench.rows import Row, Section
 
 LAB = Path(__file__).resolve().parent.parent / "lab"
 IMDS = "169.254.169.254"
@@ -47,10 +47,10 @@ def _skip_reason() -> str | None:
     return None
 
 
-def run(quick: bool = False, names: int | None = None) -> list[Row]:
+def run(quick: bool = False, names: int | None = None) -> Section:
     reason = _skip_reason()
     if reason:
-        return [Row(f"agent flood: skipped ({reason})", None, "")]
+        return Section([Row(f"agent flood: skipped ({reason})", None, "")])
     from lab.agent_process import AgentProcess
     from lab.flood_attack import unusual_curl
     from lab.history import warm_state
@@ -111,7 +111,18 @@ def run(quick: bool = False, names: int | None = None) -> list[Row]:
     seen = d["imdswatch_events_seen_total"]
     dropped = d["imdswatch_kernel_events_dropped_total"]
     mib = 1024.0
-    return [
+    notes = [
+        f"The real agent (`imdswatch run`, probe auto, a warmed state, its default entry cap "
+        f"of {cap:,}) while one process in a private network namespace renames itself before "
+        f"each of {names:,} connects to the mock metadata address, paced at {RATE:,}/s so "
+        "the names reach the model (faster, the ring buffer drops most of them, counted, and "
+        "the model never sees them). RSS after start is VmRSS a second after the agent is "
+        "ready, with no flood; the peak is VmHWM over the whole run, the BPF compile at start "
+        "and the flood included: the figures a DaemonSet's memory request and limit are "
+        "sized from. Then a copy of curl under a new name and uid asks for the role's "
+        "credentials and must alert.",
+    ]
+    return Section([
         Row(f"agent peak RSS (VmHWM) after a {names:,}-name flood", round(hwm / mib, 1),
             "MiB", "RSS after start, no flood", round(rss_start / mib, 1),
             f"<= {RSS_TARGET_MIB} MiB", hwm / mib <= RSS_TARGET_MIB),
@@ -134,4 +145,4 @@ def run(quick: bool = False, names: int | None = None) -> list[Row]:
             "credentials) alerted",
             round(attack_s, 2) if alerted else None, "s", "", None, "alerts", alerted),
         Row("agent exit status after SIGTERM", rc, "", "", None, "0", rc == 0),
-    ]
+    ], notes)

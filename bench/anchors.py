@@ -59,6 +59,11 @@ class FalcoMetadataFromContainer:
         self.allowed = allowed_namespaces
         self.detections: list[Detection] = []
 
+    def choices(self) -> str:
+        return (f"alerts on every connection to {IMDS_V4} (IPv4 only) from a container "
+                f"outside the namespaces {', '.join(sorted(self.allowed))} (the shipped "
+                "`user_known_metadata_access`), at the event's own time, one alert per event")
+
     def observe(self, n: int, ev: Event) -> None:
         if ev.dst_ip == IMDS_V4 and ev.container_id and ev.namespace not in self.allowed:
             self.detections.append(Detection(ev.ts, n, ("falco", n)))
@@ -112,6 +117,18 @@ class ElasticRareMetadataProcess:
         self.in_bucket: dict[str, list[int]] = {}
         self.detections: list[Detection] = []
         self.records: list[tuple[int, str, float]] = []  # (bucket, name, score)
+
+    def choices(self) -> str:
+        return (f"`rare by process.name` over all hosts in {self.bucket_span / 60:g}-minute "
+                f"buckets, {IMDS_V4} only (the datafeed's filter); the proprietary ML `rare` "
+                "function approximated: record score = 25 x -log10(p), capped at 100, with p = "
+                "(buckets holding the name + 1/2) / (buckets elapsed + 1) (Krichevsky-Trofimov),"
+                " so a name in 1% of buckets scores 50 and one in 0.01% scores 100; no record "
+                f"before {self.min_buckets} buckets of history; alert at record score >= "
+                f"{self.threshold:g} (the rule's anomaly_threshold), covering every event of "
+                f"the name in the bucket; results read {self.query_delay:g} s after the bucket "
+                f"closes (query_delay) by a rule run every {self.rule_interval / 60:g} minutes "
+                f"({self.rule_phase:g} s past the quarter hour)")
 
     def score(self, name: str, elapsed: int) -> float:
         """Record score for `name` in a bucket after `elapsed` buckets of history."""
@@ -198,6 +215,15 @@ class ElasticNewTermsImds:
         self.seen: dict[tuple[str | None, str | None], list[float]] = defaultdict(list)
         self.detections: list[Detection] = []
 
+    def choices(self) -> str:
+        return (f"the rule's query (shells, interpreters and download tools by name, "
+                f"user-writable or temporary executable paths) on {IMDS_V4}:80; a "
+                "(host.name, process.executable) pair not seen in the previous "
+                f"{self.history / 86400:g} days alerts; runs every {self.interval / 60:g} "
+                f"minutes over the last {self.lookback / 60:g} ({self.rule_phase:g} s phase), on "
+                f"events ingested {self.ingest_delay:g} s after they happen; host.name stands "
+                "for host.id")
+
     @staticmethod
     def matches(ev: Event) -> bool:
         if ev.dst_ip != IMDS_V4 or ev.dst_port != 80:
@@ -249,6 +275,12 @@ class PathRuleUnguardedCredentials:
 
     def __init__(self) -> None:
         self.detections: list[Detection] = []
+
+    def choices(self) -> str:
+        return ("alerts on every request whose path is a credential or token path (AWS role "
+                "credentials, AWS ECS/EKS credential endpoints, GCP service-account tokens, "
+                "Azure managed identity) sent without the anti-SSRF header, at the event's own "
+                "time, one alert per event; no history, no exceptions")
 
     def observe(self, n: int, ev: Event) -> None:
         if ev.guarded is False and ev.path is not None and _SECRET_PATHS.search(ev.path):

@@ -1,11 +1,11 @@
 # Metadata addresses in this file are data (event fields, expected matches): nothing here
 # connects to them. Real connections happen only inside a test's own network namespace
 # (netns, tests/netns_fixtures.py).
-"""The attack half of the scenario: twenty actors spread over the second week.
+"""The attack half of the scenario: the attack actors, spread over the second week.
 
 Each actor is one intrusion: the same process on the same host, a handful of metadata
-connections (or a beacon, or a burst). Their kinds follow what is seen in the wild and
-what the issue asks for: web shells, interpreters in containers, masquerading binaries,
+connections (or a beacon, or a burst). Their kinds follow what is seen in the wild:
+web shells, interpreters in containers, masquerading binaries,
 common tools run by an unusual user or parent, and the endpoints other than
 169.254.169.254 (IPv6 IMDS, the AWS ECS task endpoint, EKS Pod Identity, Azure WireServer).
 Several are built to be hard for a particular anchor: a common name (python3, node,
@@ -307,7 +307,7 @@ class Attacks:
         self.fresh_nodes()
         return self.actors
 
-    # -- SSRF through legitimate callers (issue 8 "Why" §1), on all three clouds ----------
+    # -- SSRF through legitimate callers (a name-rarity model cannot see it), all clouds --
     def ssrf(self) -> None:
         rng, f = self.rng, self.fleet
         app = {a.name: a for a in APPS}
@@ -374,7 +374,7 @@ class Attacks:
                    h, cli, [("169.254.169.254", 80)], self.few(t, 2, 5), pod,
                    (get(CREDS_PATH, R.AWS_CLI), get(CREDS_PATH + R.NODE_ROLE, R.AWS_CLI)))
 
-    # -- sprays (issue 8 §3): throwaway names, then a real attack later -------------------
+    # -- sprays: throwaway names to blind the model, then a real attack later -------------
     def sprays(self) -> None:
         rng, f = self.rng, self.fleet
         t = self._slot()

@@ -25,11 +25,13 @@ Definitions (all systems are counted the same way):
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +79,7 @@ class Result:
         return 2 * p * r / (p + r) if p + r else 0.0
 
     def recall_interval(self, confidence: float = 0.95) -> tuple[float, float]:
-        """Clopper-Pearson interval of the recall: 20 actors are a small sample, and the
+        """Clopper-Pearson interval of the recall: a few dozen actors are a small sample, and the
         interval says how far apart two systems' recalls must be to mean anything."""
         from scipy.stats import beta
 
@@ -161,9 +163,10 @@ def run_anchors(path: Path, labels: Labels, sc: Scenario, not_before: float) -> 
 @dataclass
 class ImdswatchRun:
     result: Result
-    alerts: list[tuple[int, str, float, str]]  # (line, detector, score, reason)
+    alerts: list[tuple[int, str, float, str, float]]  # (line, detector, score, reason, time)
     learning_period: float
     model_size: dict[str, int]
+    not_before: float  # alerts before it are not counted (the learning period)
 
 
 def run_imdswatch(path: Path, labels: Labels, sc: Scenario, learning_period: float | None,
@@ -176,7 +179,7 @@ def run_imdswatch(path: Path, labels: Labels, sc: Scenario, learning_period: flo
     if learning_period is not None:
         settings.learning_period = learning_period
     scorer = Scorer(settings)
-    alerts: list[tuple[int, str, float, str]] = []
+    alerts: list[tuple[int, str, float, str, float]] = []
     dets: list[tuple[float, int, object]] = []
 
     bursts: dict[str, int] = {}  # host -> line of its open burst's alert
@@ -184,7 +187,7 @@ def run_imdswatch(path: Path, labels: Labels, sc: Scenario, learning_period: flo
     def on_outcome(out) -> None:  # noqa: ANN001 - scoring.scorer.Outcome
         if out.alert:
             n = int(out.event.event_id.rsplit("-", 1)[1])
-            alerts.append((n, out.detector, out.score, out.reason))
+            alerts.append((n, out.detector, out.score, out.reason, out.event.ts))
             dets.append((out.event.ts, n, ("imdswatch", n)))
             if out.burst:
                 bursts[out.event.host or ""] = n
@@ -199,7 +202,7 @@ def run_imdswatch(path: Path, labels: Labels, sc: Scenario, learning_period: flo
     not_before = sc.start if count_learning else sc.start + settings.learning_period
     res = score("imdswatch", dets, labels, sc, not_before)
     res.seconds = time.perf_counter() - t
-    return ImdswatchRun(res, alerts, settings.learning_period, scorer.model_size())
+    return ImdswatchRun(res, alerts, settings.learning_period, scorer.model_size(), not_before)
 
 
 def fmt_latency(s: float | None) -> str:
@@ -247,10 +250,9 @@ def actor_matrix(sc: Scenario, results: list[Result]) -> str:
 @dataclass
 class Evaluation:
     results: list[Result]
-    imdswatch: ImdswatchRun | None
+    imdswatch: ImdswatchRun
     scenario: Scenario
     labels: Labels
-    error: str = ""
 
 
 def evaluate(seed: int = 7, scale: float = 1.0, out_dir: Path | None = None,
@@ -260,20 +262,9 @@ def evaluate(seed: int = 7, scale: float = 1.0, out_dir: Path | None = None,
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         path = Path(tmp) / "scenario-unlabelled.ndjson.gz"
         sc.write(path, labels=False)
-        results: list[Result] = []
-        run = None
-        error = ""
-        try:
-            run = run_imdswatch(path, labels, sc, learning_period)
-            results.append(run.result)
-            not_before = sc.start + run.learning_period
-        except ImportError as exc:  # the scorer is another session's work in progress
-            error = f"imdswatch not available: {exc}"
-            from scoring.settings import ScorerSettings
-
-            not_before = sc.start + ScorerSettings().learning_period
-        results.extend(run_anchors(path, labels, sc, not_before))
-    return Evaluation(results, run, sc, labels, error)
+        run = run_imdswatch(path, labels, sc, learning_period)
+        results = [run.result, *run_anchors(path, labels, sc, run.not_before)]
+    return Evaluation(results, run, sc, labels)
 
 
 def evaluate_small(sc: Scenario, count_learning: bool, out_dir: Path | None = None
@@ -286,43 +277,80 @@ def evaluate_small(sc: Scenario, count_learning: bool, out_dir: Path | None = No
         path = Path(tmp) / "small-unlabelled.ndjson.gz"
         sc.write(path, labels=False)
         run = run_imdswatch(path, labels, sc, None, count_learning)
-        not_before = sc.start if count_learning else sc.start + run.learning_period
-        results = [run.result, *run_anchors(path, labels, sc, not_before)]
+        results = [run.result, *run_anchors(path, labels, sc, run.not_before)]
     return Evaluation(results, run, sc, labels)
 
 
-def details(ev: Evaluation, limit: int = 25) -> str:
-    """What the lead needs to improve the scorer: imdswatch's FP entities with the
-    detector and reason of their first alert, and the actors it missed."""
-    out = []
+def details(ev: Evaluation, sources: int = 25) -> str:
+    """What the lead needs to improve the scorer: imdswatch's false-positive entities, the
+    same set the table counts (benign events covered after the learning period), by benign
+    source, each with the first alert that covers one of them; then the actors it missed."""
     run = ev.imdswatch
-    if run is None:
-        return ev.error
-    first: dict[tuple, tuple[str, float, str, str]] = {}
-    count: Counter = Counter()
-    for n, det, s, reason in run.alerts:
-        if ev.labels.attack[n]:
-            continue
-        ent = ev.labels.entity[n]
-        count[ent] += 1
-        first.setdefault(ent, (det, s, reason, ev.labels.actor[n]))
-    by_actor: dict[str, list] = defaultdict(list)
-    for ent, (det, s, reason, actor) in first.items():
-        by_actor[actor].append((ent, det, s, reason))
-    out.append(f"imdswatch false-positive entities ({len(first)}), by benign source:")
-    for actor, items in sorted(by_actor.items(), key=lambda kv: -len(kv[1])):
-        ent, det, s, reason = items[0]
-        out.append(f"  {actor}: {len(items)} entities, e.g. {ent} {det} {s:.0f}: {reason}")
+    res = run.result
+    first: dict[tuple, tuple[str, float, str]] = {}
+    for n, det, s, reason, ts in run.alerts:
+        if ts >= run.not_before and not ev.labels.attack[n]:
+            first.setdefault(ev.labels.entity[n], (det, s, reason))
+    out = [f"imdswatch false-positive entities ({len(res.fp_entities)}, as counted in the "
+           "table), by benign source (an entity may come from more than one):"]
+    by_source = sorted(res.fp_by_source.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    for actor, ents in by_source[:sources]:
+        alerted = sorted(e for e in ents if e in first)
+        if alerted:
+            det, s, reason = first[alerted[0]]
+            example = f"e.g. {alerted[0]} {det} {s:.0f}: {reason}"
+        else:
+            example = "covered only by a burst's alert"
+        many = "entity" if len(ents) == 1 else "entities"
+        out.append(f"  {actor.removeprefix('benign/')}: {len(ents)} {many}, {example}")
+    if len(by_source) > sources:
+        out.append(f"  ... and {len(by_source) - sources} more sources")
     for r in ev.results:
         if r.system != "imdswatch":
             top = sorted(r.fp_by_source.items(), key=lambda kv: -len(kv[1]))[:6]
             out.append(f"{r.system}: FP entities by benign source: "
                        + ", ".join(f"{a.removeprefix('benign/')} {len(e)}" for a, e in top))
-    missed = [a for a in ev.scenario.actors if a.id not in run.result.detected]
+    missed = [a for a in ev.scenario.actors if a.id not in res.detected]
     out.append(f"imdswatch missed actors ({len(missed)}):")
     for a in missed:
         out.append(f"  {a.id} ({a.kind}): {a.description}")
-    return "\n".join(out[: limit + len(missed) + 2])
+    return "\n".join(out)
+
+
+@dataclass
+class SeedRun:
+    """One seed's evaluation, small enough to come back from a worker process."""
+
+    seed: int
+    events: int
+    hosts: int
+    results: list[Result]
+    text: str  # the evaluation's report (tables, per-actor latency, details)
+
+    @property
+    def mine(self) -> Result:
+        return self.results[0]
+
+    @property
+    def anchors(self) -> list[Result]:
+        return self.results[1:]
+
+
+def run_seed(seed: int, scale: float, with_details: bool) -> SeedRun:
+    ev = evaluate(seed, scale)
+    for r in ev.results:
+        r.fp_by_source = dict(r.fp_by_source)  # a defaultdict's factory does not pickle
+    return SeedRun(seed, len(ev.scenario.trace), len(ev.scenario.fleet.hosts), ev.results,
+                   report(ev, with_details))
+
+
+def over_seeds(seeds: tuple[int, ...], scale: float = 1.0, workers: int = 2) -> list[SeedRun]:
+    """Every seed's evaluation, `workers` at a time (each is one process: quality figures do
+    not depend on what else runs), in the order given; details for the first seed."""
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(run_seed, seeds, [scale] * len(seeds),
+                             [i == 0 for i in range(len(seeds))]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,15 +367,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(ev: Evaluation, with_details: bool = True) -> str:
     sc = ev.scenario
-    lp = ev.imdswatch.learning_period if ev.imdswatch else None
+    lp = ev.imdswatch.learning_period
     head = (f"scenario: seed {sc.seed}, scale {sc.scale}, {len(sc.trace)} events, "
             f"{len(sc.fleet.hosts)} hosts, {len(sc.actors)} attack actors; "
             f"imdswatch learning period {fmt_latency(lp)} (ScorerSettings default), "
             "applied to every system")
     parts = [head, table(ev.results), "", "detection latency per actor (MISS = not detected):",
              actor_matrix(sc, ev.results)]
-    if ev.error:
-        parts.append(ev.error)
     if with_details:
         parts += ["", details(ev)]
     return "\n".join(parts)

@@ -433,7 +433,7 @@ class Fleet:
                           "inventory", reqs=R.INVENTORY[h.cloud])
 
     def legacy_and_newcomers(self) -> None:
-        """Callers a fixed path rule trips over, and a steady newcomer (issue 8 §3):
+        """Callers a fixed path rule trips over, and a steady newcomer a model must learn:
         * yum's amazon-id plugin on every AWS node, daily, over IMDSv1 (a known agent);
         * a logging DaemonSet on an old aws-sdk-ruby fetching its role credentials over
           IMDSv1 every 15 minutes on every AWS node (legitimate, and exactly what a

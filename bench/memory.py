@@ -1,21 +1,20 @@
 # Metadata addresses in this file are data (event fields, expected matches): nothing here
 # connects to them. Real connections happen only inside a test's own network namespace
 # (netns, tests/netns_fixtures.py).
-"""Memory of the model: bytes per tracked entity, RSS with 100k distinct entities, and a
-fleet scorer's model and state at 1k, 10k and 100k hosts.
+"""Memory of the model: memory per model entry, RSS with 100k entries, and a fleet
+scorer's model and state at 1k, 10k and 100k hosts.
 
     python -m bench.memory [--entities 100000]
 
 Each event is a caller never seen before (its own process name, executable, user,
 parent and image on one of 40 hosts), the worst case: every detector gets a new key
-for it. The target row feeds such callers until the scorer tracks 100k entities
-(`Scorer.model_size()` summed over detectors, the unit of "bytes per tracked entity");
-an informative row feeds 100k distinct callers (about five entities each). Events are
-built lazily, so only the scorer's state grows.
-Measured in fresh child processes, twice: once for RSS (VmRSS from /proc before and
-after, no tracing) and once with tracemalloc (Python heap attributable to the scorer).
-"bytes per entity" divides the tracemalloc growth by the entities the scorer reports
-(`Scorer.model_size()`, summed over detectors).
+for it. The target row feeds such callers until the scorer holds 100k model entries
+(`Scorer.model_size()` summed over detectors, the entries `scoring.max_entities` caps);
+an informative row feeds 100k distinct callers (about five entries each). Events are
+built lazily, so only the scorer's state grows. Measured in a fresh child process: VmRSS
+from /proc before and after feeding; "memory per model entry" is that growth divided by
+the entries, the figure to size a process by (its entry cap times it, on top of its RSS
+without a model).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import json
 import subprocess
 import sys
 
-from bench.rows import Row, render
+from bench.rows import Row, Section, render
 from scoring.settings import ScorerSettings
 
 TARGET_MB = 100.0
@@ -59,30 +58,23 @@ def _feed(callers: int, until_entities: int | None = None) -> object:
     return scorer
 
 
-def child(callers: int, traced: bool, until_entities: int | None = None) -> dict:
+def child(callers: int, until_entities: int | None = None) -> dict:
     """Runs in a fresh interpreter; prints its measurements as JSON."""
     import gc
-    import tracemalloc
 
     import scoring.scorer  # noqa: F401 - imports are not the model's memory
 
     gc.collect()
-    if traced:
-        tracemalloc.start()
-        before = tracemalloc.get_traced_memory()[0]
     rss0 = _rss_bytes()
     scorer = _feed(callers, until_entities)
     gc.collect()
     rss1 = _rss_bytes()
-    out = {"rss_before": rss0, "rss_after": rss1, "model": scorer.model_size()}  # type: ignore[attr-defined]
-    if traced:
-        out["traced"] = tracemalloc.get_traced_memory()[0] - before
-    return out
+    return {"rss_before": rss0, "rss_after": rss1, "model": scorer.model_size()}  # type: ignore[attr-defined]
 
 
-def measure(callers: int, traced: bool, until_entities: int | None = None) -> dict:
+def measure(callers: int, until_entities: int | None = None) -> dict:
     code = ("import json,sys; from bench.memory import child; "
-            f"print(json.dumps(child({callers}, {traced}, {until_entities})))")
+            f"print(json.dumps(child({callers}, {until_entities})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)
     if proc.returncode != 0:
@@ -90,7 +82,7 @@ def measure(callers: int, traced: bool, until_entities: int | None = None) -> di
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-FLEET_TARGET_MB = 1024.0  # issue 7: serve at 100k hosts and 1M entities
+FLEET_TARGET_MB = 1024.0  # a fleet scorer's model for 100k hosts (1M entries) within 1 GiB
 FLEET_AGENTS = ("kubelet", "amazon-ssm-agent", "aws-k8s-agent")
 
 
@@ -146,7 +138,7 @@ def measure_fleet(hosts: int, entities: int) -> dict:
 
 
 def fleet_rows(quick: bool) -> list[Row]:
-    """Model memory and state size at 1k, 10k and 100k hosts (10 entities per host)."""
+    """Model memory and state size at 1k, 10k and 100k hosts (10 entries per host)."""
     rows = []
     for hosts in (1_000, 10_000) if quick else (1_000, 10_000, 100_000):
         entities = 10 * hosts
@@ -155,43 +147,55 @@ def fleet_rows(quick: bool) -> list[Row]:
         growth = (m["rss_after"] - m["rss_before"]) / max(1, m["entities"])
         last = hosts == 100_000
         rows += [
-            Row(f"fleet model at {m['hosts']:,} hosts, {m['entities']:,} entities: RSS",
-                round(rss, 1), "MB", "RSS before feeding", round(m["rss_before"] / 2**20, 1),
-                f"<= {FLEET_TARGET_MB:.0f} MB at 100k hosts, 1M entities" if last else "",
+            Row(f"fleet model at {m['hosts']:,} hosts, {m['entities']:,} entries: RSS",
+                round(rss, 1), "MiB", "RSS before feeding", round(m["rss_before"] / 2**20, 1),
+                f"<= {FLEET_TARGET_MB:.0f} MiB at 100k hosts, 1M entries" if last else "",
                 rss <= FLEET_TARGET_MB if last else None),
-            Row(f"  per entity (RSS growth / entities), {hosts:,} hosts", round(growth), "B"),
+            Row(f"  fleet model at {hosts:,} hosts: RSS growth / entries (host sketches "
+                "included)", round(growth), "B"),
             Row(f"  state size (gzip), {hosts:,} hosts", round(m["state_gz"] / 2**20, 2),
-                "MB", "serialise time (s)", round(m["save_s"], 2)),
+                "MiB"),
+            Row(f"  state serialise time, {hosts:,} hosts", round(m["save_s"], 2), "s"),
         ]
     return rows
 
 
-def run(quick: bool = False, entities: int | None = None) -> list[Row]:
+def run(quick: bool = False, entities: int | None = None) -> Section:
     entities = entities or (20_000 if quick else 100_000)
-    callers_cap = 10 * entities  # enough callers to reach `entities` tracked entities
-    plain = measure(callers_cap, traced=False, until_entities=entities)
-    traced = measure(callers_cap, traced=True, until_entities=entities)
-    tracked = sum(traced["model"].values())
-    per_entity = traced["traced"] / tracked if tracked else 0.0
+    callers_cap = 10 * entities  # enough callers to reach `entities` model entries
+    plain = measure(callers_cap, until_entities=entities)
+    held = sum(plain["model"].values())
     rss_mb = plain["rss_after"] / 2**20
     before_mb = plain["rss_before"] / 2**20
-    # The target is for 100k entities; a quick run scales its growth up to that size.
-    projected = before_mb + (rss_mb - before_mb) * 100_000 / max(1, sum(plain["model"].values()))
+    per_entry = (plain["rss_after"] - plain["rss_before"]) / max(1, held)
+    # The target is for 100k entries; a quick run scales its growth up to that size.
+    projected = before_mb + per_entry * 100_000 / 2**20
     rows = [
-        Row(f"bytes per tracked entity (tracemalloc, {tracked:,} entities)", round(per_entity),
-            "B"),
-        Row(f"RSS with {sum(plain['model'].values()):,} tracked entities", round(rss_mb, 1),
-            "MB", "RSS before feeding", round(before_mb, 1), f"< {TARGET_MB:.0f} MB at 100k",
+        Row(f"memory per model entry (RSS growth / entries, {held:,} entries)",
+            round(per_entry), "B"),
+        Row(f"scorer RSS with {held:,} model entries", round(rss_mb, 1),
+            "MiB", "RSS before feeding", round(before_mb, 1), f"< {TARGET_MB:.0f} MiB at 100k",
             projected < TARGET_MB),
     ]
     if not quick:
-        worst = measure(entities, traced=False)
-        rows.append(Row(f"RSS with {entities:,} distinct callers "
-                        f"({sum(worst['model'].values()):,} entities, capped at "
+        worst = measure(entities)
+        rows.append(Row(f"scorer RSS with {entities:,} distinct callers "
+                        f"({sum(worst['model'].values()):,} entries, capped at "
                         f"{ScorerSettings().max_entities:,})",
-                        round(worst["rss_after"] / 2**20, 1), "MB", "RSS before feeding",
+                        round(worst["rss_after"] / 2**20, 1), "MiB", "RSS before feeding",
                         round(worst["rss_before"] / 2**20, 1)))
-    return rows + fleet_rows(quick)
+    notes = [
+        "The model (`Scorer`) alone in a fresh process, fed callers never seen before (their "
+        "own name, executable, user, parent and image: every detector gets new entries), "
+        "the worst case per entry. Memory per model entry is the RSS growth divided by the "
+        "entries `Scorer.model_size()` reports (the unit `scoring.max_entities` caps): a "
+        "process's memory is about its RSS without a model plus its cap times this figure "
+        "(agent 75,000, replay 200,000, serve 1,200,000 entries by default). The fleet model "
+        "rows give three common callers on every host (their host spread past the exact sets "
+        "into sketches) plus distinct callers up to ten entries per host, and the gzip state "
+        "a fleet scorer saves.",
+    ]
+    return Section(rows + fleet_rows(quick), notes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--entities", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
-    print(render("memory", [r.as_dict() for r in run(args.quick, args.entities)]))
+    print(render("memory", [r.as_dict() for r in run(args.quick, args.entities).rows]))
     return 0
 
 

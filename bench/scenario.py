@@ -1,5 +1,5 @@
 """A realistic, seeded, labelled scenario: ECS NDJSON of a ~40-node mixed-cloud Kubernetes
-fleet over two weeks, with twenty attack actors in the second week.
+fleet over two weeks, with attack actors in the second week.
 
     python -m bench.scenario OUT.ndjson[.gz] [--seed 7] [--scale 1.0] [--no-labels]
 
@@ -8,8 +8,8 @@ Every event carries `labels.imdswatch_truth` ("benign" | "attack") and
 strips them before scoring anyway. The ground truth of the actors is also written to
 OUT.truth.json. The addresses in the file are data only: nothing connects anywhere.
 
-`--scale` multiplies the number of nodes (at 1.0: 40 nodes, roughly 500k events);
-the attacks stay the same twenty.
+`--scale` multiplies the number of nodes (at 1.0: 40 nodes, roughly 600k events);
+the attack actors stay the same.
 """
 
 from __future__ import annotations

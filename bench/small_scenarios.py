@@ -1,6 +1,6 @@
 # Metadata addresses here are event data only; nothing connects to them, so no netns is needed.
 # Metadata addresses in this file are data (event fields): nothing here connects anywhere.
-"""Two single-host scenarios the fleet scenario cannot show (issue 8 §3):
+"""Two single-host scenarios the fleet scenario cannot show:
 
 * quiet host: one AWS node where two agents call every ten minutes for three days; then
   a brand-new `curl`, and within the same minute two more new tools. Judged after the

@@ -148,6 +148,6 @@ def test_small_scenarios_quiet_host_and_fresh_node():
     ev = evaluate_small(fresh_node(seed=3), count_learning=True)
     mine = ev.results[0]
     assert mine.system == "imdswatch" and len(mine.detected) == 2 and not mine.fp_entities
-    assert {d for _, d, _, _ in ev.imdswatch.alerts} == {"unguarded_credential_request"}
+    assert {d for _, d, *_ in ev.imdswatch.alerts} == {"unguarded_credential_request"}
     ml = next(r for r in ev.results if r.system.startswith("Elastic ML"))
     assert not ml.detected
