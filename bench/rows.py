@@ -55,6 +55,8 @@ def fmt(value: float | None, unit: str = "", spread: tuple[float, float] | list 
 
 def _num(value: float) -> str:
     if isinstance(value, float) and not value.is_integer():
+        if abs(value) < 0.1:
+            return f"{value:.2g}"  # small figures keep two significant digits, never 0.00
         return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
     return f"{int(value):,}"
 

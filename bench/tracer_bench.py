@@ -500,8 +500,9 @@ NOTES = [
     "own phase; request capture's egress program is timed beside an empty cgroup_skb "
     "program in the same runs (the accounting and dispatch alone). A shared 2-core machine "
     "moves single rounds by tens of percent: compare program times, not one round.",
-    "Latency: the real agent (`imdswatch run`, probe auto, a warmed state, threshold 1 so "
-    "every new name alerts) and connects from new process names in the namespace; the "
+    "Latency: the real agent (`imdswatch run`, probe auto, a warmed state, threshold 1) and "
+    "connects in the namespace, each from a process with a name and a uid never seen (new "
+    "names within minutes fold into one burst alert; a new user alerts on its own); the "
     "time from the client's connect() to the alert line in the agent's output, and to the "
     "agent's events metric. This is what the live path adds to the scorer's event-time "
     "detection latency (accuracy section).",
