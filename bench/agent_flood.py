@@ -133,7 +133,8 @@ def run(quick: bool = False, names: int | None = None) -> Section:
             f"<= {STATE_TARGET_MB} MB", size / 1e6 <= STATE_TARGET_MB),
         Row("flood rate (paced), connects made", round(made / seconds), "/s",
             f"{made:,} connects under {made:,} names in {seconds:.0f} s", None, "report"),
-        Row("flood events scored by the agent", seen, "", "dropped at the ring buffer "
+        Row("events scored by the agent during the flood (any process's)", seen, "",
+            "dropped at the ring buffer "
             "(counted)", dropped, "scored + dropped >= kernel count >= connects",
             all_counted),
         Row("agent caught up after the flood", round(catch_up, 1), "s", "", None, "report"),
