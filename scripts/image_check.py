@@ -328,7 +328,7 @@ def main() -> int:
                 f"{alert['anomaly']['score']:.0f} for the posted curl, SIGTERM exit 0")
 
     def compiled() -> str:
-        # The hot path as `make bench` measured it: mypyc's builds, not the sources.
+        # The hot path as `make bench` measures it: mypyc's builds, not the sources.
         code = ("import importlib; print(' '.join(importlib.import_module(m).__file__ "
                 f"for m in {COMPILED_MODULES!r}))")
         r = podman("run", "--rm", "--entrypoint=/opt/imdswatch/bin/python", image, "-c", code)

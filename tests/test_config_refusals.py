@@ -1,6 +1,6 @@
 """Configurations a careless operator (or an attacker with write access to a ConfigMap)
 could give: each is refused at start with the key and the reason, exit status 2, never a
-traceback and never silently accepted (issue 11)."""
+traceback and never silently accepted (hostile input is normal)."""
 
 from __future__ import annotations
 

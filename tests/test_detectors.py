@@ -599,7 +599,7 @@ GMS_IMAGE = "gke.gcr.io/gke-metadata-server:20240425_2300_RC0"
     ("cloud-init", "/usr/bin/cloud-init", None, True),
     ("yum", "/usr/bin/python2.7", None, True),
     ("kubelet", "/usr/bin/amazon-ssm-agent", None, False),  # a known path under another name
-    # Agents shipped as images are bound to their vendor's repositories (issue 11): the
+    # Agents shipped as images are bound to their vendor's repositories: the
     # path alone is one any image can use.
     ("aws-ebs-csi-dri", "/bin/aws-ebs-csi-driver", EBS_IMAGE, True),
     ("aws-ebs-csi-dri", "/bin/aws-ebs-csi-driver", None, False),

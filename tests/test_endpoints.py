@@ -1,7 +1,7 @@
 # Metadata addresses in this file are data (event fields, expected matches): nothing here
 # connects to them. Real connections happen only inside a test's own network namespace
 # (netns, tests/netns_fixtures.py).
-"""The metadata endpoint catalog of issue 2 and the matcher (scoring.endpoints)."""
+"""The metadata endpoint catalog and the matcher (scoring.endpoints)."""
 
 import ipaddress
 
@@ -9,7 +9,7 @@ import pytest
 
 from scoring.endpoints import BUILTIN_ENDPOINTS, EndpointCatalog
 
-# (address, port, expected provider substring) for every entry issue 2 lists.
+# (address, port, expected provider substring) for every endpoint the catalog must hold.
 CATALOG = [
     ("169.254.169.254", 80, "aws"),
     ("fd00:ec2::254", 80, "aws"),

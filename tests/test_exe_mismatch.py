@@ -1,4 +1,4 @@
-"""The executable seen in the kernel at connect time against /proc's, as evidence (issue 11):
+"""The executable seen in the kernel at connect time against /proc's, as evidence:
 a process that connects from a copy (/tmp/.../amazon-ssm-agent) and execs another binary
 before /proc is read must alert as such: through the model, in replay (the field of an ECS
 export is honoured) and live (the real agent, real BPF, real processes)."""

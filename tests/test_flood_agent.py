@@ -1,4 +1,4 @@
-"""A name flood against the live agent (issue 11): real BPF, the real `imdswatch run`, and in
+"""A name flood against the live agent: real BPF, the real `imdswatch run`, and in
 a private namespace one process that renames itself (prctl on its thread-group leader, so
 the kernel's comm changes) before each of 20,000 connects. Asserted: every connect is
 accounted for (scored, or dropped at the ring buffer and counted: nothing silently lost),

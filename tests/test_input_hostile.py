@@ -1,7 +1,7 @@
 # Metadata addresses here are event data only; nothing connects to them, so no netns is needed.
 # Metadata addresses in this file are data (event fields, expected matches): nothing here
 # connects to them.
-"""Hostile and careless input to the one ECS reader and to `imdswatch replay` (issue 11):
+"""Hostile and careless input to the one ECS reader and to `imdswatch replay`:
 timestamps, types, nesting, line length, names, stdio and output failures, FIFOs and
 process substitution, signals. Property tests (hypothesis) where the space is large."""
 

@@ -1,4 +1,4 @@
-"""Property-based tests of the model's clock and state (issue 11): no spread of event times
+"""Property-based tests of the model's clock and state: no spread of event times
 overflows, a state survives a round trip exactly, and no mangled state is half-loaded."""
 
 import json

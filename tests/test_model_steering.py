@@ -1,9 +1,9 @@
-"""A model an attacker cannot steer (issue 8 §3), through the public `Scorer.process`.
+"""A model an attacker cannot steer, through the public `Scorer.process`.
 
-The cases are the ones the issue measured: a quiet host where a brand-new curl scored 45
-and each further new tool lower; a burst of throwaway names that blinded the model for
-weeks; a benign newcomer that alerted once an hour for 11 days; a name flood that grew the
-model without bound.
+The cases are ways a rarity model can be steered: on a quiet host a brand-new curl, and each
+further new tool, must still score high; a burst of throwaway names must not blind the model
+for weeks; a benign newcomer must not alert once an hour for days; a name flood must not
+grow the model without bound.
 """
 
 import pytest
@@ -19,7 +19,7 @@ QUIET_AGENTS = (
 
 
 def quiet_host(days=3.0, **settings):
-    """One host, two agents every 10 minutes for `days` (the issue's quiet host)."""
+    """One host, two agents every 10 minutes for `days` (a quiet host)."""
     settings.setdefault("learning_period", DAY)
     scorer = Scorer(ScorerSettings(**settings))
     history = fleet_events(hosts=1, days=days, agents=QUIET_AGENTS)

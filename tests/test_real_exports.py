@@ -1,7 +1,7 @@
 # Metadata addresses here are event data only; nothing connects to them, so no netns is needed.
 # Metadata addresses in this file are data (event fields, expected matches): nothing here
 # connects to them.
-"""Real exports replayed as they come (issue 11): Elastic Defend network and process events,
+"""Real exports replayed as they come: Elastic Defend network and process events,
 Auditd Manager / Auditbeat `connected-to` events, Elasticsearch `_search` hits, whole
 response pages and JSON arrays.
 

@@ -2,7 +2,7 @@
 # Metadata addresses in this file are data (event fields): nothing here connects to them.
 """Property tests: a secret planted in any form an alert could carry never leaves in it.
 
-Each example plants one random secret in one of the forms of issue 11 (split argv, header
+Each example plants one random secret in one of the forms secrets take (split argv, header
 dicts, IMDS credential JSON, basic auth, URL userinfo, -pPASSWORD, Vault/GitHub tokens, a
 parent's VAR=secret) and in fields the contract does not name at all; the whole serialized
 alert must not contain it.

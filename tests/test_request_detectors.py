@@ -1,8 +1,8 @@
 # Metadata addresses here are event data only; nothing connects to them, so no netns is needed.
 # Metadata addresses in this file are data (event fields, expected matches): nothing here
 # connects to them. Real connections happen only inside a test's own network namespace.
-"""Request-aware detectors (issue 8 §2), the no-blind-first-day rule (§3) and the
-scoring-level identity items of issue 11 (uid:N, empty and odd names), through the
+"""Request-aware detectors, the no-blind-first-day rule and the scoring-level identity
+rules (uid:N, empty and odd names), through the
 public `Scorer.process` -> Outcome and through `imdswatch replay` on ECS NDJSON."""
 
 import re
@@ -169,7 +169,7 @@ def test_connection_events_are_scored_as_before(trained):
                if d not in REQUEST_DETECTORS and d != "exe_mismatch")
 
 
-# -- the five SSRF cases of issue 8 "Why" §1 -------------------------------------------------
+# -- five SSRF cases: a legitimate caller made to fetch what it never fetches ------------------
 
 def test_storefront_asking_its_role_credentials_without_a_token():
     scorer = fresh()
@@ -208,7 +208,7 @@ def test_another_python3_asking_for_tokens_does_not_teach_the_azure_agent_to():
     """python3 as root on the host is also an operator's script: its token requests (here
     a burst from an ssh shell, itself an anomaly) must not make tokens usual for the
     agent's extension handler, which is python3 started by waagent (the caller includes
-    the parent; issue 8's missed Azure case)."""
+    the parent, or an operator's python3 would teach it tokens)."""
     scorer = fresh()
     for k in range(40):
         scorer.process(req(END + k, "python3", "/usr/bin/python3.10", "root", "GET",
@@ -334,7 +334,7 @@ def test_the_rule_learns_a_caller_that_only_speaks_imdsv1():
     assert not again.alert and again.scores.get("unguarded_credential_request", 0) == 0
 
 
-# -- issue 11 at the scoring level ---------------------------------------------------------------
+# -- identity at the scoring level: uids without names, empty and odd names ----------------------
 
 def test_uid_without_a_name_keeps_the_user_detectors_on(trained):
     scorer = fresh()

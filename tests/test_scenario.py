@@ -82,7 +82,7 @@ def test_fleet_shape(small):
 
 
 def test_every_metadata_call_sends_a_classified_request(small):
-    """Issue 8 evaluation: request fields on every call to a metadata endpoint, none on
+    """Request fields on every call to a metadata endpoint, none on
     off-target traffic; the classes and the unguarded requests the SSRF cases need."""
     from scoring.detectors import request_class
 
