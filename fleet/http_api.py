@@ -1,5 +1,10 @@
 """The fleet scorer's HTTP API on `--listen`: `POST /v1/events`, `GET /v1/model`.
 
+The server answers for a `Backend`: the local scoring core, or on the bus any replica
+(which appends to the stream and serves the newest checkpoint's documents). Documents
+agents fetch are named in `DOCUMENTS` (path -> name the backend knows): `GET /v1/policy`
+joins them when a backend publishes a policy.
+
 Bounded: at most `max_connections` connections are served at once (one thread each; past
 that a connection gets 503 and is closed), every socket has a timeout, bodies are limited
 before and after decompression. With a token, every request must carry it as a bearer
@@ -14,14 +19,17 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
 
 import orjson
 
 from exporters.httpserver import parse_address
-from fleet.core import FleetCore, Overloaded
-from fleet.ingest import BodyTooLarge, NotNdjson, decompress, parse
+from fleet.eventlog import LogUnavailable, Overloaded
+from fleet.ingest import BodyTooLarge, NotNdjson, Parsed, decompress, parse
 from fleet.metrics import ServeMetrics
+from scoring.endpoints import EndpointCatalog
 
 log = logging.getLogger("imdswatch.fleet.http")
 
@@ -29,15 +37,32 @@ DEFAULT_BODY_LIMIT = 16 << 20
 DEFAULT_MAX_CONNECTIONS = 256
 SOCKET_TIMEOUT = 30.0
 RETRY_AFTER = "1"
+# GET paths -> the document name a backend serves (ETag and gzip body).
+DOCUMENTS = {"/v1/model": "model"}
 OVER_LIMIT = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
               b"Connection: close\r\n\r\n")
+
+
+class Backend(Protocol):
+    ready: bool
+
+    @property
+    def catalog(self) -> EndpointCatalog: ...
+
+    def ingest(self, parsed: Parsed) -> tuple[int, int]:
+        """(accepted, duplicates) once durable; raises Overloaded or LogUnavailable."""
+        ...
+
+    def document(self, name: str) -> tuple[str, bytes] | None:
+        """(ETag, gzip body) of a document, None while there is none yet."""
+        ...
 
 
 class IngestServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address: str, core: FleetCore, metrics: ServeMetrics, *,
+    def __init__(self, address: str, core: Backend, metrics: ServeMetrics, *,
                  token: str | None = None, tls: ssl.SSLContext | None = None,
                  body_limit: int = DEFAULT_BODY_LIMIT,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
@@ -50,7 +75,15 @@ class IngestServer(ThreadingHTTPServer):
         self.tls = tls
         self.body_limit = body_limit
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._quiet_until = 0.0
         super().__init__((host, port), _Handler)
+
+    def log_unavailable(self, exc: LogUnavailable) -> None:
+        # Once per ten seconds: every agent retries through an outage.
+        now = time.monotonic()
+        if now >= self._quiet_until:
+            self._quiet_until = now + 10.0
+            log.error("ingest refused (503): %s", exc)
 
     def get_request(self) -> tuple[socket.socket, object]:
         sock, addr = self.socket.accept()
@@ -206,7 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif encoding not in ("identity", ""):
                 self._error(415, f"Content-Encoding {encoding} is not supported (use gzip)")
                 return
-            parsed = parse(body, srv.core.scorer.catalog)
+            parsed = parse(body, srv.core.catalog)
         except BodyTooLarge as exc:
             self._error(413, str(exc))
             return
@@ -222,9 +255,10 @@ class _Handler(BaseHTTPRequestHandler):
         except Overloaded:
             self._error(503, "queue full, retry later", headers={"Retry-After": RETRY_AFTER})
             return
-        except OSError as exc:
-            log.error("cannot write the write-ahead log: %s", exc)
-            self._error(503, "cannot make events durable", headers={"Retry-After": "5"})
+        except LogUnavailable as exc:
+            srv.log_unavailable(exc)
+            self._error(503, "cannot make events durable now",
+                        headers={"Retry-After": str(exc.retry_after)})
             return
         m.events.labels(result="accepted").inc(accepted)
         m.events.labels(result="duplicate").inc(duplicates)
@@ -236,12 +270,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
-        if path != "/v1/model":
+        name = DOCUMENTS.get(path)
+        if name is None:
             self._error(404, "not found")
             return
         if not self._authorized():
             return
-        etag, body = self.server.core.model
+        doc = self.server.core.document(name)
+        if doc is None:
+            self._error(503, f"no {name} yet", headers={"Retry-After": RETRY_AFTER})
+            return
+        etag, body = doc
         quoted = f'"{etag}"'
         if self.headers.get("If-None-Match") == quoted:
             self._reply(304, headers={"ETag": quoted})

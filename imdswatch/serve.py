@@ -17,8 +17,11 @@ from pathlib import Path
 
 from exporters.alertcap import AlertCap
 from exporters.metrics import MetricsExporter
-from fleet.core import DEFAULT_HOLD, DEFAULT_QUEUE_EVENTS, AlertSink, FleetCore
+from fleet.alertsink import AlertSink
+from fleet.checkpoints import StateFile
+from fleet.core import DEFAULT_HOLD, DEFAULT_QUEUE_EVENTS, FleetCore
 from fleet.dedup import DEFAULT_CAPACITY, IdWindow
+from fleet.eventlog import LocalLog
 from fleet.http_api import DEFAULT_BODY_LIMIT, DEFAULT_MAX_CONNECTIONS, IngestServer, tls_context
 from fleet.metrics import ServeMetrics
 from fleet.token_file import read_token
@@ -88,18 +91,23 @@ def run_serve(config: Config, opts: ServeOptions, *, stop: threading.Event | Non
     scorer = Scorer(config.scorer, config.catalog, config.exceptions)
     try:
         a = config.alerts
+        # Standard output cannot be read back after a restart: the lines written since the
+        # last checkpoint are noted in a journal beside the state.
         alerts = AlertSink(opts.output, sys.stdout.buffer,
                            AlertCap(a.max_per_window, a.window, a.max_per_run,
-                                    on_held=exporter.observe_held_back))
+                                    on_held=exporter.observe_held_back),
+                           journal=f"{opts.state}.alerts")
     except OSError as exc:
         return _fail(f"{opts.output}: cannot write alerts ({exc.strerror})")
+    state_path = Path(opts.state)
     try:
-        core = FleetCore(scorer, opts.state, alerts, serve_metrics, exporter.observe,
-                         window=opts.reorder_window, hold=opts.reorder_hold,
-                         queue_events=opts.queue_events, save_interval=opts.save_interval,
-                         ids=IdWindow(opts.dedup_ids))
+        event_log = LocalLog(state_path.with_name(state_path.name + ".wal"),
+                             IdWindow(opts.dedup_ids), serve_metrics, opts.queue_events)
     except WalError as exc:
         return _fail(str(exc))
+    core = FleetCore(scorer, event_log, StateFile(state_path), alerts, serve_metrics,
+                     exporter.observe, window=opts.reorder_window, hold=opts.reorder_hold,
+                     save_interval=opts.save_interval, source=str(state_path))
     try:
         metrics_server = exporter.serve(metrics_address)
     except (OSError, ValueError) as exc:

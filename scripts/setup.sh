@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 APT_PACKAGES=(python3-bpfcc bpfcc-tools prometheus prometheus-alertmanager iproute2 curl wget
-  netcat-openbsd python3-venv gzip openssl python3-requests iptables gcc libc6-dev python3-dev)
+  netcat-openbsd python3-venv gzip openssl python3-requests iptables gcc libc6-dev python3-dev
+  nats-server)
 
 install_apt() {
   local missing=()

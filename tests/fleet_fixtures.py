@@ -51,7 +51,7 @@ def fleet_events(hosts: int = 8, days: float = 2.0, prefix: str = "e",
 
 class ServeProcess:
     def __init__(self, workdir: Path, *args: str, port: int | None = None,
-                 state: Path | None = None, scheme: str = "http") -> None:
+                 state: Path | None = None, scheme: str = "http", output: str = "file") -> None:
         self.workdir = Path(workdir)
         self.port = port or free_port()
         self.metrics_port = free_port()
@@ -60,16 +60,20 @@ class ServeProcess:
         self.log = self.workdir / "serve.log"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.args = args
+        # "-": alerts to standard output, which the test collects in the same file.
+        self.output = output
         self.proc: subprocess.Popen | None = None
 
     @property
     def argv(self) -> list[str]:
         return [*CMD, "serve", "--listen", f"127.0.0.1:{self.port}",
                 "--metrics-address", f"127.0.0.1:{self.metrics_port}",
-                "--state", str(self.state), "--output", str(self.alerts), *self.args]
+                "--state", str(self.state),
+                "--output", "-" if self.output == "-" else str(self.alerts), *self.args]
 
     def start(self, timeout: float = 30.0, wait_ready: bool = True) -> ServeProcess:
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
+        out = open(self.alerts, "ab") if self.output == "-" else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(self.argv, stdout=out,
                                      stderr=open(self.log, "ab"), cwd=self.workdir)
         if wait_ready:
             ok = wait_for(lambda: self.ready() or self.proc.poll() is not None, timeout, 0.02)

@@ -45,10 +45,13 @@ def _send_all(url: str, batches: list[bytes], token: str | None = None,
     return answers
 
 
-def test_scores_like_replay_and_survives_sigkill(tmp_path):
+@pytest.mark.parametrize("output", ["file", "-"])
+def test_scores_like_replay_and_survives_sigkill(tmp_path, output):
+    """With --output FILE the lines written since the checkpoint are read back; on standard
+    output they are known from the journal beside the state: either way no alert twice."""
     events = fleet_events()
     batches = [b"\n".join(events[i:i + 150]) for i in range(0, len(events), 150)]
-    serve = ServeProcess(tmp_path, *LEARN, "--save-interval", "1s").start()
+    serve = ServeProcess(tmp_path, *LEARN, "--save-interval", "1s", output=output).start()
     try:
         sender = threading.Thread(target=_send_all, args=(serve.url, batches, None, 0.03))
         sender.start()
