@@ -28,7 +28,9 @@ import orjson
 from exporters.alertcap import AlertCap
 from fleet.dedup import digest
 
-Record = Callable[[bytes, bytes], None]
+# Records a line before it is written; False when the record already had it (a replica
+# before this one wrote it): the line is then not written again.
+Record = Callable[[bytes, int], bool]  # (line, digest of its key)
 
 
 def alert_key(doc: dict, line: bytes) -> bytes:
@@ -51,13 +53,15 @@ def line_key(line: bytes) -> bytes:
 
 class AlertSink:
     def __init__(self, output: str, stream: BinaryIO, cap: AlertCap | None = None, *,
-                 journal: str | Path | None = None, record: Record | None = None) -> None:
+                 journal: str | Path | None = None, record: Record | None = None,
+                 recorded: Callable[[], Iterable[int]] | None = None) -> None:
         # The same alert-line cap as the agent's and replay's (exporters.alertcap): one
         # compromised image on every node must not bury the SIEM either.
         self.cap = cap
         self.path = None if output == "-" else Path(output)
         self._stream: BinaryIO = stream if self.path is None else open(self.path, "ab")  # noqa: SIM115
         self.record = record
+        self.recorded = recorded  # the digests of the lines the record holds since
         # Journal of what went to standard output (local mode only: on the bus the ledger
         # is the record).
         self._journal = Path(journal) if journal is not None and self.path is None else None
@@ -88,6 +92,8 @@ class AlertSink:
     def resume(self, fleet: dict) -> None:
         """Learn the lines written since the checkpoint whose fleet section is `fleet`."""
         if self.record is not None:
+            if self.recorded is not None:
+                self._skip.update(self.recorded())
             return
         if self.path is not None:
             offset = fleet.get("alerts_offset")
@@ -167,8 +173,8 @@ class AlertSink:
                 else:
                     self._skip[d] = n - 1
                 return
-        if self.record is not None:
-            self.record(line, key)
+        if self.record is not None and not self.record(line, d):
+            return
         self._stream.write(line)
         self._stream.flush()
         if self._jfd >= 0:

@@ -9,6 +9,7 @@ them in JetStream instead (`fleet.bus_checkpoints`).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import zlib
 from pathlib import Path
@@ -76,3 +77,8 @@ def read_state(path: Path) -> dict:
     if not isinstance(state, dict):
         raise StateError(f"{path}: not an imdswatch state file")
     return state
+
+
+def model_etag(body: bytes) -> str:
+    """The ETag of a model body agents fetch."""
+    return hashlib.blake2b(body, digest_size=12).hexdigest()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import gc
 import gzip
-import hashlib
 import logging
 import math
 import threading
@@ -38,7 +37,7 @@ import orjson
 
 from exporters.alerts import build_alert
 from fleet.alertsink import AlertSink
-from fleet.checkpoints import CheckpointStore
+from fleet.checkpoints import CheckpointStore, model_etag
 from fleet.eventlog import EventLog, Overloaded
 from fleet.ingest import Item, Parsed, parse
 from fleet.metrics import ServeMetrics
@@ -242,7 +241,7 @@ class FleetCore:
             return False
         self.alerts.checkpoint_saved()
         self.log.after_checkpoint(self.applied)
-        self.model = (_etag(model), model)
+        self.model = (model_etag(model), model)
         # The model is millions of long-lived objects that form no cycles: moved out of the
         # cyclic collector's view, a full collection no longer walks all of them (pauses of
         # seconds at 1M entities, which POST-to-alert latency would show). Objects freed
@@ -261,15 +260,11 @@ class FleetCore:
 
     def _publish_model(self) -> None:
         body = self._model_body()
-        self.model = (_etag(body), body)
+        self.model = (model_etag(body), body)
 
     def close(self) -> None:
         self.log.close()
         self.alerts.close()
-
-
-def _etag(body: bytes) -> str:
-    return hashlib.blake2b(body, digest_size=12).hexdigest()
 
 
 def _num(v: Any) -> float:

@@ -13,6 +13,18 @@ Fleet scorer (`imdswatch serve`):
 - `imdswatch_fleet_agent_alerted_total` - alerts the fleet did not repeat because the
   agent had already raised them while the fleet scorer was away
 - `imdswatch_fleet_checkpoint_seconds`, `imdswatch_fleet_checkpoint_timestamp_seconds`
+- `imdswatch_fleet_leader` - 1 on the replica that scores (always, without --bus), 0 on the
+  others
+- With `--bus` (contract section 8), per replica:
+  - `imdswatch_fleet_bus_connected` - 1 while connected to the bus
+  - `imdswatch_fleet_bus_lag_messages` - stream messages not yet read by the scoring
+    replica (0 on the others); `imdswatch_fleet_bus_lag_seconds` - while some are, how old
+    the last one read is
+  - `imdswatch_fleet_bus_skipped_messages_total{reason}` - stream messages skipped:
+    `foreign` (not an imdswatch batch), `corrupt` (unreadable lines), `missing` (deleted
+    before they were scored)
+  - `imdswatch_fleet_takeovers_total` - times this replica started scoring
+  - `imdswatch_fleet_checkpoint_fallbacks_total` - unusable checkpoints passed over
 
 Agent in fleet mode (`imdswatch run --fleet`):
 - `imdswatch_fleet_spool_events`, `imdswatch_fleet_spool_bytes` - backlog not yet acknowledged
@@ -55,6 +67,28 @@ class ServeMetrics:
                                         "Duration of the last state checkpoint.", registry=r)
         self.checkpoint_time = Gauge("imdswatch_fleet_checkpoint_timestamp_seconds",
                                      "Unix time of the last state checkpoint.", registry=r)
+        self.leader = Gauge("imdswatch_fleet_leader",
+                            "1 on the replica that scores the fleet's events, 0 on the others.",
+                            registry=r)
+        self.bus_connected = Gauge("imdswatch_fleet_bus_connected",
+                                   "1 while this replica is connected to the bus (--bus).",
+                                   registry=r)
+        self.bus_lag_messages = Gauge("imdswatch_fleet_bus_lag_messages",
+                                      "Stream messages the scoring replica has not read yet.",
+                                      registry=r)
+        self.bus_lag_seconds = Gauge("imdswatch_fleet_bus_lag_seconds",
+                                     "While the scoring replica is behind the stream: age of "
+                                     "the last message it read.", registry=r)
+        self.bus_skipped = Counter("imdswatch_fleet_bus_skipped_messages",
+                                   "Stream messages skipped: foreign, corrupt, missing.",
+                                   ["reason"], registry=r)
+        self.takeovers = Counter("imdswatch_fleet_takeovers",
+                                 "Times this replica started scoring.", registry=r)
+        self.checkpoint_fallbacks = Counter(
+            "imdswatch_fleet_checkpoint_fallbacks",
+            "Checkpoints found unusable at a takeover (the one before was used).", registry=r)
+        for reason in ("foreign", "corrupt", "missing"):
+            self.bus_skipped.labels(reason=reason)
         for code in ("200", "401", "413", "503"):
             self.requests.labels(code=code)
         for result in ("accepted", "duplicate", "malformed", "skipped"):

@@ -190,12 +190,31 @@ def run(config_path: str | None, state_path: str | None, probe: str | None,
               help="Acknowledged events waiting for the scorer; past it ingest answers 503.")
 @click.option("--max-connections", type=click.IntRange(1), default=256, show_default=True,
               help="Concurrent ingest connections.")
+@click.option("--bus", "bus", metavar="nats://HOST:PORT[,...]",
+              help="Keep the log, checkpoints and the choice of the scoring replica in NATS "
+                   "JetStream, so several replicas share one fleet (docs/fleet-bus.md).")
+@click.option("--bus-creds", type=click.Path(dir_okay=False),
+              help="With --bus: file holding the NATS credentials (.creds, nkey seed, "
+                   "USER:PASSWORD or token).")
+@click.option("--bus-ca", type=click.Path(dir_okay=False),
+              help="With --bus: CA certificate that signed the NATS servers' certificates.")
+@click.option("--bus-stream", default="IMDSWATCH", show_default=True,
+              help="With --bus: name of the stream (and prefix of the ledger and buckets).")
+@click.option("--bus-replicas", type=click.IntRange(1, 5), default=1, show_default=True,
+              help="With --bus: copies of each stream and bucket, when serve creates them.")
+@click.option("--replica-id", default=None,
+              help="With --bus: this replica's name [default: the host name].")
+@click.option("--bus-lease-ttl", type=DURATION, default="4s", show_default=True,
+              help="With --bus: time to live of the scoring lease, when serve creates its "
+                   "bucket (a replica taking over waits about this long after a crash).")
 def serve(listen: str, state_path: str, config_path: str | None, metrics_address: str | None,
           output: str, threshold: float | None, learning_period: float | None,
           reorder_window: float, reorder_hold: float, token_file: str | None,
           tls_cert: str | None, tls_key: str | None, save_interval: float, max_body: int,
-          queue_events: int, max_connections: int) -> None:
-    """The fleet scorer: one model for every agent's events (contract section 5)."""
+          queue_events: int, max_connections: int, bus: str | None, bus_creds: str | None,
+          bus_ca: str | None, bus_stream: str, bus_replicas: int, replica_id: str | None,
+          bus_lease_ttl: float) -> None:
+    """The fleet scorer: one model for every agent's events (contract sections 5 and 8)."""
     from imdswatch.serve import ServeOptions, run_serve
 
     cfg = _config(config_path)
@@ -208,7 +227,13 @@ def serve(listen: str, state_path: str, config_path: str | None, metrics_address
         reorder_window=reorder_window, reorder_hold=reorder_hold, token_file=token_file,
         tls_cert=tls_cert, tls_key=tls_key, save_interval=save_interval, body_limit=max_body,
         queue_events=queue_events, max_connections=max_connections,
+        bus=bus, bus_creds=bus_creds, bus_ca=bus_ca, bus_stream=bus_stream,
+        bus_replicas=bus_replicas, replica_id=replica_id, bus_lease_ttl=bus_lease_ttl,
     )
+    if not bus and (bus_creds or bus_ca or replica_id):
+        fail("--bus-creds, --bus-ca and --replica-id go with --bus nats://HOST:PORT")
+    if bus_lease_ttl < 1.0:
+        fail("--bus-lease-ttl: at least 1s (renewals must reach the bus in time)")
     sys.exit(run_serve(cfg, opts))
 
 
