@@ -224,6 +224,12 @@ def section_tracer(quick: bool, seed: int) -> Section:
     return run(quick)
 
 
+def section_bus(quick: bool, seed: int) -> Section:
+    from bench.bus_bench import run
+
+    return run(quick)
+
+
 def section_agent_flood(quick: bool, seed: int) -> Section:
     from bench.agent_flood import run
 
@@ -235,6 +241,7 @@ SECTIONS: tuple[tuple[str, Callable[[bool, int], Section]], ...] = (
     ("throughput: imdswatch replay vs JSON parse", section_throughput),
     ("memory: the model", section_memory),
     ("fleet: imdswatch serve vs replay and per-node agents", section_fleet),
+    ("fleet on a bus: serve --bus replicas vs the local log", section_bus),
     ("tracer: the live probe and agent", section_tracer),
     ("agent flood: the live agent under a name flood", section_agent_flood),
 )

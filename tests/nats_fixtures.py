@@ -5,19 +5,14 @@ three in a cluster, always stopped. A test that needs one and cannot start it fa
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
 import socket
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from netns_fixtures import free_port
 
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+import lab.nats_server as lab_nats
+
 # What the test user may do, and what serve's needs: the example config's permissions.
 SERVE_USER, SERVE_PASSWORD = "imdswatch-serve", "serve-pw-" + "x" * 24
 READER_USER, READER_PASSWORD = "alerts-reader", "reader-pw-" + "y" * 24
@@ -40,116 +35,30 @@ authorization {{
 """
 
 
-class NatsServer:
-    def __init__(self, root: Path, name: str, *, extra: str = "",
-                 cluster: dict | None = None) -> None:
-        self.name = name
-        self.dir = Path(root) / name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.http = free_port()
-        self.cluster = cluster  # {"name", "port", "routes": [...]}
-        self.extra = extra
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def conf(self) -> Path:
-        lines = [
-            f'server_name: "{self.name}"', "host: 127.0.0.1", f"port: {self.port}",
-            f"http: 127.0.0.1:{self.http}",
-            f'jetstream {{ store_dir: "{self.dir / "js"}", max_memory_store: 128MB, '
-            "max_file_store: 1GB }",
-        ]
-        if self.cluster:
-            routes = ", ".join(f'"{r}"' for r in self.cluster["routes"])
-            lines.append(f'cluster {{ name: "{self.cluster["name"]}", host: 127.0.0.1, '
-                         f'port: {self.cluster["port"]}, routes: [{routes}] }}')
-        lines.append(self.extra)
-        path = self.dir / "server.conf"
-        path.write_text("\n".join(lines) + "\n")
-        return path
+class NatsServer(lab_nats.NatsServer):
+    """lab.nats_server's server; one that cannot start fails the test (never a skip)."""
 
     def start(self, timeout: float = 20.0) -> NatsServer:
-        if not os.access(NATS_SERVER, os.X_OK):
-            pytest.fail(f"{NATS_SERVER} is missing: `make setup` installs Debian's nats-server")
-        conf = self.conf()
-        with open(self.dir / "server.log", "ab") as logf:
-            self.proc = subprocess.Popen([NATS_SERVER, "-c", str(conf)], stdout=logf,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        if not self.wait_ready(timeout):
-            self.stop()
-            pytest.fail(f"nats-server {self.name} did not become healthy: "
-                        f"{(self.dir / 'server.log').read_text()[-2000:]}")
-        return self
-
-    def wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/healthz",
-                                            timeout=1) as r:
-                    if r.status == 200:
-                        return True
-            except OSError:
-                pass
-            time.sleep(0.05)
-        return False
-
-    def send(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGCONT)
-        proc.send_signal(sig)
         try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
+            super().start(timeout)
+        except lab_nats.NatsUnavailable as exc:
+            pytest.fail(str(exc))
+        return self
 
 
 def cluster(root: Path, n: int = 3, extra: str = "") -> list[NatsServer]:
-    ports = [free_port() for _ in range(n)]
-    servers = []
-    for i in range(n):
-        routes = [f"nats://127.0.0.1:{p}" for j, p in enumerate(ports) if j != i]
-        servers.append(NatsServer(root, f"n{i + 1}", extra=extra,
-                                  cluster={"name": "imdswatch-test", "port": ports[i],
-                                           "routes": routes}))
-    return servers
-
-
-def urls(servers: list[NatsServer]) -> str:
-    return ",".join(s.url for s in servers)
+    return lab_nats.cluster(root, n, extra, cls=NatsServer)  # type: ignore[return-value]
 
 
 def start_all(servers: list[NatsServer], timeout: float = 30.0) -> list[NatsServer]:
-    for s in servers:
-        s.proc = None
-    for s in servers:
-        conf = s.conf()
-        with open(s.dir / "server.log", "ab") as logf:
-            s.proc = subprocess.Popen([NATS_SERVER, "-c", str(conf)], stdout=logf,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-    for s in servers:
-        if not s.wait_ready(timeout):
-            for t in servers:
-                t.stop()
-            pytest.fail(f"nats-server {s.name} did not become healthy: "
-                        f"{(s.dir / 'server.log').read_text()[-2000:]}")
+    try:
+        lab_nats.start_all(list(servers), timeout)
+    except lab_nats.NatsUnavailable as exc:
+        pytest.fail(str(exc))
     return servers
+
+
+urls = lab_nats.urls
 
 
 def run_client(url: str, coro_fn, **connect) -> object:

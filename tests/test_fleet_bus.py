@@ -120,6 +120,13 @@ def caught_up(leader: ServeProcess, url: str, stream: str = "IMDSWATCH") -> bool
     return leader.metric("imdswatch_fleet_bus_lag_messages") == 0 and total > 0
 
 
+def stream_leader(url: str, stream: str = "IMDSWATCH") -> str:
+    async def leader(_nc, js) -> str:
+        return (await js.stream_info(stream)).cluster.leader
+
+    return run_client(url, leader)  # type: ignore[return-value]
+
+
 def stop_all(replicas: list[ServeProcess]) -> None:
     for r in replicas:
         if r.proc is not None and r.proc.poll() is None:
@@ -222,11 +229,13 @@ def test_equivalence_under_faults_on_a_cluster(tmp_path):
         took = log_time(new.log, "scores the fleet's events") - (time.time() - (
             time.monotonic() - t0))
         old.start(timeout=60)
-        # One NATS node down (the first: every client knows the other two), then back.
-        servers[0].kill()
+        # The NATS node leading the events stream SIGKILLed (an election follows), then
+        # back; every client knows the other two.
+        victim = next(s for s in servers if s.name == stream_leader(bus))
+        victim.kill()
         for b in batches[2 * third:]:
             sender.send(b)
-        servers[0].start(timeout=30)
+        victim.start(timeout=30)
         lead = the_leader(reps, 60)
         assert wait_for(lambda: caught_up(lead, bus), 90)
         time.sleep(2.5)
