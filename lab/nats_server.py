@@ -6,6 +6,7 @@ Never port 4222: on a machine with systemd, Debian's package runs its own server
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -29,14 +30,15 @@ def free_port() -> int:
 
 class NatsServer:
     def __init__(self, root: Path, name: str, *, extra: str = "",
-                 cluster: dict | None = None) -> None:
+                 cluster: dict | None = None, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.dir = Path(root) / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.http = free_port()
         self.cluster = cluster  # {"name", "port", "routes": [urls]}
-        self.extra = extra
+        self.extra = extra  # more configuration (files it includes go in `dir`)
+        self.env = env  # added to the server's environment (its config may use $VARS)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -71,7 +73,8 @@ class NatsServer:
         conf = self.write_conf()
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen([NATS_SERVER, "-c", str(conf)], stdout=logf,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, **(self.env or {})})
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Until its monitoring /healthz answers 200 (JetStream up too)."""

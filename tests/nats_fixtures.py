@@ -5,6 +5,7 @@ three in a cluster, always stopped. A test that needs one and cannot start it fa
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -13,26 +14,19 @@ import pytest
 
 import lab.nats_server as lab_nats
 
-# What the test user may do, and what serve's needs: the example config's permissions.
+# The example config's users (deploy/kubernetes/nats/auth.conf), with test passwords.
+AUTH_CONF = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes" / "nats" / "auth.conf"
 SERVE_USER, SERVE_PASSWORD = "imdswatch-serve", "serve-pw-" + "x" * 24
-READER_USER, READER_PASSWORD = "alerts-reader", "reader-pw-" + "y" * 24
+READER_USER, READER_PASSWORD = "imdswatch-alerts", "alerts-pw-" + "y" * 24
 
 
-def auth_block() -> str:
-    """Users and permissions as deploy/nats/nats.conf grants them (no anonymous user)."""
-    return f"""
-authorization {{
-  users: [
-    {{ user: "{SERVE_USER}", password: "{SERVE_PASSWORD}",
-      permissions: {{
-        publish: ["imdswatch.events", "imdswatch.ledger.>", "$JS.API.>",
-                  "$KV.IMDSWATCH_LEASE.>", "$O.IMDSWATCH_CKPT.>", "$JS.FC.>"],
-        subscribe: ["_INBOX.>", "imdswatch.alerts", "$O.IMDSWATCH_CKPT.>"] }} }},
-    {{ user: "{READER_USER}", password: "{READER_PASSWORD}",
-      permissions: {{ publish: {{ deny: [">"] }}, subscribe: ["imdswatch.alerts", "_INBOX.>"] }} }}
-  ]
-}}
-"""
+def with_example_auth(server: lab_nats.NatsServer) -> lab_nats.NatsServer:
+    """`server` with the example config's accounts, users and permissions."""
+    shutil.copy(AUTH_CONF, server.dir / "auth.conf")
+    server.extra += "\ninclude ./auth.conf\n"
+    server.env = {**(server.env or {}), "SERVE_PASSWORD": SERVE_PASSWORD,
+                  "ALERTS_PASSWORD": READER_PASSWORD}
+    return server
 
 
 class NatsServer(lab_nats.NatsServer):

@@ -16,7 +16,8 @@ from imdswatch.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
-OVERLAYS = ["base", "overlays/production", "overlays/privileged", "overlays/per-node"]
+OVERLAYS = ["base", "overlays/production", "overlays/privileged", "overlays/per-node",
+            "overlays/fleet-bus"]
 FLEET_OVERLAYS = ["overlays/production", "overlays/privileged"]
 # Versions the manifests must be valid for: an old supported release and the newest
 # schemas kubernetes-validate ships.
@@ -63,6 +64,7 @@ def render(directory: Path, namespace: str | None = None) -> list[dict]:
         target = (directory / ref).resolve()
         assert target.exists(), f"{kfile}: resource {ref} does not exist"
         docs += render(target, namespace) if target.is_dir() else load_all(target)
+    docs += generated_secrets(directory, k)
     for ref in k.get("components", []):
         comp = (directory / ref).resolve()
         assert (comp / "kustomization.yaml").is_file(), f"{kfile}: component {ref} missing"
@@ -88,18 +90,36 @@ def render(directory: Path, namespace: str | None = None) -> list[dict]:
 
 def generated_secrets(directory: Path, k: dict) -> list[dict]:
     """secretGenerator entries as the Secrets Kustomize makes (the files they read are
-    the user's own, e.g. the fleet token, and are not in the repository)."""
+    the user's own, e.g. the fleet token, and are not in the repository), and
+    configMapGenerator entries as ConfigMaps (their files are)."""
     out = []
     for gen in k.get("secretGenerator", []):
         assert gen.get("options", {}).get("disableNameSuffixHash") is True, gen["name"]
         data = {f.split("=", 1)[0]: "" for f in gen.get("files", [])}
         out.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                     "metadata": {"name": gen["name"]}, "data": data})
+    for gen in k.get("configMapGenerator", []):
+        assert gen.get("options", {}).get("disableNameSuffixHash") is True, gen["name"]
+        data = {}
+        for f in gen.get("files", []):
+            key, _, path = f.rpartition("=") if "=" in f else (f, "", f)
+            data[key] = (directory / path).read_text()
+        out.append({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": gen["name"]}, "data": data})
     return out
 
 
 def apply_patches(directory: Path, k: dict, docs: list[dict]) -> list[dict]:
     for patch in k.get("patches", []):
+        if "target" not in patch:
+            # A strategic-merge patch; the only kind used here deletes its resource.
+            (doc,) = load_all(directory / patch["path"])
+            assert doc.get("$patch") == "delete", patch["path"]
+            key = (doc["kind"], doc["metadata"]["name"])
+            kept = [d for d in docs if (d["kind"], d["metadata"]["name"]) != key]
+            assert len(kept) == len(docs) - 1, f"patch {patch['path']} matches no resource"
+            docs = kept
+            continue
         target = patch["target"]
         ops = yaml.safe_load((directory / patch["path"]).read_text())
         hits = [d for d in docs if d["kind"] == target["kind"]
@@ -222,6 +242,7 @@ def test_kubectl_kustomize_agrees(overlay: str, tmp_path: Path) -> None:
     tree = tmp_path / "kubernetes"
     shutil.copytree(K8S, tree)
     (tree / "components" / "fleet" / "fleet-token").write_text("test-token\n")
+    (tree / "components" / "fleet-bus" / "nats-creds").write_text("imdswatch-serve:pw\n")
     out = subprocess.run(["kubectl", "kustomize", str(tree / overlay)], check=True,
                          capture_output=True, text=True, timeout=60).stdout
     real = [d for d in yaml.safe_load_all(out) if d]
@@ -331,3 +352,76 @@ def test_per_node_overlay_has_no_fleet() -> None:
     assert not [d for d in docs if d["kind"] in ("Deployment", "Secret", "NetworkPolicy")]
     args = by_kind(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert not any(a.startswith(("--fleet", "--spool")) for a in args)
+
+
+def test_fleet_bus_overlay_runs_three_replicas_on_the_bus() -> None:
+    """Three serve replicas rolled one at a time, a PodDisruptionBudget over them, no claim
+    (state on an emptyDir), the NATS credentials from a Secret file, each replica named
+    after its pod; the command line parses."""
+    docs = render(K8S / "overlays/fleet-bus")
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    dep = _named(docs, "Deployment", "imdswatch-serve")
+    assert dep["spec"]["replicas"] == 3
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    pod = dep["spec"]["template"]
+    spec = pod["spec"]
+    (c,) = spec["containers"]
+    args = dict(a.split("=", 1) for a in c["args"][1:])
+    assert args["--bus"].startswith("nats://") and args["--bus-replicas"] == "3"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert "emptyDir" in volumes["state"]
+    assert args["--state"].startswith(mounts["state"]["mountPath"] + "/")
+    creds = _named(docs, "Secret", "imdswatch-nats-creds")
+    assert volumes["nats-creds"]["secret"]["secretName"] == creds["metadata"]["name"]
+    assert args["--bus-creds"] == mounts["nats-creds"]["mountPath"] + "/creds"
+    assert mounts["nats-creds"]["readOnly"] is True
+    env = {e["name"]: e for e in c["env"]}
+    assert args["--replica-id"] == "$(POD_NAME)"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    pdb = _named(docs, "PodDisruptionBudget", "imdswatch-serve")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    svc = _named(docs, "Service", "imdswatch-serve")
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    pm = _named(docs, "PodMonitor", "imdswatch-serve")  # every replica's metrics
+    assert pm["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    main.get_command(None, "serve").make_context("serve", list(c["args"][1:]))
+
+
+NATS = K8S / "nats"
+
+
+def test_nats_example_is_a_three_node_jetstream_cluster_with_auth(tmp_path) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = render(NATS)
+    for doc in docs:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(doc, version or kubernetes_validate.latest_version(),
+                                         strict=True)
+    sts = _named(docs, "StatefulSet", "nats")
+    assert sts["spec"]["replicas"] == 3
+    headless = _named(docs, "Service", "nats-headless")
+    assert sts["spec"]["serviceName"] == headless["metadata"]["name"]
+    assert headless["spec"]["clusterIP"] == "None"
+    conf = _named(docs, "ConfigMap", "nats-config")["data"]
+    routes = re.findall(r"nats://(nats-\d)\.nats-headless\.nats\.svc:6222",
+                        conf["nats-server.conf"])
+    assert routes == ["nats-0", "nats-1", "nats-2"]
+    assert "include ./auth.conf" in conf["nats-server.conf"]
+    # No anonymous user: no no_auth_user, and every user has a password from the Secret.
+    assert "no_auth_user" not in conf["auth.conf"]
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    for var in re.findall(r"password: \$(\w+)", conf["auth.conf"]):
+        assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "nats-users"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    # The configuration is one Debian's nats-server accepts.
+    nats_server = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    for name, text in conf.items():
+        (tmp_path / name).write_text(text)
+    check = subprocess.run([nats_server, "-c", str(tmp_path / "nats-server.conf"), "-t"],
+                           capture_output=True, text=True, timeout=30,
+                           env={"POD_NAME": "nats-0", "SERVE_PASSWORD": "a" * 24,
+                                "ALERTS_PASSWORD": "b" * 24, "PATH": "/usr/bin:/bin"})
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -27,13 +27,13 @@ from nats_fixtures import (
     AlertSubscriber,
     NatsServer,
     Proxy,
-    auth_block,
     cluster,
     ledger_alerts,
     ledger_records,
     run_client,
     start_all,
     urls,
+    with_example_auth,
 )
 from netns_fixtures import free_port, wait_for
 
@@ -395,9 +395,9 @@ def _make_ca(tmp: Path) -> tuple[Path, Path, Path]:
 
 def test_credentials_from_a_file_tls_and_no_anonymous_publish(tmp_path):
     ca, cert, key = _make_ca(tmp_path)
-    srv = NatsServer(tmp_path / "nats", "n1", extra=auth_block() + f"""
+    srv = with_example_auth(NatsServer(tmp_path / "nats", "n1", extra=f"""
 tls {{ cert_file: "{cert}", key_file: "{key}", timeout: 2 }}
-""").start()
+""")).start()
     creds = tmp_path / "serve.creds"
     creds.write_text(f"{SERVE_USER}:{SERVE_PASSWORD}\n")
     creds.chmod(0o600)
