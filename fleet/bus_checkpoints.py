@@ -10,12 +10,14 @@ checkpoint's position, and objects no kept record names.
 Loading (a replica taking over): the newest record's state, checked (the object store's
 SHA-256 and the state's own validation); a checkpoint that cannot be used is named in the
 log and the one before it is used, whose position is older, so more of the stream is
-scored again. Without any record the replica starts from its `--state` file when it has
+scored again. A bus that does not answer is not a reason to fall back: the takeover fails
+and is tried again. Without any record the replica starts from its `--state` file when it has
 one (moving a single `serve` onto the bus keeps its model), else from an empty model.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +31,7 @@ from fleet.checkpoints import model_etag, read_state, save_state_file
 from fleet.ledger import CheckpointRecord, Ledger
 from fleet.metrics import ServeMetrics
 from scoring.scorer import Scorer
-from scoring.state import StateError, load_state_dict
+from scoring.state import StateError, load_state_dict, state_chunks
 
 log = logging.getLogger("imdswatch.fleet.checkpoints")
 
@@ -95,13 +97,13 @@ class BusCheckpoints:
                 raise StateError("its object is missing from the object store") from None
             if rec.digest and info.digest != rec.digest:
                 raise StateError("its object is not the one the record names (digest)")
+            # A bus that does not answer is not a corrupt checkpoint: that propagates, and
+            # the takeover is tried again (falling back would throw the model away).
             with open(tmp, "wb") as f:
                 try:
                     self.bus.call(self.bus.obs.get(rec.state, writeinto=f), OBJECT_TIMEOUT)
                 except nats.js.errors.DigestMismatchError:
                     raise StateError("its object fails its SHA-256 check") from None
-                except TRANSIENT as exc:
-                    raise StateError(f"its object could not be read ({exc})") from None
             state = read_state(tmp)
             fleet = state.get("fleet") or {}
             if not isinstance(fleet, dict) or int(fleet.get("stream_seq", -1)) != rec.position:
@@ -127,14 +129,17 @@ class BusCheckpoints:
     # -- save (the scoring replica) -------------------------------------------------------------
     def save(self, scorer: Scorer, fleet: dict, model: bytes) -> bool:
         position = int(fleet["stream_seq"])
-        if not save_state_file(self.state_path, scorer, fleet):
-            return False
         self._n += 1
         base = f"{position:012d}-{self.replica_id}-{self.lease_rev}-{self._n}"
         state_name, model_name = f"state-{base}", f"model-{base}"
         try:
-            with open(self.state_path, "rb") as f:
-                info = self.bus.call(self.bus.obs.put(state_name, f), OBJECT_TIMEOUT)
+            if save_state_file(self.state_path, scorer, fleet):
+                with open(self.state_path, "rb") as f:
+                    info = self.bus.call(self.bus.obs.put(state_name, f), OBJECT_TIMEOUT)
+            else:
+                # The local copy failed (its disk); the bus's must not depend on it.
+                body = gzip.compress(b"".join(state_chunks(scorer, {"fleet": fleet})), 3)
+                info = self.bus.call(self.bus.obs.put(state_name, body), OBJECT_TIMEOUT)
             self.bus.call(self.bus.obs.put(model_name, model), OBJECT_TIMEOUT)
         except (OSError, *TRANSIENT) as exc:
             log.error("cannot store checkpoint %s on the bus: %s (the stream keeps every "

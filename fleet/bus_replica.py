@@ -107,16 +107,21 @@ class BusReplica:
 
     # -- the scoring thread ------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
+        failures = 0
         while not stop.is_set():
             if not self.lease.wait_held(0.2) or stop.is_set():
                 continue
             try:
                 self._take_over()
             except (Fenced, LeaseLost, LedgerUnavailable, StateError, *TRANSIENT) as exc:
-                log.error("taking over failed: %s; trying again", exc)
+                failures += 1
+                wait = min(10.0, 0.5 * 2 ** failures)
+                log.error("taking over failed: %s; trying again in %.0fs", exc or
+                          type(exc).__name__, wait)
                 self._stop_leading(clean=False)
-                stop.wait(1.0)
+                stop.wait(wait)
                 continue
+            failures = 0
             self._lead(stop)
 
     def _take_over(self) -> None:

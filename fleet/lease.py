@@ -11,8 +11,9 @@ next replica takes over within one poll.
 The holder counts the lease valid until the time it *sent* its last successful write plus
 three quarters of the time to live, by its own monotonic clock. The server stamps the write
 later than it was sent, so the key cannot age out, and no other replica can hold it, before
-the holder has stopped by its own clock. Writes are also fenced on the bus itself
-(`fleet.ledger`): a holder frozen between its check and its write is refused there.
+the holder has stopped by its own clock (a server clock stepped forward by more than that
+quarter would shorten it). Writes are also fenced on the bus itself (`fleet.ledger`): a
+holder frozen between its check and its write, or outlived by its lease, is refused there.
 """
 
 from __future__ import annotations

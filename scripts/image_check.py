@@ -327,6 +327,45 @@ def main() -> int:
                 f"without the token, alert {alert['anomaly']['detector']} "
                 f"{alert['anomaly']['score']:.0f} for the posted curl, SIGTERM exit 0")
 
+    def bus_client() -> str:
+        # serve --bus in the image against a real nats-server on this host (the example
+        # config's users): the NATS client and its nkeys library are there, the password
+        # comes from a file and never reaches the output.
+        from nats_fixtures import SERVE_PASSWORD, SERVE_USER, with_example_auth
+
+        from lab.nats_server import NatsServer, NatsUnavailable
+
+        base = Path(tempfile.mkdtemp(prefix="imdswatch-image-bus-"))
+        ctx["bus_dir"] = base
+        srv = with_example_auth(NatsServer(base, "n1"))
+        try:
+            srv.start()
+        except NatsUnavailable as exc:
+            raise CheckFailed(str(exc)) from None
+        try:
+            r = podman("run", "--rm", "--entrypoint=/opt/imdswatch/bin/python", image, "-c",
+                       "import nats, nkeys; print(nkeys.from_seed(nkeys.encode_seed("
+                       "bytes(32), nkeys.PREFIX_BYTE_USER)).public_key.decode()[:1])")
+            check(r.stdout.strip() == "U", f"nats-py/nkeys unusable: {r.stderr[-800:]}")
+            (base / "creds").write_text(f"{SERVE_USER}:{SERVE_PASSWORD}\n")
+            (base / "creds").chmod(0o644)
+            c = Container(image, ["--network=host", f"--volume={base}:/bus:ro"],
+                          ["serve", f"--bus={srv.url}", "--bus-creds=/bus/creds",
+                           "--replica-id=image", "--state=/tmp/state.json",
+                           f"--listen=127.0.0.1:{free_port()}",
+                           f"--metrics-address=127.0.0.1:{free_port()}"], 0)
+            containers.append(c)
+            podman("run", "--detach", "--name", c.name, *c.flags, image, *c.args)
+            check(wait_for(lambda: "now holds the scoring lease" in c.logs()[1]
+                           or not c.running(), 60, 0.5) and c.running(),
+                  f"serve --bus did not start scoring: {c.logs()[1][-1500:]}")
+            podman("stop", "--time=30", c.name, timeout=90)
+            check(c.exit_code() == 0, f"serve --bus exited {c.exit_code()}")
+            check(SERVE_PASSWORD not in "".join(c.logs()), "the NATS password was logged")
+        finally:
+            srv.stop()
+        return "nats-py and nkeys import; serve --bus on a real nats-server, SIGTERM exit 0"
+
     def compiled() -> str:
         # The hot path as `make bench` measures it: mypyc's builds, not the sources.
         code = ("import importlib; print(' '.join(importlib.import_module(m).__file__ "
@@ -347,6 +386,7 @@ def main() -> int:
         ("SIGTERM", sigterm),
         ("restart keeps the state", restart),
         ("fleet scorer (serve Deployment)", fleet_scorer),
+        ("fleet scorer on a bus (serve --bus)", bus_client),
     ]
     try:
         ok = run_steps(steps)
@@ -354,8 +394,9 @@ def main() -> int:
         for c in containers:
             c.remove()
         shutil.rmtree(state_dir, ignore_errors=True)
-        if "serve_dir" in ctx:
-            shutil.rmtree(str(ctx["serve_dir"]), ignore_errors=True)
+        for key in ("serve_dir", "bus_dir"):
+            if key in ctx:
+                shutil.rmtree(str(ctx[key]), ignore_errors=True)
     return 0 if ok else 1
 
 
