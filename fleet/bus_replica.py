@@ -116,9 +116,10 @@ class BusReplica:
             except (Fenced, LeaseLost, LedgerUnavailable, StateError, *TRANSIENT) as exc:
                 failures += 1
                 wait = min(10.0, 0.5 * 2 ** failures)
-                log.error("taking over failed: %s; trying again in %.0fs", exc or
-                          type(exc).__name__, wait)
+                log.error("taking over failed: %s; giving the lease up, trying again in "
+                          "%.0fs", exc or type(exc).__name__, wait)
                 self._stop_leading(clean=False)
+                self.lease.release()  # another replica may fare better meanwhile
                 stop.wait(wait)
                 continue
             failures = 0

@@ -336,6 +336,7 @@ def main() -> int:
         from lab.nats_server import NatsServer, NatsUnavailable
 
         base = Path(tempfile.mkdtemp(prefix="imdswatch-image-bus-"))
+        base.chmod(0o755)  # the image's user reads the credentials file in it
         ctx["bus_dir"] = base
         srv = with_example_auth(NatsServer(base, "n1"))
         try:
