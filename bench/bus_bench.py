@@ -9,6 +9,8 @@
   ingest); baseline: the same senders against a local-log `serve`. On two cores the
   replicas, the server and the senders share the same CPUs: the ratio says what the bus
   costs here, not what three machines would give.
+* catch-up: a stream filled while nothing scored, worked through by a scoring replica;
+  baseline: `imdswatch replay` of the same events.
 * takeover: the scoring replica SIGKILLed (the lease must age out) and SIGTERMed (it gives
   the lease up): time until another replica reports `imdswatch_fleet_leader` 1; baseline:
   the lease's time to live.
@@ -22,8 +24,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import http.client
+import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +37,7 @@ from pathlib import Path
 import orjson
 
 from bench.rows import Row, render
-from bench.serve_bench import Sender, Serve, _events, warm_state
+from bench.serve_bench import CMD, Sender, Serve, _events, warm_state
 from lab.nats_server import NatsServer
 
 LEASE_TTL = 4.0
@@ -150,6 +154,61 @@ def ingest(quick: bool) -> list[Row]:
         Row("bus ingest: events/s scored meanwhile, 3 replicas", round(rates[3][1]), "ev/s",
             "1 replica", round(rates[1][1]), "", None),
     ]
+
+
+# -- catching up -------------------------------------------------------------------------------
+def catch_up(quick: bool) -> list[Row]:
+    """A stream filled while no replica scored (an outage, a takeover behind a backlog):
+    how fast the scoring replica works through it, beside `imdswatch replay` of the same
+    events (parse and score in one process, no bus)."""
+    from prometheus_client import CollectorRegistry
+
+    from fleet.bus import Bus, BusOptions
+    from fleet.bus_log import JetStreamLog
+    from fleet.dedup import IdWindow
+    from fleet.ingest import parse
+    from fleet.metrics import ServeMetrics
+    from imdswatch.config import load_config
+
+    n_hosts, per_host = (10, 10_000) if quick else (20, 10_000)
+    t0 = 1_780_000_000.0
+    lines = [line for h in range(n_hosts)
+             for line in _events(f"node-{h}", per_host, t0 + h * 0.001, 0.05)]
+    total = len(lines)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        src = tmp / "events.ndjson"
+        src.write_bytes(b"\n".join(lines) + b"\n")
+        t = time.perf_counter()
+        subprocess.run([*CMD, "replay", str(src), "--output", os.devnull,
+                        "--learning-period", "0s"], check=True, capture_output=True)
+        replay_rate = total / (time.perf_counter() - t)
+        srv = NatsServer(tmp / "nats", "n1").start()
+        rep: list[Serve] = []
+        try:
+            bus = Bus(BusOptions(servers=srv.url, replica_id="filler"))
+            bus.open()
+            filler = JetStreamLog(bus, IdWindow(2), ServeMetrics(CollectorRegistry()),
+                                  load_config(None).catalog)
+            for i in range(0, total, 500):
+                filler.append(parse(b"\n".join(lines[i:i + 500]), filler.catalog))
+            bus.close()
+            (tmp / "r0").mkdir()
+            rep = [Serve(tmp / "r0", "--bus", srv.url, "--replica-id", "r0",
+                         "--learning-period", "0s", "--save-interval", "60s")]
+            _leader(rep)
+            t = time.monotonic()
+            deadline = t + 300
+            while (rep[0].metric("imdswatch_fleet_events_scored_total") < total - 1000
+                   and time.monotonic() < deadline):
+                time.sleep(0.1)
+            rate = rep[0].metric("imdswatch_fleet_events_scored_total") / (time.monotonic() - t)
+        finally:
+            _stop(rep)
+            srv.stop()
+    return [Row(f"bus catch-up: events/s scored from a filled stream ({total:,} events)",
+                round(rate), "ev/s", "imdswatch replay of the same events",
+                round(replay_rate), "", None)]
 
 
 # -- takeover ---------------------------------------------------------------------------------
@@ -281,7 +340,7 @@ def latency(quick: bool) -> list[Row]:
 
 
 def run(quick: bool = False) -> list[Row]:
-    return [*ingest(quick), *takeover(quick), *latency(quick)]
+    return [*ingest(quick), *catch_up(quick), *takeover(quick), *latency(quick)]
 
 
 def main(argv: list[str] | None = None) -> int:
