@@ -551,3 +551,44 @@ def test_batches_split_under_max_payload_and_resent_past_the_window(tmp_path):
         r.kill()
         srv.stop()
     assert json.loads(r.state.read_text())["events_learned"] == len(events)
+
+
+def test_credentials_file_forms_and_an_nkey_seed(tmp_path):
+    """What --bus-creds FILE may hold, told apart without echoing it; an nkey seed file
+    authenticates against a server that knows only the public key."""
+    import nkeys
+
+    from fleet.nats_bridge import BusError, read_credentials
+
+    def creds(text: str) -> dict:
+        path = tmp_path / "c"
+        path.write_text(text)
+        return read_credentials(str(path))
+
+    assert creds("serve:s3cret\n") == {"user": "serve", "password": "s3cret"}
+    assert creds("tok-123\n") == {"token": "tok-123"}
+    jwt = ("-----BEGIN NATS USER JWT-----\neyJ0eXAi\n------END NATS USER JWT------\n"
+           "-----BEGIN USER NKEY SEED-----\nSUAM\n------END USER NKEY SEED------\n")
+    assert creds(jwt) == {"user_credentials": str(tmp_path / "c")}
+    for bad, why in (("a\nb\n", "expected"), ("serve:\n", "empty part"),
+                     (jwt.split("-----BEGIN USER")[0], "without its nkey seed")):
+        with pytest.raises(BusError, match=why) as err:
+            creds(bad)
+        assert "serve:" not in str(err.value) and "eyJ0" not in str(err.value)
+    seed = nkeys.encode_seed(bytes(range(32)), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(seed).public_key.decode()
+    (tmp_path / "serve.nk").write_bytes(seed + b"\n")
+    assert creds(seed.decode()) == {"nkeys_seed": str(tmp_path / "c")}
+    srv = NatsServer(tmp_path / "nats", "n1",
+                     extra=f'authorization {{ users: [ {{ nkey: "{public}" }} ] }}').start()
+    try:
+        r = replica(tmp_path, "r0", srv.url, "--bus-creds", str(tmp_path / "serve.nk"))
+        r.start()
+        try:
+            assert the_leader([r]) is r
+            assert r.stop() == 0
+        finally:
+            r.kill()
+        assert seed.decode() not in r.log.read_text()
+    finally:
+        srv.stop()
