@@ -142,15 +142,19 @@ class Lease:
 
     def _drop(self, why: str = "") -> None:
         with self._lock:
-            was = self._rev
+            was, until = self._rev, self._until
             self._rev = 0
             self._until = 0.0
             self.changed.notify_all()
-        if was and why:
-            log.warning("lease: this replica no longer holds the scoring lease: %s", why)
-        elif was:
-            log.warning("lease: this replica no longer holds the scoring lease (its time ran "
-                        "out before a renewal reached the bus)")
+        if not was:
+            return
+        # When it stopped counting as held, by this replica's clock (the log line may come
+        # later on a busy machine).
+        ended = time.time() - max(0.0, time.monotonic() - until)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ended)) + \
+            f",{int(ended * 1000) % 1000:03d}"
+        log.warning("lease: this replica no longer holds the scoring lease: %s (held until %s "
+                    "by its clock)", why or "no renewal reached the bus in time", stamp)
 
     def release(self) -> None:
         """Give the lease up (at a clean stop), so another replica takes over at once."""
