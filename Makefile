@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
-PACKAGES := tracer scoring intake exporters lab fleet imdswatch
+PACKAGES := tracer scoring intake exporters policy lab fleet imdswatch
 # The modules setup.py compiles with mypyc (keep in step with its COMPILED: a test checks).
 COMPILED := scoring/events.py scoring/endpoints.py scoring/known_callers.py scoring/rarity.py \
 	scoring/detectors.py scoring/scorer.py intake/parser.py intake/join.py intake/reader.py \

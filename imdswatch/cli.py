@@ -348,5 +348,13 @@ def endpoints(config_path: str | None) -> None:
         click.echo(f"{e.id:26} {e.address:22} ports {ports:10} {e.provider}")
 
 
+def _register() -> None:
+    from imdswatch.policy_cli import policy
+
+    main.add_command(policy)
+
+
+_register()
+
 if __name__ == "__main__":
     main()

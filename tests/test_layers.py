@@ -2,8 +2,9 @@
 goes down the stack or stays in its package, and no modules import each other in a circle.
 
 Bottom to top: tracer (the kernel side, loaded with BCC) -> scoring (the model) -> intake
-(events in) -> exporters (metrics and alerts) -> lab (sandbox, mock, simulations) -> fleet
-(the fleet transport) -> imdswatch (the CLI and wiring, imported by nothing).
+(events in) -> exporters (metrics and alerts) -> policy (enforcement policy) -> lab (sandbox,
+mock, simulations) -> fleet (the fleet transport) -> imdswatch (the CLI and wiring, imported
+by nothing).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("tracer", "scoring", "intake", "exporters", "lab", "fleet", "imdswatch")
+LAYERS = ("tracer", "scoring", "intake", "exporters", "policy", "lab", "fleet", "imdswatch")
 # Never imported by a product package.
 OUTSIDE = ("tests", "bench", "scripts", "helpers")
 
