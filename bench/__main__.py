@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.evaluate import Result, SeedRun, fmt_latency
-from bench.report import Ran, Run, load_average, write
+from bench.report import Ran, Run, load_average, update, write
 from bench.rows import Row, Section, render
 
 FP_ENTITY_TARGET = 10  # "single digits for a fleet of ~40 nodes over two weeks"
@@ -257,20 +257,26 @@ def main(argv: list[str] | None = None) -> int:
                     help="write the Markdown report here (make bench: docs/benchmarks.md)")
     ap.add_argument("--only", action="append", choices=[t.split(":")[0] for t, _ in SECTIONS],
                     help="run only this section (repeatable)")
+    ap.add_argument("--update", action="store_true",
+                    help="with --only and --report: rewrite only these sections of the "
+                         "report, keeping the others as written")
     args = ap.parse_args(argv)
+    if args.update and not (args.only and args.report):
+        ap.error("--update needs --only and --report")
     command = "make bench-quick" if args.quick else "make bench"
     run = Run(command, args.quick)
     for title, fn in SECTIONS:
         if args.only and title.split(":")[0] not in args.only:
             continue
-        before, t = load_average(), time.perf_counter()
+        before, t, started = load_average(), time.perf_counter(), time.time()
         section, problem = None, ""
         try:
             section = fn(args.quick, args.seed)
         except Exception:  # noqa: BLE001 - one broken benchmark must not hide the others
             traceback.print_exc()
             problem = "CRASHED: " + traceback.format_exc().strip().splitlines()[-1]
-        ran = Ran(title, section, time.perf_counter() - t, before, load_average(), problem)
+        ran = Ran(title, section, time.perf_counter() - t, before, load_average(), problem,
+                  started)
         run.sections.append(ran)
         if section is None:
             print(f"== {title} == {problem}\n", flush=True)
@@ -281,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
               for r in s.section.rows if r.ok is False]
     print("MISSED TARGETS:\n  " + "\n  ".join(missed) if missed else "all targets met")
     if args.report is not None:
-        write(run, args.report)
+        if args.update:
+            update(run, args.report, [t for t, _ in SECTIONS])
+        else:
+            write(run, args.report)
         print(f"report written to {args.report}")
     crashed = [s.title for s in run.sections if s.problem]
     if crashed:

@@ -72,3 +72,34 @@ def test_small_figures_are_never_shown_as_zero() -> None:
     assert fmt(0.0032, "MB") == "0.0032 MB"
     assert fmt(0.0, "s") == "0 s"
     assert fmt(12345.6, "events/s") == "12,346 events/s"
+
+
+def test_an_update_rewrites_only_the_sections_run_and_keeps_each_ones_date(tmp_path) -> None:
+    from bench.report import update, write
+
+    report = tmp_path / "benchmarks.md"
+    first = Run("make bench", quick=False)
+    missed = Section([Row("x | y", 1.0, "s", target="< 0 s", ok=False)])
+    first.sections.append(Ran("part: one", missed, 5.0, "a", "b"))
+    first.sections.append(Ran("part: two", Section([Row("old", 2.0, "s", ok=True)]), 5.0, "a",
+                              "b"))
+    write(first, report)
+    before = report.read_text()
+    one = before.split("## part: one\n", 1)[1].split("## part: two", 1)[0].strip()
+
+    again = Run("python -m bench --only part", quick=False)
+    again.sections.append(Ran("part: two", Section([Row("new", 3.0, "s", ok=False)]), 1.0, "c",
+                              "d"))
+    again.sections.append(Ran("part: three", Section([Row("added", 4.0, "s")]), 1.0, "c", "d"))
+    update(again, report, ["part: one", "part: three", "part: two"])
+    text = report.read_text()
+
+    assert text.split("## part: one\n", 1)[1].split("## part: three", 1)[0].strip() == one
+    assert "| old |" not in text and "| new | 3 s |" in text and "| added | 4 s |" in text
+    assert text.index("## part: one") < text.index("## part: three") < text.index("## part: two")
+    assert "- part: one: x \\| y" in text and "- part: two: new" in text  # summary from both
+    assert "the sections part: three, part: two were run again" in text
+    assert text.count("Run on ") == 3
+    # An update of an update keeps the kept section byte for byte.
+    update(Run("python -m bench --only part", quick=False), report, ["part: one"])
+    assert text.split("## part: one\n", 1)[1].split("## part: three", 1)[0] in report.read_text()
