@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.evaluate import Result, SeedRun, fmt_latency
-from bench.report import Ran, Run, load_average, update, write
+from bench.report import Ran, Run, load_average, take, update, write
 from bench.rows import Row, Section, render
 
 FP_ENTITY_TARGET = 10  # "single digits for a fleet of ~40 nodes over two weeks"
@@ -260,7 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--update", action="store_true",
                     help="with --only and --report: rewrite only these sections of the "
                          "report, keeping the others as written")
+    ap.add_argument("--take", type=Path, default=None, metavar="REPORT",
+                    help="with --report: copy the sections of REPORT (another run's report) "
+                         "into it, as written, and run nothing")
     args = ap.parse_args(argv)
+    if args.take is not None:
+        if args.report is None:
+            ap.error("--take needs --report")
+        take(args.take, args.report, [t for t, _ in SECTIONS])
+        print(f"sections of {args.take} written into {args.report}")
+        return 0
     if args.update and not (args.only and args.report):
         ap.error("--update needs --only and --report")
     command = "make bench-quick" if args.quick else "make bench"

@@ -98,8 +98,25 @@ def test_an_update_rewrites_only_the_sections_run_and_keeps_each_ones_date(tmp_p
     assert "| old |" not in text and "| new | 3 s |" in text and "| added | 4 s |" in text
     assert text.index("## part: one") < text.index("## part: three") < text.index("## part: two")
     assert "- part: one: x \\| y" in text and "- part: two: new" in text  # summary from both
-    assert "the sections part: three, part: two were run again" in text
+    assert "some sections run again alone" in text
     assert text.count("Run on ") == 3
     # An update of an update keeps the kept section byte for byte.
     update(Run("python -m bench --only part", quick=False), report, ["part: one"])
     assert text.split("## part: one\n", 1)[1].split("## part: three", 1)[0] in report.read_text()
+
+
+def test_sections_taken_from_another_report_arrive_as_written(tmp_path) -> None:
+    from bench.report import take, write
+
+    main, mine = tmp_path / "main.md", tmp_path / "mine.md"
+    a = Run("make bench", quick=False)
+    a.sections += [Ran("one", Section([Row("r1", 1.0, "s")]), 1.0, "a", "b"),
+                   Ran("two", Section([Row("r2", 2.0, "s")]), 1.0, "a", "b")]
+    write(a, main)
+    b = Run("python -m bench --only two", quick=False)
+    b.sections.append(Ran("two", Section([Row("r2", 9.0, "s", ok=False)]), 1.0, "a", "b"))
+    write(b, mine)
+    take(mine, main, ["one", "two"])
+    text = main.read_text()
+    assert "| r1 | 1 s |" in text and "| r2 | 9 s |" in text and "| r2 | 2 s |" not in text
+    assert "- two: r2" in text
