@@ -31,6 +31,9 @@ from imdswatch import libout, lograte, status
 from imdswatch.config import AgentSettings, Config
 from imdswatch.status import AgentStats
 from intake.parser import MalformedEvent, event_from_ecs
+from policy.gate import PolicyGate, action_of, build_policy_alert
+from policy.metrics import PolicyMetrics
+from policy.toml_file import PolicyError, load_policy
 from scoring.scorer import Scorer
 from scoring.state import StateError, load_state, save_state, state_lock
 from tracer import doctor
@@ -122,6 +125,14 @@ def _fail(message: str) -> int:
     return 2
 
 
+class EnforceOptions:
+    """`--enforce MODE --policy FILE`."""
+
+    def __init__(self, mode: str, policy_path: str) -> None:
+        self.mode = mode
+        self.policy_path = policy_path
+
+
 class Agent:
     """One live agent. `run()` blocks until `stop` is set (or a signal sets it)."""
 
@@ -133,8 +144,12 @@ class Agent:
         output: str | IO[Any] = "-",
         stop: threading.Event | None = None,
         fleet: FleetOptions | None = None,
+        enforce: EnforceOptions | None = None,
     ) -> None:
         self.config = config
+        self.enforce = enforce
+        self.gate: PolicyGate | None = None
+        self.policy_metrics: PolicyMetrics | None = None
         self.fleet_options = fleet
         self.fleet: FleetSink | None = None
         self.state_path = state_path
@@ -198,6 +213,8 @@ class Agent:
             self.server = self.metrics.serve(cfg.metrics.address)
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"cannot serve metrics on {cfg.metrics.address}: {exc}") from None
+        if self.enforce is not None:
+            self._load_policy()
         a = cfg.alerts
         self.writer = _alert_writer(self.output)
         self.writer.cap = AlertCap(a.max_per_window, a.window, a.max_per_run,
@@ -246,6 +263,58 @@ class Agent:
         log.info("%s", status.learning_status(self.scorer).text)
         self._next_summary = time.monotonic() + cfg.agent.summary_interval
 
+    def _load_policy(self) -> None:
+        """The policy file at start (RuntimeError: exit 2); the gate that applies it."""
+        assert self.enforce is not None and self.metrics is not None
+        try:
+            pol = load_policy(self.enforce.policy_path, self.config.catalog)
+        except PolicyError as exc:
+            raise RuntimeError(str(exc)) from None
+        self.gate = PolicyGate(pol, self.config.catalog, self.enforce.mode)
+        self.policy_metrics = PolicyMetrics(self.metrics.registry)
+        self.policy_metrics.set_policy(len(pol.rules))
+        self.policy_metrics.set_mode(self.enforce.mode, self.enforce.mode)
+        log.info("enforcement %s: policy %s, %d rules, default %s", self.enforce.mode,
+                 self.enforce.policy_path, len(pol.rules), pol.default)
+
+    def reload_policy(self) -> None:
+        """SIGHUP: the policy file again; a refused one leaves the current one in force."""
+        if self.enforce is None or self.gate is None or self.policy_metrics is None:
+            return
+        try:
+            pol = load_policy(self.enforce.policy_path, self.config.catalog)
+        except PolicyError as exc:
+            self.policy_metrics.reload_failures.inc()
+            log.error("policy reload failed, keeping the current policy: %s", exc)
+            return
+        self.gate.policy = pol  # one assignment: every call sees the old or the new policy
+        self.policy_metrics.set_policy(len(pol.rules))
+        log.info("policy reloaded from %s: %d rules, default %s", self.enforce.policy_path,
+                 len(pol.rules), pol.default)
+
+    def _judge(self, event: Any) -> None:
+        """Apply the policy to one traced call: a metric and a (rate-limited) alert line
+        for a call it denies."""
+        gate, pm = self.gate, self.policy_metrics
+        if gate is None or pm is None:
+            return
+        verdict = gate.judge(event)
+        if verdict is None:
+            return
+        action = action_of(verdict, gate.mode)
+        pm.decided(action, verdict.decision.rule, verdict.endpoint.id, verdict.request_class)
+        folded = gate.admit_line(event, verdict)
+        if folded is None or self.output_error is not None or self.writer is None:
+            return
+        try:
+            self.writer.write_document(build_policy_alert(event, verdict, action, gate.mode,
+                                                          folded))
+        except OSError as exc:
+            name = "standard output" if self.output == "-" else str(self.output)
+            self.output_error = f"{name}: cannot write alerts ({exc.strerror or exc})"
+            log.error("%s: stopping", self.output_error)
+            self.stop.set()
+
     def _alive(self) -> bool:
         return time.monotonic() - self._last_loop < LIVE_STALL_S
 
@@ -288,6 +357,12 @@ class Agent:
             return
         s.scored += 1
         self.metrics.observe(outcome)
+        if self.gate is not None:
+            try:
+                self._judge(event)
+            except Exception:
+                self.metrics.observe_failed()
+                log.exception("applying the policy to an event failed; the event is skipped")
         if outcome.alert:
             s.alerts += 1
             if self.output_error is not None:
@@ -313,6 +388,7 @@ class Agent:
             if self.reload_requested:
                 self.reload_requested = False
                 self.reload()
+                self.reload_policy()
             if now >= next_house:
                 next_house = now + HOUSEKEEPING_S
                 self.housekeeping()
@@ -386,6 +462,8 @@ class Agent:
         self.config.catalog, self.config.exceptions = fresh.catalog, fresh.exceptions
         log.info("config reloaded from %s: %d endpoints, %d exceptions", path,
                  len(fresh.catalog), len(fresh.exceptions))
+        if self.gate is not None:
+            self.gate.catalog = fresh.catalog
 
     def save(self) -> None:
         # Never before attaching: a state that failed to load must not be overwritten.
@@ -460,6 +538,7 @@ def run_agent(
     *,
     stop: threading.Event | None = None,
     fleet: FleetOptions | None = None,
+    enforce: EnforceOptions | None = None,
 ) -> int:
     """`imdswatch run`. Arguments left None keep the config's values. Returns the exit
     status: 0 after a clean stop, 2 when the machine cannot trace or a setting is unusable."""
@@ -475,7 +554,8 @@ def run_agent(
         for p in problems:
             print(f"imdswatch run: {p}", file=sys.stderr)
         return 2
-    agent = Agent(config, state_path=state_path, output=output, stop=stop, fleet=fleet)
+    agent = Agent(config, state_path=state_path, output=output, stop=stop, fleet=fleet,
+                  enforce=enforce)
     previous = _install_signals(agent)
     try:
         try:

@@ -55,6 +55,7 @@ class SizeType(click.ParamType):
 
 
 SIZE = SizeType()
+ENFORCE_MODES = ("off", "audit")
 
 
 def fail(message: str) -> None:
@@ -130,13 +131,27 @@ def replay(events: str, output: str, threshold: float | None, state_path: str | 
               help="With an https fleet URL: CA certificate that signed serve's certificate.")
 @click.option("--fleet-model-interval", type=DURATION, default="5m", show_default=True,
               help="With --fleet: how often to fetch the fleet model.")
+@click.option("--enforce", "enforce_mode", type=click.Choice(ENFORCE_MODES), default="off",
+              show_default=True,
+              help="Apply --policy: audit reports the calls it would deny, touching nothing.")
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False),
+              help="With --enforce: the policy file (imdswatch policy generate).")
 def run(config_path: str | None, state_path: str | None, probe: str | None,
         metrics_address: str | None, output: str, learning_period: float | None,
         threshold: float | None, fleet_url: str | None, spool_dir: str | None,
         spool_max_size: int, fleet_token_file: str | None, fleet_ca: str | None,
-        fleet_model_interval: float) -> None:
+        fleet_model_interval: float, enforce_mode: str, policy_path: str | None) -> None:
     """Trace metadata connections live with BPF and score them as they happen."""
-    from imdswatch.agent import run_agent
+    from imdswatch.agent import EnforceOptions, run_agent
+
+    enforce = None
+    if enforce_mode != "off":
+        if not policy_path:
+            fail(f"--enforce {enforce_mode} needs --policy FILE (imdswatch policy generate "
+                 "writes one)")
+        enforce = EnforceOptions(enforce_mode, policy_path)
+    elif policy_path:
+        fail("--policy goes with --enforce audit (report only) or --enforce deny")
 
     fleet = None
     if fleet_url:
@@ -154,7 +169,8 @@ def run(config_path: str | None, state_path: str | None, probe: str | None,
     if "max_entities" not in cfg.scoring_keys:
         cfg.scorer.max_entities = AGENT_MAX_ENTITIES
     sys.exit(run_agent(cfg, state_path=state_path, probe=probe, metrics_address=metrics_address,
-                       output=output, learning_period=learning_period, fleet=fleet))
+                       output=output, learning_period=learning_period, fleet=fleet,
+                       enforce=enforce))
 
 
 @main.command()
