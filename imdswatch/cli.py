@@ -254,14 +254,17 @@ def serve(listen: str, state_path: str, config_path: str | None, metrics_address
 
 
 @main.command()
-def doctor() -> None:
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML config: the checks use its agent.cgroup_root, as the agent would.")
+def doctor(config_path: str | None) -> None:
     """Check this machine for live tracing and say how to fix what is missing."""
     from imdswatch.libout import capture_fd2
     from tracer.doctor import run_doctor
 
+    cfg = _config(config_path)
     # The checks load probes: BCC's own fd-2 lines are summarised, not interleaved.
     with capture_fd2() as library_lines:
-        status = run_doctor()
+        status = run_doctor(cfg.agent.cgroup_root)
     line = library_lines.summary("these checks")
     if line:
         click.echo(f"note: {line}")

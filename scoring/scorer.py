@@ -352,24 +352,30 @@ class Scorer:
                 if s < QUIET_SCORE:
                     s = 0.0
             scores[det.name] = s
-            margin = s - self._thresholds[i]
+            # A score of 0 reaches no threshold, not even 0 (what `--threshold 0` asks:
+            # every score shown, not every event an anomaly of every detector).
+            margin = s - self._thresholds[i] if s > 0 else -1e9
             # rare_combination (last) fires on any new combination, so it names the alert
             # only when no specific detector reaches its threshold: "curl run by www-data"
             # says more than "a new combination".
             if margin > best_margin and not (best_margin >= 0 and det.name == GENERIC):
                 best_i, best_margin, best_ref = i, margin, (c, e)
 
-        if best_i != _DECISIVE and scores.get(DECISIVE, 0.0) >= self._thresholds[_DECISIVE]:
+        # Only a detector that scored the event (a key of `scores`) and scored above 0 can
+        # name it: a threshold of 0 is reached by every score, including "did not judge".
+        decisive = scores.get(DECISIVE, 0.0)
+        if (best_i != _DECISIVE and decisive > 0
+                and decisive >= self._thresholds[_DECISIVE]):
             # The executable changed after connecting: the other detectors judge an
             # identity (/proc's executable, parent, command line) this shows to be false.
             best_i = _DECISIVE
-            best_margin = scores[DECISIVE] - self._thresholds[_DECISIVE]
+            best_margin = decisive - self._thresholds[_DECISIVE]
             best_ref = tables[best_i].lookup(DETECTORS[best_i].context(event),
                                              DETECTORS[best_i].value(event))
         if learning and best_margin >= 0 and not DETECTORS[best_i].history_free:
             # Only what needs no history may alert while learning: let it name the event.
             free = [(scores[d.name] - self._thresholds[j], j) for j, d in enumerate(DETECTORS)
-                    if d.history_free and d.name in scores]
+                    if d.history_free and scores.get(d.name, 0.0) > 0]
             if free and max(free)[0] >= 0:
                 best_margin, best_i = max(free)
                 best_ref = tables[best_i].lookup(DETECTORS[best_i].context(event),

@@ -160,3 +160,23 @@ def test_unreadable_tracefs_is_not_called_unmounted(tmp_path):
     out = _unprivileged_doctor("installed", tmp_path).stdout
     assert "tracefs: mounted at" in out and "not readable by uid 65534" in out, out
     assert "not mounted" not in out
+
+
+def test_doctor_takes_the_config_whose_cgroup_root_its_fix_names(tmp_path):
+    """The cgroup v2 check's fix says to set `agent.cgroup_root`: doctor reads that config,
+    so the check it prints is the one the agent would pass or fail."""
+    imdswatch = ROOT / ".venv" / "bin" / "imdswatch"
+    not_cgroup = tmp_path / "not-a-cgroup"
+    not_cgroup.mkdir()
+    cfg = tmp_path / "imdswatch.toml"
+    cfg.write_text(f'[agent]\ncgroup_root = "{not_cgroup}"\n')
+    r = subprocess.run([imdswatch, "doctor", "--config", cfg], capture_output=True, text=True,
+                       timeout=600)
+    assert "Traceback" not in r.stderr
+    assert f"] cgroup v2: {not_cgroup} is not a cgroup v2 directory" in r.stdout, \
+        r.stdout + r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[agent]\ncgroup_rot = 1\n")
+    r = subprocess.run([imdswatch, "doctor", "--config", bad], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "cgroup_rot" in r.stderr and "Traceback" not in r.stderr

@@ -334,7 +334,7 @@ def preflight(probe: str, cgroup_root: str | None = None) -> list[str]:
     return []
 
 
-def _auto_choice() -> tuple[str | None, str]:
+def _auto_choice(cgroup_root: str | None = None) -> tuple[str | None, str]:
     """Attach for real, then detach: the only sure answer to what auto picks. Compiled as
     the agent compiles it, with the kernel-side identity where BTF allows."""
     try:
@@ -342,24 +342,26 @@ def _auto_choice() -> tuple[str | None, str]:
     except btf.BTFError:
         offsets = None
     try:
-        b, mode = probes.open_mode("auto", ringbuf=kernel.ringbuf_supported(), offsets=offsets)
+        b, mode = probes.open_mode("auto", cgroup_root=cgroup_root,
+                                   ringbuf=kernel.ringbuf_supported(), offsets=offsets)
     except probes.ProbeError as exc:
         return None, str(exc)
     probes.release(b)
     return mode, "attached and detached for this check"
 
 
-def run_doctor() -> int:
+def run_doctor(cgroup_root: str | None = None) -> int:
     """Print every check with its fix and the probe auto would pick. 0 when a probe can
-    attach, 1 otherwise."""
-    results = checks(try_load=True)
+    attach, 1 otherwise. `cgroup_root`: the config's `agent.cgroup_root`, which the agent
+    would attach under (what the cgroup v2 check's fix asks to set)."""
+    results = checks(try_load=True, cgroup_root=cgroup_root)
     for c in results:
         print(f"[{c.status}] {c.name}: {c.detail}")
         if not c.ok and c.fix:
             print(f"       fix: {c.fix}")
     mode = predicted_mode(results)
     if mode is not None and os.geteuid() == 0:
-        mode, how = _auto_choice()
+        mode, how = _auto_choice(cgroup_root)
         print(f"probe: auto picks {mode} ({how})" if mode else f"probe: none attaches: {how}")
     elif mode is not None:
         print(f"probe: auto would pick {mode} (from the checks above)")
