@@ -95,7 +95,10 @@ def build_alert(outcome: Outcome, scored_by: str = "agent") -> dict:
         anomaly["scores"] = {k: round(float(v), 1) for k, v in scores.items()}
     alert["anomaly"] = anomaly
     alert.update(copy_allowed(doc, ALLOWED_FIELDS))
+    filled = _copy_filled(alert, event, doc)
     own: dict[str, Any] = {"scored_by": scored_by}
+    if filled:
+        own["identity"] = {"filled": filled}
     own["endpoint"] = outcome.endpoint.id
     if event.exe_mismatch:
         # The kernel's executable at connect time against /proc's (the caller's
@@ -108,6 +111,47 @@ def build_alert(outcome: Outcome, scored_by: str = "agent") -> dict:
     alert["imdswatch"] = own
     _copy_request(alert, event, outcome.request_class)
     return alert
+
+
+# The caller's fields an Event can hold that its document lacks: filled by the join of an
+# export's process events (intake.join) before scoring. (ECS path, Event attribute, kind.)
+_FILLABLE = (
+    (("process", "executable"), "exe", "plain"),
+    (("process", "command_line"), "command_line", "text"),
+    (("process", "parent", "name"), "parent_name", "plain"),
+    (("process", "parent", "pid"), "ppid", "plain"),
+    (("process", "parent", "executable"), "parent_exe", "plain"),
+    (("container", "id"), "container_id", "plain"),
+    (("container", "image", "name"), "image", "plain"),
+    (("orchestrator", "namespace"), "namespace", "plain"),
+    (("orchestrator", "resource", "name"), "pod", "plain"),
+)
+
+
+def _lacks(doc: Any, path: tuple[str, ...]) -> bool:
+    for key in path:
+        if not isinstance(doc, dict) or doc.get(key) in (None, "", []):
+            return True
+        doc = doc[key]
+    return False
+
+
+def _copy_filled(alert: dict, event: Event, doc: dict) -> list[str]:
+    """Show in the alert the identity the scorer judged but the document lacked (the
+    join's fills); returns their ECS names, which the alert lists."""
+    filled = []
+    for path, slot, kind in _FILLABLE:
+        v = getattr(event, slot)
+        if v is None or not _lacks(doc, path):
+            continue
+        if path == ("process", "command_line") and not _lacks(doc, ("process", "title")):
+            continue  # the parser read the proctitle: the document has it
+        node = alert
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = redact(v) if kind == "text" else v
+        filled.append(".".join(path))
+    return filled
 
 
 def _copy_request(alert: dict, event: Event, request_class: str | None) -> None:

@@ -130,9 +130,15 @@ class _KernelProcess(Struct, gc=False):
     proc_executable: Text = None
 
 
+class _Identity(Struct, gc=False):
+    # The caller's fields the agent could not establish (contract section 6).
+    missing: Tags = None
+
+
 class _Imdswatch(Struct, gc=False):
     request: _Request | None = None
     process: _KernelProcess | None = None
+    identity: _Identity | None = None
 
 
 class _Hits(Struct, gc=False):

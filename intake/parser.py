@@ -13,6 +13,9 @@ Rules beyond the schema's types:
 - Only connection starts and HTTP requests are calls (`is_call`): connection ends and
   inbound connections in an export are counted and skipped, never scored twice.
 - Strings longer than `MAX_FIELD_CHARS` are cut to it, so no field can grow the model.
+- A field `imdswatch.identity.missing` lists (contract section 6) is absent whatever the
+  document holds in its place: the agent says it could not establish it, so a placeholder
+  never becomes a value the model judges.
 """
 
 from __future__ import annotations
@@ -272,6 +275,9 @@ def read_doc(
         mismatch, kernel_exe, proc_exe,
         doc, raw,
     )
+    ident = d.imdswatch.identity if d.imdswatch is not None else None
+    if ident is not None and ident.missing:
+        forget_missing(ev, ident.missing)
     # Only a line longer than the cap can hold a field longer than it.
     if raw is None or len(raw) > MAX_FIELD_CHARS:
         for slot in _STRING_SLOTS:
@@ -279,6 +285,23 @@ def read_doc(
             if v is not None and len(v) > MAX_FIELD_CHARS:
                 setattr(ev, slot, v[:MAX_FIELD_CHARS])
     return ev, endpoint
+
+
+# The Event's attribute for each identity field the contract lets the agent declare missing.
+MISSING_SLOTS = {
+    "process.executable": "exe", "process.command_line": "command_line",
+    "process.parent.name": "parent_name", "process.parent.pid": "ppid",
+    "process.parent.executable": "parent_exe", "user.name": "user", "user.id": "uid",
+}
+
+
+def forget_missing(ev: Event, missing: list[str] | str) -> None:
+    """Make absent the fields `missing` names; names it does not know are ignored."""
+    names = [missing] if isinstance(missing, str) else missing
+    for name in names:
+        slot = MISSING_SLOTS.get(name) if isinstance(name, str) else None
+        if slot is not None:
+            setattr(ev, slot, None)
 
 
 # -- other forms of the same document -----------------------------------------------------------

@@ -104,10 +104,66 @@ class Detector:
     # True: suspicious on its own, so it may alert with no history at all, during the
     # learning period too (no blind first day).
     history_free: bool = False
+    # True: it judges the caller's whole identity (executable and parent among it). An
+    # event lacking part of it is judged at a coarser level (`key_at`), which every more
+    # complete event also teaches: a missing field is unknown, never a new value.
+    coarsens: bool = False
 
     def describe(self, event: Event, r: Rarity, others: list[tuple[Hashable, float]],
                  history: float, hosts: int) -> str:
         return _DESCRIBE[self.name](event, r, others, _span(history, hosts))
+
+    def key_at(self, e: Event, level: int) -> tuple[Hashable, Hashable]:
+        """(context, value) of `e` at identity `level` (COMPLETE: its own). The coarser
+        levels of rare_combination have contexts of their own, so their counts never mix
+        with the complete combinations' (whose context is the whole fleet)."""
+        if level == COMPLETE:
+            return self.context(e), self.value(e)
+        c = coarsened(e, level)
+        if self.name == "rare_combination":
+            return _LEVEL_CONTEXTS[level], self.value(c)
+        return self.context(c), self.value(c)
+
+
+# -- identity the event may lack ----------------------------------------------------------------
+
+# The levels of identity an event can have (contract section 6: a field the agent could
+# not establish is absent). COMPLETE: executable, parent and user known. WITHOUT_EXE_PARENT:
+# the executable or the parent is missing (the short-lived caller's usual loss), judged as
+# name, user and container. WITHOUT_USER: the user is missing too, judged as name and
+# container.
+COMPLETE, WITHOUT_EXE_PARENT, WITHOUT_USER = 0, 1, 2
+_LEVEL_CONTEXTS = ("", "identity without executable and parent",
+                   "identity without executable, parent and user")
+
+
+def identity_level(e: Event) -> int:
+    if e.user is None and not e.uid:
+        return WITHOUT_USER
+    if e.exe is None or e.parent_name is None:
+        return WITHOUT_EXE_PARENT
+    return COMPLETE
+
+
+def identity_gaps(e: Event) -> list[str]:
+    """The judged identity fields the event lacks, as a reason names them."""
+    gaps = []
+    if e.exe is None:
+        gaps.append("executable")
+    if e.parent_name is None:
+        gaps.append("parent")
+    if e.user is None and not e.uid:
+        gaps.append("user")
+    return gaps
+
+
+def coarsened(e: Event, level: int) -> Event:
+    """`e` as a coarser level knows it: the fields that level does not judge dropped."""
+    return Event(e.ts, e.dst_ip, e.name, e.dst_port, None, None, None, None, None, None,
+                 e.user if level < WITHOUT_USER else None,
+                 e.uid if level < WITHOUT_USER else None,
+                 e.host, e.container_id, e.image, e.namespace, e.pod, e.cloud, None,
+                 e.action, e.method, e.path, e.query, e.user_agent, e.guarded)
 
 
 def _span(history: float, hosts: int) -> str:
@@ -448,23 +504,24 @@ DETECTORS: tuple[Detector, ...] = (
         "rare_combination",
         "Metadata Service Called by an Unusual Combination of Process, User, Parent and Container",
         lambda e: None, _combination_value, True, others_from="rare_process_user",
+        coarsens=True,
     ),
     # The request detectors never trust a known caller's identity: SSRF goes through
     # exactly the processes that call every day. Their rule names say what was asked.
     Detector(
         "rare_request_class",
         "Metadata Service Asked by a Process for a Kind of Data It Does Not Ask For",
-        _caller, _class_value, False, probability=_class_probability,
+        _caller, _class_value, False, probability=_class_probability, coarsens=True,
     ),
     Detector(
         "unguarded_request",
         "Metadata Request Without the Anti-SSRF Header the Process Always Sends",
-        _caller_class, _guard_value, False, judges=_unguarded,
+        _caller_class, _guard_value, False, judges=_unguarded, coarsens=True,
     ),
     Detector(
         "new_user_agent",
         "Metadata Service Called With a User Agent New for the Process",
-        _caller, _user_agent_value, False,
+        _caller, _user_agent_value, False, coarsens=True,
     ),
     # A fixed rule, not a rarity: it fires with no history (a fresh node, the learning
     # period) and only a caller's own unguarded requests of the class silence it. Known
@@ -473,7 +530,7 @@ DETECTORS: tuple[Detector, ...] = (
         "unguarded_credential_request",
         "Credentials Requested From the Metadata Service Without the Anti-SSRF Header",
         _caller_class, _sensitive_guard_value, True, judges=_unguarded,
-        probability=_never_unguarded, history_free=True,
+        probability=_never_unguarded, history_free=True, coarsens=True,
     ),
 )
 

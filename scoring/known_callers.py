@@ -124,6 +124,10 @@ class KnownCallerCatalog:
             self._by_comm.setdefault(comm(c.name), []).append(c)
         self._memo: dict[tuple, KnownCaller | None] = {}
 
+    def knows_name(self, name: str) -> bool:
+        """True when some entry has this name (whatever its executable)."""
+        return comm(name) in self._by_comm
+
     def lookup_event(self, event: Event) -> KnownCaller | None:
         """The entry vouching for the event's caller; a container id or an image puts the
         caller in a container."""

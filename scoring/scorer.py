@@ -14,9 +14,13 @@ from typing import cast
 
 from scoring.allowlist import ExceptionRule, first_match
 from scoring.detectors import (
+    COMPLETE,
     DETECTOR_NAMES,
     DETECTORS,
+    WITHOUT_USER,
     Detector,
+    identity_gaps,
+    identity_level,
     probability_for_score,
     request_class,
     score_from_surprise,
@@ -155,15 +159,18 @@ class _Caller:
     parent, image, namespace, host): its detectors' keys, where their counts live, and
     whether it is common. Valid while the model's generation is `gen`."""
 
-    __slots__ = ("host", "known", "keys", "nodes", "gen", "quiet_until", "quiet_for",
-                 "pending", "dirty", "day", "last_ts", "request_class")
+    __slots__ = ("host", "known", "keys", "scored", "nodes", "gen", "quiet_until",
+                 "quiet_for", "pending", "dirty", "day", "last_ts", "request_class")
 
     def __init__(self, host: Host, known: bool, keys: tuple, gen: int,
-                 request_class: str | None) -> None:
+                 request_class: str | None, scored: int) -> None:
         self.host = host
         self.known = known
         self.request_class = request_class  # a function of the signature
         self.keys = keys  # ((detector index, context, value), ...)
+        # The first `scored` keys are scored and learned; the rest are only learned (the
+        # coarser identity levels a complete event teaches, for events lacking a field).
+        self.scored = scored
         # Where the keys' counts live once learned: context, entry, context, entry, ... in
         # the keys' order (None before). One flat tuple rather than a list of pairs: a
         # flood of new names fills the memo, and the pairs would cost more per caller.
@@ -303,17 +310,39 @@ class Scorer:
         if host is None:
             host = self.hosts[name] = Host(name, ts)
         keys = []
+        taught = []
+        level = identity_level(event)
+        # Without its executable a caller named like a known agent may be that agent: what
+        # needs the catalog's word to stay quiet without history cannot judge it.
+        undecided = event.exe is None and self.known_callers.knows_name(event.name)
         for i, det in enumerate(DETECTORS):
-            value = det.value(event)
-            if value is not None:
-                keys.append((i, det.context(event), value))
+            if not det.coarsens:
+                value = det.value(event)
+                if value is not None:
+                    keys.append((i, det.context(event), value))
+                continue
+            # Judged at the event's own level of identity; every coarser level learns it.
+            for lv in range(level, WITHOUT_USER + 1):
+                ctx, value = det.key_at(event, lv)
+                if value is None:
+                    continue
+                if lv == level and not (undecided and det.history_free
+                                        and det.vouched_by_known_caller):
+                    keys.append((i, ctx, value))
+                else:
+                    taught.append((i, ctx, value))
         known = self.known_callers.lookup_event(event) is not None
         if len(self._callers) >= self._caller_limit:
             self._flush()
             self._callers.clear()
-        caller = self._callers[sig] = _Caller(host, known, tuple(keys), self._gen,
-                                              request_class(event))
+        caller = self._callers[sig] = _Caller(host, known, (*keys, *taught), self._gen,
+                                              request_class(event), len(keys))
         return caller
+
+    def _key(self, i: int, event: Event) -> tuple[Hashable, Hashable]:
+        """(context, value) detector `i` judges `event` at (as `_caller` keyed it)."""
+        det = DETECTORS[i]
+        return det.key_at(event, identity_level(event) if det.coarsens else COMPLETE)
 
     def _score(self, event: Event, endpoint: Endpoint, caller: _Caller, w: float,
                ts: float) -> Outcome:
@@ -330,7 +359,10 @@ class Scorer:
         nodes = caller.nodes
         c: Context | None
         e: Entry | None
+        scored = caller.scored
         for k, (i, ctx, value) in enumerate(caller.keys):
+            if k >= scored:
+                break
             det = DETECTORS[i]
             if det.judges is not None and not det.judges(event):
                 continue  # learned, not scored
@@ -370,16 +402,14 @@ class Scorer:
             # identity (/proc's executable, parent, command line) this shows to be false.
             best_i = _DECISIVE
             best_margin = decisive - self._thresholds[_DECISIVE]
-            best_ref = tables[best_i].lookup(DETECTORS[best_i].context(event),
-                                             DETECTORS[best_i].value(event))
+            best_ref = tables[best_i].lookup(*self._key(best_i, event))
         if learning and best_margin >= 0 and not DETECTORS[best_i].history_free:
             # Only what needs no history may alert while learning: let it name the event.
             free = [(scores[d.name] - self._thresholds[j], j) for j, d in enumerate(DETECTORS)
                     if d.history_free and scores.get(d.name, 0.0) > 0]
             if free and max(free)[0] >= 0:
                 best_margin, best_i = max(free)
-                best_ref = tables[best_i].lookup(DETECTORS[best_i].context(event),
-                                                 DETECTORS[best_i].value(event))
+                best_ref = tables[best_i].lookup(*self._key(best_i, event))
         if best_i >= 0 and scores[DETECTORS[best_i].name] > 0:
             det = DETECTORS[best_i]
             out.score = scores[det.name]
@@ -559,7 +589,7 @@ class Scorer:
         det = DETECTORS[i]
         table = self.tables[i]
         event = out.event
-        ctx, value = det.context(event), det.value(event)
+        ctx, value = self._key(i, event)
         if det.others_from is None:
             others = table.top_values(ctx, w)
         else:
@@ -568,6 +598,12 @@ class Scorer:
         history = (self.last_ts or 0.0) - (self.first_ts or 0.0)
         out.entity = entity_text(det, ctx, value)
         out.reason = det.describe(event, rarity, others, history, len(self.hosts))
+        gaps = identity_gaps(event)
+        if gaps:
+            # Say what the verdict could not use: a missing field was not judged new.
+            what = " and ".join((", ".join(gaps[:-1]), gaps[-1])) if len(gaps) > 1 else gaps[0]
+            them = "them" if len(gaps) > 1 else "it"
+            out.reason += f" ({what} unknown: judged without {them})"
 
     def _decide(self, out: Outcome, i: int, learning: bool) -> None:
         det = DETECTORS[i]
@@ -602,7 +638,7 @@ class Scorer:
         bursts never fold reaches its threshold (a new user, a credential request without
         the header): a flood of new names must not hide the attack that follows it."""
         best_j, best_margin = -1, -1e9
-        for j, _ctx, _value in caller.keys:
+        for j, _ctx, _value in caller.keys[:caller.scored]:
             det = DETECTORS[j]
             s = out.scores.get(det.name)
             if (s is None or s <= 0 or det.name in BURST_DETECTORS
@@ -620,7 +656,7 @@ class Scorer:
         out.score = out.scores[det.name]
         out.detector = det.name
         out.rule_name = det.rule_name
-        c, e = self.tables[best_j].lookup(det.context(out.event), det.value(out.event))
+        c, e = self.tables[best_j].lookup(*self._key(best_j, out.event))
         rarity = assess(self.clock, c, e, w, ts)
         out.novel = rarity.new
         self._explain(out, best_j, w, rarity)
