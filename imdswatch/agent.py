@@ -29,9 +29,10 @@ from exporters.metrics import MetricsExporter
 from fleet.sink import FleetOptions, FleetSink
 from imdswatch import libout, lograte, status
 from imdswatch.config import AgentSettings, Config
+from imdswatch.enforcement import DenyController
 from imdswatch.status import AgentStats
 from intake.parser import MalformedEvent, event_from_ecs
-from policy.gate import PolicyGate, action_of, build_policy_alert
+from policy.gate import WOULD_DENY, PolicyGate, build_policy_alert
 from policy.metrics import PolicyMetrics
 from policy.toml_file import PolicyError, load_policy
 from scoring.scorer import Scorer
@@ -126,11 +127,15 @@ def _fail(message: str) -> int:
 
 
 class EnforceOptions:
-    """`--enforce MODE --policy FILE`."""
+    """`--enforce MODE --policy FILE` and, for deny, where and how."""
 
-    def __init__(self, mode: str, policy_path: str) -> None:
+    def __init__(self, mode: str, policy_path: str, cgroup: str | None = None,
+                 off_file: str = "/run/imdswatch/enforce-off", max_callers: int = 20) -> None:
         self.mode = mode
         self.policy_path = policy_path
+        self.cgroup = cgroup
+        self.off_file = off_file
+        self.max_callers = max_callers
 
 
 class Agent:
@@ -150,6 +155,7 @@ class Agent:
         self.enforce = enforce
         self.gate: PolicyGate | None = None
         self.policy_metrics: PolicyMetrics | None = None
+        self.deny: DenyController | None = None
         self.fleet_options = fleet
         self.fleet: FleetSink | None = None
         self.state_path = state_path
@@ -251,6 +257,7 @@ class Agent:
                 f"no probe could attach: {failure}; run `imdswatch doctor` for the fixes")
         self.attached = True
         self.mode = mode
+        self._start_deny()
         release_freed_memory()
         fallback = cfg.agent.probe == "auto" and mode != AUTO_ORDER[0]
         self.metrics.set_probe(mode, fallback)
@@ -270,10 +277,11 @@ class Agent:
             pol = load_policy(self.enforce.policy_path, self.config.catalog)
         except PolicyError as exc:
             raise RuntimeError(str(exc)) from None
-        self.gate = PolicyGate(pol, self.config.catalog, self.enforce.mode)
+        # Deny mode starts as audit: the kernel side arms later (DenyController.tick).
+        self.gate = PolicyGate(pol, self.config.catalog, "audit")
         self.policy_metrics = PolicyMetrics(self.metrics.registry)
         self.policy_metrics.set_policy(len(pol.rules))
-        self.policy_metrics.set_mode(self.enforce.mode, self.enforce.mode)
+        self.policy_metrics.set_mode("audit", self.enforce.mode)
         log.info("enforcement %s: policy %s, %d rules, default %s", self.enforce.mode,
                  self.enforce.policy_path, len(pol.rules), pol.default)
 
@@ -288,6 +296,8 @@ class Agent:
             log.error("policy reload failed, keeping the current policy: %s", exc)
             return
         self.gate.policy = pol  # one assignment: every call sees the old or the new policy
+        if self.deny is not None:
+            self.deny.set_policy(pol)
         self.policy_metrics.set_policy(len(pol.rules))
         log.info("policy reloaded from %s: %d rules, default %s", self.enforce.policy_path,
                  len(pol.rules), pol.default)
@@ -301,19 +311,40 @@ class Agent:
         verdict = gate.judge(event)
         if verdict is None:
             return
-        action = action_of(verdict, gate.mode)
+        if verdict.action != "request_denied" and gate.mode == "deny":
+            return  # the kernel refused this connect and reports it (DenyController)
+        # User space refuses nothing: requests are not refused in the kernel (yet).
+        action = WOULD_DENY
         pm.decided(action, verdict.decision.rule, verdict.endpoint.id, verdict.request_class)
         folded = gate.admit_line(event, verdict)
         if folded is None or self.output_error is not None or self.writer is None:
             return
+        self._write_line(build_policy_alert(event, verdict, action, gate.mode, folded))
+
+    def _write_line(self, doc: dict) -> None:
+        if self.output_error is not None or self.writer is None:
+            return
         try:
-            self.writer.write_document(build_policy_alert(event, verdict, action, gate.mode,
-                                                          folded))
+            self.writer.write_document(doc)
         except OSError as exc:
             name = "standard output" if self.output == "-" else str(self.output)
             self.output_error = f"{name}: cannot write alerts ({exc.strerror or exc})"
             log.error("%s: stopping", self.output_error)
             self.stop.set()
+
+    def _start_deny(self) -> None:
+        """`--enforce deny`: the kernel side, linked disarmed once the tracer runs."""
+        e = self.enforce
+        if e is None or e.mode != "deny" or self.gate is None or self.policy_metrics is None:
+            return
+        assert e.cgroup is not None
+        self.deny = DenyController(
+            self.gate, self.policy_metrics, e.cgroup, e.off_file, e.max_callers,
+            self._write_line, self._learning, self.config.agent.passwd or "/etc/passwd")
+        self.deny.start()
+
+    def _learning(self) -> bool:
+        return self.scorer.learning and self.config.scorer.learning_period > 0
 
     def _alive(self) -> bool:
         return time.monotonic() - self._last_loop < LIVE_STALL_S
@@ -383,6 +414,8 @@ class Agent:
         next_save = time.monotonic() + interval if self.state_path and interval > 0 else None
         while not self.stop.is_set():
             self.tracer.poll(POLL_MS, self.handle)
+            if self.deny is not None:
+                self.deny.tick()  # break glass and the kernel's denials, every turn
             now = time.monotonic()
             self._last_loop = now
             if self.reload_requested:
@@ -481,6 +514,9 @@ class Agent:
 
     def shutdown(self) -> None:
         """Detach, score what is already buffered, save state, close outputs."""
+        if self.deny is not None:
+            self.deny.close()  # first: nothing denies from here on
+            self.deny = None
         if self.tracer is not None:
             try:
                 # Bounded: a flood still going on must not delay the exit.

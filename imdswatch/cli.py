@@ -55,7 +55,8 @@ class SizeType(click.ParamType):
 
 
 SIZE = SizeType()
-ENFORCE_MODES = ("off", "audit")
+ENFORCE_MODES = ("off", "audit", "deny")
+OFF_FILE = "/run/imdswatch/enforce-off"
 
 
 def fail(message: str) -> None:
@@ -133,14 +134,25 @@ def replay(events: str, output: str, threshold: float | None, state_path: str | 
               help="With --fleet: how often to fetch the fleet model.")
 @click.option("--enforce", "enforce_mode", type=click.Choice(ENFORCE_MODES), default="off",
               show_default=True,
-              help="Apply --policy: audit reports the calls it would deny, touching nothing.")
+              help="Apply --policy: audit reports the calls it would deny, touching nothing; "
+                   "deny refuses them in the kernel (in --enforce-cgroup).")
 @click.option("--policy", "policy_path", type=click.Path(dir_okay=False),
               help="With --enforce: the policy file (imdswatch policy generate).")
+@click.option("--enforce-cgroup", type=click.Path(file_okay=False),
+              help="With --enforce deny: the cgroup v2 directory whose processes are "
+                   "enforced (never the root).")
+@click.option("--enforce-off-file", default=OFF_FILE, show_default=True,
+              help="With --enforce deny: while this file exists nothing is denied "
+                   "(imdswatch enforce off creates it).")
+@click.option("--enforce-max-callers", type=click.IntRange(1), default=20, show_default=True,
+              help="With --enforce deny: more distinct callers denied within a minute "
+                   "disarm the node back to audit.")
 def run(config_path: str | None, state_path: str | None, probe: str | None,
         metrics_address: str | None, output: str, learning_period: float | None,
         threshold: float | None, fleet_url: str | None, spool_dir: str | None,
         spool_max_size: int, fleet_token_file: str | None, fleet_ca: str | None,
-        fleet_model_interval: float, enforce_mode: str, policy_path: str | None) -> None:
+        fleet_model_interval: float, enforce_mode: str, policy_path: str | None,
+        enforce_cgroup: str | None, enforce_off_file: str, enforce_max_callers: int) -> None:
     """Trace metadata connections live with BPF and score them as they happen."""
     from imdswatch.agent import EnforceOptions, run_agent
 
@@ -149,7 +161,18 @@ def run(config_path: str | None, state_path: str | None, probe: str | None,
         if not policy_path:
             fail(f"--enforce {enforce_mode} needs --policy FILE (imdswatch policy generate "
                  "writes one)")
-        enforce = EnforceOptions(enforce_mode, policy_path)
+        if enforce_mode == "deny" and not enforce_cgroup:
+            fail("--enforce deny needs --enforce-cgroup DIR: the cgroup whose processes "
+                 "are enforced (e.g. /sys/fs/cgroup/kubepods.slice), never the root")
+        if enforce_cgroup:
+            from tracer.enforcer import EnforceError, check_cgroup
+
+            try:
+                check_cgroup(enforce_cgroup)
+            except EnforceError as exc:
+                fail(str(exc))
+        enforce = EnforceOptions(enforce_mode, policy_path, enforce_cgroup, enforce_off_file,
+                                 enforce_max_callers)
     elif policy_path:
         fail("--policy goes with --enforce audit (report only) or --enforce deny")
 
@@ -365,6 +388,44 @@ def endpoints(config_path: str | None) -> None:
     for e in cfg.catalog:
         ports = ",".join(str(p) for p in sorted(e.ports)) or "any"
         click.echo(f"{e.id:26} {e.address:22} ports {ports:10} {e.provider}")
+
+
+@main.group()
+def enforce() -> None:
+    """Break glass: turn denial off (or back on) on this node."""
+
+
+@enforce.command("off")
+@click.option("--enforce-off-file", "off_file", default=OFF_FILE, show_default=True,
+              help="The file the agent's --enforce-off-file names.")
+def enforce_off(off_file: str) -> None:
+    """Nothing is denied on this node from within a second, until `imdswatch enforce on`."""
+    import os
+
+    try:
+        os.makedirs(os.path.dirname(off_file) or ".", exist_ok=True)
+        with open(off_file, "a", encoding="utf-8") as f:
+            f.write("enforcement off (imdswatch enforce off)\n")
+    except OSError as exc:
+        fail(f"{off_file}: cannot create ({exc.strerror}): run as root")
+    click.echo(f"enforcement off: {off_file} exists; the agent denies nothing within a second "
+               "(imdswatch enforce on to resume)")
+
+
+@enforce.command("on")
+@click.option("--enforce-off-file", "off_file", default=OFF_FILE, show_default=True,
+              help="The file the agent's --enforce-off-file names.")
+def enforce_on(off_file: str) -> None:
+    """Remove the break-glass file: the agent arms again (unless disarmed for another reason)."""
+    import os
+
+    try:
+        os.unlink(off_file)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        fail(f"{off_file}: cannot remove ({exc.strerror}): run as root")
+    click.echo(f"enforcement on: {off_file} removed")
 
 
 def _register() -> None:

@@ -12,6 +12,9 @@ catalog, classes from `scoring.endpoints.REQUEST_CLASSES`.
 - `imdswatch_policy_rules` - rules of the policy in force
 - `imdswatch_policy_loaded_timestamp_seconds` - when it was (re)loaded
 - `imdswatch_policy_reload_failures_total` - policy files refused (the previous one stays)
+- `imdswatch_enforcement_break_glass` - 1 while the break-glass file exists
+- `imdswatch_enforcement_disarmed` - 1 after denials spread past the bound (back in audit)
+- `imdswatch_enforcement_failed` - 1 when the kernel side could not load (audit instead)
 """
 
 from __future__ import annotations
@@ -43,6 +46,18 @@ class PolicyMetrics:
         self.reload_failures = Counter(
             "imdswatch_policy_reload_failures",
             "Policy files refused at reload (the previous policy stays in force).",
+            registry=r)
+
+        self.break_glass = Gauge(
+            "imdswatch_enforcement_break_glass",
+            "1 while the break-glass file exists: nothing is denied on this node.", registry=r)
+        self.disarmed = Gauge(
+            "imdswatch_enforcement_disarmed",
+            "1 after denials spread past the configured bound: back in audit until the "
+            "policy is reloaded.", registry=r)
+        self.failed = Gauge(
+            "imdswatch_enforcement_failed",
+            "1 when the kernel side of --enforce deny could not load: audit instead.",
             registry=r)
 
     def set_mode(self, mode: str, requested: str) -> None:

@@ -236,6 +236,18 @@ class CgroupAttachment:
         self.legacy.append((os.dup(prog_fd), attach_type))
         return "legacy"
 
+    def attach_link(self, prog_fd: int, attach_type: int) -> None:
+        """Attach through a BPF link only, never BPF_PROG_ATTACH: for a program that can
+        deny, which must leave with the agent however it exits. Raises CgroupError."""
+        if self.cgroup_fd < 0:
+            raise CgroupError("attachment already closed")
+        ctypes.set_errno(0)
+        fd = _libbpf().bpf_link_create(prog_fd, self.cgroup_fd, attach_type, None)
+        if fd < 0:
+            raise CgroupError(f"cannot link to {self.root}: {_err(fd)} (BPF links need "
+                              "Linux 5.7 or later)")
+        self.links.append(fd)
+
     def detach(self) -> None:
         """Detach every program, keeping the cgroup open (attach again to resume)."""
         links, self.links = self.links, []

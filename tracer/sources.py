@@ -50,12 +50,21 @@ def program_text(mode: str, directory: Path | None = None) -> str:
     """
     if mode not in MODE_FILES:
         raise ValueError(f"unknown probe mode {mode!r}; expected one of {', '.join(MODE_FILES)}")
+    return file_text(MODE_FILES[mode], directory)
+
+
+# The enforcement programs (`run --enforce deny`): not a probe mode, compiled on their own.
+ENFORCE_FILE = "enforce.bpf.c"
+
+
+def file_text(name: str, directory: Path | None = None) -> str:
+    """The source file `name` of the BPF directory with its local includes inlined."""
     d = directory or bpf_dir()
-    path = d / MODE_FILES[mode]
+    path = d / name
     if not path.is_file():
         raise FileNotFoundError(
             f"BPF source {path} not found; set IMDSWATCH_BPF_DIR to the directory holding "
-            f"{MODE_FILES[mode]}"
+            f"{name}"
         )
     return "\n".join(_expand(path, set())) + "\n"
 

@@ -1,0 +1,201 @@
+"""`run --enforce deny`: the kernel enforcer driven by the agent's loop.
+
+Each loop turn (every POLL_MS): the break-glass file is looked at (its existence disarms
+the kernel at once: one map write), the kernel is armed when nothing holds it back
+(break glass, an automatic disarm, the model's learning period, a failed load), and the
+kernel's denials are read and reported: an alert line (`event.action:
+connection_denied`, `event.outcome: failure`, the deciding rule), a metric. When the
+distinct callers denied within a minute pass `max_callers`, the node disarms by itself
+and stays in audit until the policy is reloaded (SIGHUP): a bad policy cannot take a
+node's workloads down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from intake.parser import MalformedEvent, event_from_ecs
+from policy.gate import CONNECTION_DENIED, PolicyGate, Verdict, build_policy_alert
+from policy.kernel_rules import project
+from policy.metrics import PolicyMetrics
+from policy.model import DEFAULT_RULE, DENY, Decision, Policy
+from tracer.enforcer import DeniedConnect, EnforceError, KernelEnforcer
+
+log = logging.getLogger("imdswatch.enforce")
+
+DEFAULT_OFF_FILE = "/run/imdswatch/enforce-off"
+DISARM_WINDOW = 60.0
+
+
+class DenyController:
+    def __init__(self, gate: PolicyGate, metrics: PolicyMetrics, cgroup: str, off_file: str,
+                 max_callers: int, write: Callable[[dict], None],
+                 learning: Callable[[], bool], passwd: str = "/etc/passwd") -> None:
+        self.gate = gate
+        self.metrics = metrics
+        self.cgroup = cgroup
+        self.off_file = off_file
+        self.max_callers = max_callers
+        self.write = write
+        self.learning = learning
+        self.passwd = passwd
+        self.kernel: KernelEnforcer | None = None
+        self.failed: str | None = None
+        self.disarmed = False
+        self.break_glass = False
+        self._recent: deque[tuple[float, tuple]] = deque(maxlen=100_000)
+        self._said_learning = False
+
+    # -- start and policy ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load and link the kernel side, disarmed. On failure the agent stays in audit and
+        says why (log, imdswatch_enforcement_failed)."""
+        try:
+            self.kernel = KernelEnforcer(self.gate.catalog, self.cgroup)
+            self.kernel.start(self._projection(self.gate.policy), self._denied)
+        except (EnforceError, OSError) as exc:
+            self.kernel = None
+            self.failed = str(exc)
+            self.metrics.failed.set(1)
+            log.error("enforcement in the kernel is unavailable, staying in audit: %s", exc)
+        self.tick()
+
+    def _projection(self, policy: Policy):  # noqa: ANN202 - tracer.enforcer.KernelRules
+        p = project(policy, self.passwd)
+        for note in p.notes:
+            log.warning("policy: %s", note)
+        return p.rules
+
+    def set_policy(self, policy: Policy) -> None:
+        """A reloaded policy: the kernel's rules replaced (no moment denies what both allow);
+        an automatic disarm is lifted."""
+        if self.kernel is not None:
+            self.kernel.set_rules(self._projection(policy))
+        if self.disarmed:
+            log.info("policy reloaded: the automatic disarm is lifted")
+        self.disarmed = False
+        self.metrics.disarmed.set(0)
+        self._recent.clear()
+
+    # -- each loop turn -----------------------------------------------------------------
+
+    def mode(self) -> str:
+        if self.break_glass:
+            return "off"
+        if self.kernel is not None and self.kernel.armed:
+            return "deny"
+        return "audit"
+
+    def tick(self) -> None:
+        self.break_glass = os.path.exists(self.off_file)
+        want = (self.kernel is not None and not self.break_glass and not self.disarmed
+                and not self.learning())
+        if self.kernel is not None and want != self.kernel.armed:
+            self.kernel.arm(want)
+            if want:
+                log.info("enforcement armed: the kernel denies per the policy in %s",
+                         self.cgroup)
+            elif self.break_glass:
+                log.warning("break glass: %s exists, nothing is denied on this node",
+                            self.off_file)
+            else:
+                log.warning("enforcement disarmed: audit only")
+        if (self.kernel is not None and not want and self.learning()
+                and not self._said_learning):
+            self._said_learning = True
+            log.warning("the model is learning: enforcement arms once it is done (or start "
+                        "with a warmed --state, or --learning-period 0s)")
+        self.metrics.break_glass.set(1 if self.break_glass else 0)
+        self.metrics.set_mode(self.mode(), "deny")
+        self.gate.mode = "deny" if self.mode() == "deny" else "audit"
+        if self.kernel is not None:
+            self.kernel.poll(0)
+
+    # -- the kernel's denials -----------------------------------------------------------
+
+    def _denied(self, rec: DeniedConnect) -> None:
+        try:
+            self._report(rec)
+        except Exception:  # a report must never stop the loop
+            log.exception("reporting a denied connect failed")
+
+    def _report(self, rec: DeniedConnect) -> None:
+        doc = denied_doc(rec)
+        try:
+            event = event_from_ecs(doc)
+        except MalformedEvent as exc:
+            log.warning("unusable denial record: %s", exc)
+            return
+        endpoint = self.gate.catalog.match(event.dst_ip, event.dst_port)
+        if endpoint is None:
+            return
+        rule = DEFAULT_RULE
+        if rec.rule and rec.rule <= len(self.gate.policy.rules):
+            rule = self.gate.policy.rules[rec.rule - 1].name
+        verdict = Verdict(Decision(DENY, rule), endpoint, None, CONNECTION_DENIED)
+        self.metrics.decided(CONNECTION_DENIED, rule, endpoint.id, None)
+        folded = self.gate.admit_line(event, verdict)
+        if folded is not None:
+            self.write(build_policy_alert(event, verdict, CONNECTION_DENIED, "deny", folded))
+        self._spread((rec.uid, rec.dev, rec.ino, bytes(rec.comm), rec.cgroup_id))
+
+    def _spread(self, caller: tuple) -> None:
+        now = time.monotonic()
+        self._recent.append((now, caller))
+        while self._recent and now - self._recent[0][0] > DISARM_WINDOW:
+            self._recent.popleft()
+        distinct = {c for _, c in self._recent}
+        if len(distinct) > self.max_callers and not self.disarmed:
+            self.disarmed = True
+            self.metrics.disarmed.set(1)
+            if self.kernel is not None:
+                self.kernel.arm(False)
+            log.error("enforcement disarmed: %d distinct callers denied within %.0fs (bound "
+                      "%d); back in audit until the policy is reloaded (SIGHUP)",
+                      len(distinct), DISARM_WINDOW, self.max_callers)
+            self.write({"@timestamp": _now(), "event": {"kind": "alert",
+                                                        "action": "enforcement_disarmed"},
+                        "rule": {"name": "Metadata Enforcement Disarmed: Denials Spread Past "
+                                         "Their Bound"},
+                        "imdswatch": {"policy": {"mode": "audit",
+                                                 "denied_callers": len(distinct)}}})
+            self.tick()
+
+    def close(self) -> None:
+        if self.kernel is not None:
+            self.kernel.close()
+            self.kernel = None
+
+
+def _now() -> str:
+    from exporters.timestamps import rfc3339_millis
+
+    return rfc3339_millis(time.time())
+
+
+def denied_doc(rec: DeniedConnect) -> dict[str, Any]:
+    """The ECS document of a connect the kernel refused: what the kernel read, and the
+    executable from /proc while the process lives."""
+    family = socket.AF_INET if rec.family == 2 else socket.AF_INET6
+    raw = bytes(rec.daddr[:4] if family == socket.AF_INET else rec.daddr)
+    process: dict[str, Any] = {"pid": rec.tgid,
+                               "name": rec.comm.decode(errors="replace") or "?"}
+    try:
+        process["executable"] = os.readlink(f"/proc/{rec.tgid}/exe")
+    except OSError:
+        pass
+    doc: dict[str, Any] = {
+        "@timestamp": _now(),
+        "destination": {"ip": socket.inet_ntop(family, raw), "port": rec.dport},
+        "process": process,
+        "user": {"id": str(rec.uid)},
+        "event": {"action": CONNECTION_DENIED, "outcome": "failure"},
+    }
+    return doc

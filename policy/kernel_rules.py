@@ -1,0 +1,148 @@
+"""The policy projected onto what the kernel can check at connect time: the executable's
+(device, inode) or file name, the process's name, the uid.
+
+The projection is safe by construction: the kernel never denies a connect the policy
+allows. An allow rule's entries may cover more callers than the rule (fields the kernel
+cannot read, image, namespace, endpoints and classes, are dropped, which widens it); a
+deny rule is put in the kernel only when its entries cover exactly its callers (an
+executable that resolves on this host, a user, and nothing else, for every class and
+endpoint); the rest stay audit-only (reported as would-be denials). The kernel applies
+every allow entry before any deny entry, which can only allow more than the policy's
+first-match order.
+
+An executable path is resolved on this host (globs expanded): a rule for host processes
+only (`container = false`) matches that inode and nothing else; otherwise the file name is
+allowed too, since a container's copy of the same program has another inode. A path
+that does not resolve here is allowed by file name (or, for a glob in the file name, by
+the process name, else by user alone).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+
+from policy.model import ALLOW, ANY, Policy, Rule
+from scoring.known_callers import comm
+from tracer.enforcer import ANY_UID, KIND_COMM, KIND_EXE_NAME, KernelRules, kernel_dev
+
+_GLOB = frozenset("*?[")
+MAX_FILES_PER_RULE = 64
+
+
+@dataclass
+class Projection:
+    rules: KernelRules
+    notes: list[str] = field(default_factory=list)  # what the kernel does differently
+
+
+def _uids(path: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split(":")
+                if len(parts) > 2 and parts[2].isdigit():
+                    out.setdefault(parts[0], int(parts[2]))
+    except OSError:
+        pass
+    return out
+
+
+def _uid(rule: Rule, names: dict[str, int]) -> int | None:
+    """The rule's uid, ANY_UID without a user, None when the user is a name unknown here."""
+    if rule.user is None:
+        return ANY_UID
+    u = rule.user[4:] if rule.user.startswith("uid:") else rule.user
+    if u.isdigit():
+        return int(u)
+    return names.get(rule.user)
+
+
+def _files(pattern: str, root: str) -> list[os.stat_result]:
+    path = os.path.join(root, pattern.lstrip("/"))
+    found = glob.glob(path) if _GLOB & set(pattern) else [path]
+    out = []
+    for p in found[:MAX_FILES_PER_RULE]:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if os.path.isfile(p):
+            out.append(st)
+    return out
+
+
+def project(policy: Policy, passwd: str = "/etc/passwd", root: str = "/") -> Projection:
+    names = _uids(passwd)
+    kr = KernelRules(default_deny=policy.default != ALLOW)
+    notes: list[str] = []
+    for number, rule in enumerate(policy.rules, 1):
+        uid = _uid(rule, names)
+        if rule.action == ALLOW:
+            _allow(rule, ANY_UID if uid is None else uid, root, kr, notes)
+            if uid is None:
+                notes.append(f"rule {rule.name}: user {rule.user} is unknown here: allowed "
+                             "for every user in the kernel")
+        else:
+            _deny(rule, number, uid, root, kr, notes)
+    return Projection(kr, notes)
+
+
+def _allow(rule: Rule, uid: int, root: str, kr: KernelRules, notes: list[str]) -> None:
+    if rule.image is not None or rule.namespace is not None:
+        notes.append(f"rule {rule.name}: image and namespace are not checked in the kernel "
+                     "(its allow covers the executable or process wherever it runs)")
+    if rule.executable is not None:
+        files = _files(rule.executable, root)
+        for st in files:
+            kr.allow_exe.add((kernel_dev(st.st_dev), st.st_ino, uid))
+        base = os.path.basename(rule.executable)
+        if not files or rule.container is not False:
+            if base and not _GLOB & set(base):
+                kr.allow_name.add((base, uid, KIND_EXE_NAME))
+                return
+            for st_name in {os.path.basename(p) for p in glob.glob(
+                    os.path.join(root, rule.executable.lstrip("/")))[:MAX_FILES_PER_RULE]}:
+                kr.allow_name.add((st_name, uid, KIND_EXE_NAME))
+            if files:
+                return
+        else:
+            return
+    if rule.process is not None:
+        kr.allow_name.add((comm(rule.process), uid, KIND_COMM))
+        return
+    if uid != ANY_UID:
+        kr.allow_uid.add(uid)
+        return
+    kr.allow_all = True
+    notes.append(f"rule {rule.name}: names no executable, process or user the kernel can "
+                 "check, so the kernel allows every caller (enforcement in the kernel is "
+                 "off while this rule is in the policy)")
+
+
+def _deny(rule: Rule, number: int, uid: int | None, root: str, kr: KernelRules,
+          notes: list[str]) -> None:
+    exact = (rule.all_classes() and ANY in rule.endpoints and uid is not None
+             and rule.process is None and rule.image is None and rule.namespace is None
+             and rule.container is not True)
+    if exact and rule.executable is not None:
+        files = _files(rule.executable, root)
+        # Only a host-only rule is exact by inode; a copy in a container would escape it,
+        # which is fine for a deny (the kernel may deny less than the policy).
+        for st in files:
+            kr.deny_exe[(kernel_dev(st.st_dev), st.st_ino, uid)] = number  # type: ignore[index]
+        if files:
+            return
+    elif exact and uid is not None and uid != ANY_UID:
+        kr.deny_uid[uid] = number
+        return
+    elif exact and rule.executable is None and uid == ANY_UID:
+        kr.default_deny = True  # a deny of everyone for everything: the default, from here on
+        notes.append(f"rule {rule.name}: denies every caller: the kernel denies what no "
+                     "allow rule covers")
+        return
+    notes.append(f"rule {rule.name}: not enforced in the kernel (it names a class, endpoint, "
+                 "process, image or namespace, or an executable not on this host): reported "
+                 "as would_deny only")

@@ -1,0 +1,60 @@
+"""The policy projected onto what the kernel checks (policy.kernel_rules): never denying
+what the policy allows (allow entries may widen, deny entries never do)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from policy.kernel_rules import project
+from policy.model import ALLOW, DENY, Policy, Rule
+from tracer.enforcer import ANY_UID, KIND_COMM, KIND_EXE_NAME, kernel_dev
+
+
+def test_host_only_executables_match_by_device_and_inode(tmp_path: Path) -> None:
+    exe = tmp_path / "usr" / "bin" / "agent"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("")
+    st = os.stat(exe)
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/:/bin/sh\n")
+    pol = Policy((
+        Rule("host", ALLOW, executable="/usr/bin/agent", user="app", container=False),
+        Rule("anywhere", ALLOW, executable="/usr/bin/agent"),
+        Rule("absent", ALLOW, executable="/app/tool", image="registry/x"),
+        Rule("by-name", ALLOW, process="amazon-ssm-agent-worker"),
+        Rule("by-user", ALLOW, user="uid:33"),
+    ), default=DENY)
+    p = project(pol, str(passwd), str(tmp_path))
+    k = p.rules
+    dev = kernel_dev(st.st_dev)
+    assert (dev, st.st_ino, 1000) in k.allow_exe and (dev, st.st_ino, ANY_UID) in k.allow_exe
+    # only the rule that may match containers is widened to the file name
+    assert k.allow_name == {("agent", ANY_UID, KIND_EXE_NAME), ("tool", ANY_UID, KIND_EXE_NAME),
+                            ("amazon-ssm-agen", ANY_UID, KIND_COMM)}
+    assert k.allow_uid == {33} and k.default_deny and not k.allow_all
+    assert any("image and namespace are not checked" in n for n in p.notes)
+
+
+def test_an_allow_rule_the_kernel_cannot_narrow_allows_everyone() -> None:
+    p = project(Policy((Rule("shop", ALLOW, image="registry/shop"),), default=DENY))
+    assert p.rules.allow_all and any("allows every caller" in n for n in p.notes)
+
+
+def test_deny_rules_enter_the_kernel_only_when_exact(tmp_path: Path) -> None:
+    exe = tmp_path / "bin" / "curl"
+    exe.parent.mkdir()
+    exe.write_text("")
+    st = os.stat(exe)
+    pol = Policy((
+        Rule("curl", DENY, executable="/bin/curl"),
+        Rule("nobody", DENY, user="uid:65534"),
+        Rule("user-data", DENY, classes=("user-data",)),
+        Rule("in-pods", DENY, image="registry/*"),
+        Rule("by-name", DENY, process="wget"),
+    ))
+    p = project(pol, "/nonexistent", str(tmp_path))
+    assert p.rules.deny_exe == {(kernel_dev(st.st_dev), st.st_ino, ANY_UID): 1}
+    assert p.rules.deny_uid == {65534: 2}
+    assert not p.rules.default_deny
+    assert sum("not enforced in the kernel" in n for n in p.notes) == 3

@@ -1,0 +1,250 @@
+"""The kernel side of `run --enforce deny`: bpf/enforce.bpf.c on the connect hooks of one
+cgroup, as BPF links only, its maps filled from plain data, its denials read back.
+
+Safety by construction:
+- links only (`CgroupAttachment.attach_link`): the kernel releases them with the agent's
+  descriptors, so a stopped, crashed or SIGKILLed agent leaves nothing that denies;
+- never the cgroup v2 root (a mount point of cgroup2): the operator names the subtree;
+- loaded disarmed: nothing is denied until `arm(True)`; disarming is one array write
+  that the next connect reads;
+- the agent's own process is exempt in the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from tracer import btf, cgroup_attach, kernel, maps, sources
+from tracer.cgroup_attach import CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT, CgroupError
+
+log = logging.getLogger("imdswatch.enforce")
+
+ANY_UID = 0xFFFFFFFF
+KIND_EXE_NAME = 1
+KIND_COMM = 2
+MAX_ENTRIES = 16384
+CFG_ARMED, CFG_DEFAULT_DENY, CFG_AGENT_TGID, CFG_ALLOW_ALL = 0, 1, 2, 3
+STAT_JUDGED, STAT_DENIED, STAT_LOST = 0, 1, 2
+PROGRAMS = (("imdsw_enforce4", CGROUP_INET4_CONNECT), ("imdsw_enforce6", CGROUP_INET6_CONNECT))
+EXTRA_FIELDS = (("ENF_OFF_INODE_SB", "inode", "i_sb"),
+                ("ENF_OFF_SB_DEV", "super_block", "s_dev"))
+
+
+class EnforceError(RuntimeError):
+    """The kernel side cannot run here; the message says why (the agent stays in audit)."""
+
+
+@dataclass
+class KernelRules:
+    """A policy as the kernel can apply it (see policy.kernel_rules)."""
+
+    allow_exe: set[tuple[int, int, int]] = field(default_factory=set)  # (dev, ino, uid)
+    allow_name: set[tuple[str, int, int]] = field(default_factory=set)  # (name, uid, kind)
+    allow_uid: set[int] = field(default_factory=set)
+    allow_all: bool = False
+    deny_exe: dict[tuple[int, int, int], int] = field(default_factory=dict)  # -> rule + 1
+    deny_uid: dict[int, int] = field(default_factory=dict)
+    default_deny: bool = False
+
+
+class DeniedConnect(ctypes.Structure):
+    """Mirror of `struct enf_event`."""
+
+    _fields_ = [
+        ("ts_ns", ctypes.c_uint64), ("cgroup_id", ctypes.c_uint64),
+        ("dev", ctypes.c_uint64), ("ino", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32), ("tgid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32),
+        ("rule", ctypes.c_uint32), ("family", ctypes.c_uint16), ("dport", ctypes.c_uint16),
+        ("daddr", ctypes.c_uint8 * 16), ("comm", ctypes.c_char * 16),
+        ("exe_name", ctypes.c_char * 48),
+    ]
+
+
+def kernel_dev(st_dev: int) -> int:
+    """A stat() device number as the kernel's dev_t (MKDEV: major << 20 | minor)."""
+    return (os.major(st_dev) << 20) | os.minor(st_dev)
+
+
+def is_cgroup_root(path: str) -> bool:
+    real = os.path.realpath(path)
+    return any(os.path.realpath(m) == real for m in cgroup_attach.cgroup2_mounts())
+
+
+def check_cgroup(path: str) -> str:
+    """The directory of the cgroup to enforce in; EnforceError for the root or a
+    non-cgroup."""
+    if not os.path.isfile(os.path.join(path, "cgroup.procs")):
+        raise EnforceError(f"--enforce-cgroup {path} is not a cgroup v2 directory")
+    if is_cgroup_root(path):
+        raise EnforceError(f"--enforce-cgroup {path} is the cgroup v2 root: name the "
+                           "subtree to enforce in (e.g. kubepods.slice), never the whole node")
+    return path
+
+
+class KernelEnforcer:
+    """Usage: `e = KernelEnforcer(catalog, cgroup); e.start(rules); e.arm(True);
+    e.poll(on_denied); ...; e.close()`. Poll from one thread."""
+
+    def __init__(self, catalog: Iterable[maps.Endpoint], cgroup: str) -> None:
+        self.catalog = list(catalog)
+        self.cgroup = check_cgroup(cgroup)
+        self.bpf: object | None = None
+        self.attachment: cgroup_attach.CgroupAttachment | None = None
+        self.armed = False
+        self._on_denied: Callable[[DeniedConnect], None] | None = None
+        self.rules = KernelRules()
+
+    def start(self, rules: KernelRules, on_denied: Callable[[DeniedConnect], None]) -> None:
+        """Compile, load, fill, attach (disarmed). EnforceError says why it cannot."""
+        try:
+            offsets = btf.task_offsets()
+            b = btf.BTF.kernel()
+            for macro, struct, member in EXTRA_FIELDS:
+                offsets[macro] = b.offset(struct, member)
+        except (btf.BTFError, OSError) as exc:
+            raise EnforceError(f"the kernel's BTF is needed to read a caller's executable "
+                               f"in the kernel: {exc}") from None
+        bcc = kernel.import_bcc()
+        text = sources.file_text(sources.ENFORCE_FILE)
+        flags = sources.cflags(ringbuf=False, offsets=offsets, count_entries=64)
+        flags.append(f"-DENF_MAX_ENTRIES={MAX_ENTRIES}")
+        try:
+            self.bpf = bcc.BPF(text=text.encode(), cflags=flags)
+            fds = {}
+            for name, hook in PROGRAMS:
+                fds[name] = self.bpf.load_func(name.encode(), bcc.BPF.CGROUP_SOCK_ADDR,
+                                               attach_type=hook).fd
+        except Exception as exc:  # BCC raises bare Exception
+            self.close()
+            raise EnforceError(f"the enforcement programs did not load: {exc}") from None
+        b = self.bpf
+        maps.write(b["endpoints4"], b["endpoints6"], self.catalog, b["first4"], b["first6"])
+        self._cfg(CFG_AGENT_TGID, os.getpid())
+        self._cfg(CFG_ARMED, 0)
+        self.set_rules(rules)
+        self._on_denied = on_denied
+        b["enf_events"].open_perf_buffer(self._event, page_cnt=64, lost_cb=self._lost)
+        try:
+            self.attachment = cgroup_attach.CgroupAttachment(self.cgroup)
+            for name, hook in PROGRAMS:
+                self.attachment.attach_link(fds[name], hook)
+        except (CgroupError, OSError) as exc:
+            self.close()
+            raise EnforceError(str(exc)) from None
+        log.info("enforcement programs linked to %s (disarmed until armed)", self.cgroup)
+
+    def _cfg(self, idx: int, value: int) -> None:
+        t = self.bpf["enf_config"]  # type: ignore[index]
+        t[t.Key(idx)] = t.Leaf(value)
+
+    def _event(self, _cpu: int, data: int, size: int) -> None:
+        if self._on_denied is None or size < ctypes.sizeof(DeniedConnect):
+            return
+        ev = ctypes.cast(data, ctypes.POINTER(DeniedConnect)).contents
+        copy = DeniedConnect()
+        ctypes.memmove(ctypes.byref(copy), ctypes.byref(ev), ctypes.sizeof(DeniedConnect))
+        self._on_denied(copy)
+
+    def _lost(self, n: int) -> None:
+        log.warning("%d denial records lost (buffer full); the denials still happened", n)
+
+    def arm(self, on: bool) -> None:
+        """On: the kernel denies per the rules; off: every connect is allowed (one write)."""
+        if self.bpf is None:
+            return
+        self._cfg(CFG_ARMED, 1 if on else 0)
+        self.armed = on
+
+    def set_rules(self, new: KernelRules) -> None:
+        """Replace the rules so that no moment in between denies a caller both the old and
+        the new rules allow: allows are widened first and narrowed last, denies narrowed
+        first and widened last."""
+        b = self.bpf
+        assert b is not None
+        old = self.rules
+        exe, name, uid = b["enf_allow_exe"], b["enf_allow_name"], b["enf_allow_uid"]
+        deny_exe, deny_uid = b["enf_deny_exe"], b["enf_deny_uid"]
+        if new.allow_all:
+            self._cfg(CFG_ALLOW_ALL, 1)
+        for k in new.allow_exe - old.allow_exe:
+            exe[_exe_key(exe, k)] = exe.Leaf(1)
+        for k in new.allow_name - old.allow_name:
+            name[_name_key(name, k)] = name.Leaf(1)
+        for u in new.allow_uid - old.allow_uid:
+            uid[uid.Key(u)] = uid.Leaf(1)
+        if not new.default_deny:
+            self._cfg(CFG_DEFAULT_DENY, 0)
+        for k in set(old.deny_exe) - set(new.deny_exe):
+            _delete(deny_exe, _exe_key(deny_exe, k))
+        for u in set(old.deny_uid) - set(new.deny_uid):
+            _delete(deny_uid, deny_uid.Key(u))
+        for k, rule in new.deny_exe.items():
+            deny_exe[_exe_key(deny_exe, k)] = deny_exe.Leaf(rule)
+        for u, rule in new.deny_uid.items():
+            deny_uid[deny_uid.Key(u)] = deny_uid.Leaf(rule)
+        if new.default_deny:
+            self._cfg(CFG_DEFAULT_DENY, 1)
+        for k in old.allow_exe - new.allow_exe:
+            _delete(exe, _exe_key(exe, k))
+        for k in old.allow_name - new.allow_name:
+            _delete(name, _name_key(name, k))
+        for u in old.allow_uid - new.allow_uid:
+            _delete(uid, uid.Key(u))
+        if not new.allow_all:
+            self._cfg(CFG_ALLOW_ALL, 0)
+        self.rules = new
+
+    def poll(self, timeout_ms: int = 0) -> None:
+        if self.bpf is not None:
+            self.bpf.perf_buffer_poll(timeout_ms)
+
+    def stats(self) -> dict[str, int]:
+        if self.bpf is None:
+            return {"judged": 0, "denied": 0, "lost": 0}
+        t = self.bpf["enf_stats"]
+        return {name: sum(t[t.Key(i)]) for name, i in
+                (("judged", STAT_JUDGED), ("denied", STAT_DENIED), ("lost", STAT_LOST))}
+
+    def close(self) -> None:
+        """Unlink and unload (idempotent). Disarmed first: nothing is denied from here."""
+        if self.bpf is not None:
+            try:
+                self._cfg(CFG_ARMED, 0)
+            except Exception:  # closing must go on whatever the map says
+                pass
+        self.armed = False
+        if self.attachment is not None:
+            self.attachment.close()
+            self.attachment = None
+        if self.bpf is not None:
+            try:
+                self.bpf.cleanup()
+            except Exception:
+                pass
+            self.bpf = None
+
+
+def _exe_key(table: object, k: tuple[int, int, int]) -> object:
+    key = table.Key()  # type: ignore[attr-defined]
+    key.dev, key.ino, key.uid = k
+    return key
+
+
+def _name_key(table: object, k: tuple[str, int, int]) -> object:
+    key = table.Key()  # type: ignore[attr-defined]
+    raw = k[0].encode()[:47]
+    key.name = raw
+    key.uid, key.kind = k[1], k[2]
+    return key
+
+
+def _delete(table: object, key: object) -> None:
+    try:
+        del table[key]  # type: ignore[attr-defined]
+    except KeyError:
+        pass
