@@ -36,6 +36,44 @@ class MetadataNamespace(Sandbox):
 __all__ = ["AgentProcess", "MetadataNamespace", "free_port", "wait_for", "warm_state"]
 
 
+@pytest.fixture
+def enforce_cgroup():
+    """A cgroup of the test's own below the cgroup v2 root, for programs that can deny:
+    only the test's own clients are moved into it, and it is emptied (its processes
+    killed) and removed whatever happens."""
+    import secrets
+    import signal
+    import time
+
+    from tracer import cgroup_attach
+
+    path = Path(cgroup_attach.cgroup2_root()) / f"imdsw-enforce-test-{secrets.token_hex(4)}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        for _ in range(50):
+            for p in (path / "cgroup.procs").read_text().split():
+                try:
+                    os.kill(int(p), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert not path.exists(), f"could not remove the test cgroup {path}"
+
+
+def in_cgroup(cgroup: Path):  # noqa: ANN201 - a preexec_fn
+    """A Popen preexec_fn moving the child into `cgroup` before it execs."""
+    def enter() -> None:
+        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    return enter
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: BPF programs and network namespaces need CAP_SYS_ADMIN")

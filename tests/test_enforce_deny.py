@@ -10,7 +10,6 @@ attached (fail open); denials spreading past the bound disarm the node."""
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -18,7 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-from netns_fixtures import AgentProcess, MetadataNamespace, require_bcc, wait_for
+from netns_fixtures import (  # noqa: F401 - enforce_cgroup: a fixture
+    AgentProcess,
+    MetadataNamespace,
+    enforce_cgroup,
+    in_cgroup,
+    require_bcc,
+    wait_for,
+)
 
 from lab.agent_process import COMMAND
 from tracer import cgroup_attach
@@ -37,40 +43,16 @@ def ns():
 
 
 @pytest.fixture
-def cgroup():
-    """A cgroup of the test's own, below the cgroup v2 root; only this test's clients are
-    moved into it, and it is emptied and removed whatever happens."""
-    root = cgroup_attach.cgroup2_root()
-    path = Path(root) / f"imdsw-enforce-test-{secrets.token_hex(4)}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        for _ in range(50):
-            pids = [p for p in (path / "cgroup.procs").read_text().split() if p]
-            for p in pids:
-                try:
-                    os.kill(int(p), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                path.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
-        assert not path.exists(), f"could not remove the test cgroup {path}"
+def cgroup(enforce_cgroup):  # noqa: F811 - the fixture imported above
+    return enforce_cgroup
 
 
 def client(ns: MetadataNamespace, argv: list[str], cgroup: Path | None = None
            ) -> tuple[int, int, str]:
     """(pid, exit status, stderr) of a client run in the namespace and, when given, in the
     cgroup (it moves itself there before it execs)."""
-    def enter() -> None:
-        if cgroup is not None:
-            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
-
     p = ns.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                 preexec_fn=enter)
+                 preexec_fn=in_cgroup(cgroup) if cgroup is not None else None)
     _, err = p.communicate(timeout=20)
     return p.pid, p.returncode, err
 

@@ -1,0 +1,39 @@
+"""A process holding `tracer.enforcer.KernelEnforcer` linked to a test's cgroup, armed with
+default deny and one allowed executable: prints "ready", then each denial record as a JSON
+line. The test SIGKILLs it to check that nothing stays attached (fail open).
+
+    python tests/helpers/enforcer_child.py CGROUP ALLOWED_EXECUTABLE
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from scoring.endpoints import EndpointCatalog
+from tracer.enforcer import ANY_UID, KernelEnforcer, KernelRules, kernel_dev
+
+
+def main() -> None:
+    cgroup, allowed = sys.argv[1], os.path.realpath(sys.argv[2])
+    st = os.stat(allowed)
+    rules = KernelRules(allow_exe={(kernel_dev(st.st_dev), st.st_ino, ANY_UID)},
+                        default_deny=True)
+
+    def denied(rec) -> None:  # noqa: ANN001 - tracer.enforcer.DeniedConnect
+        print(json.dumps({"tgid": rec.tgid, "uid": rec.uid, "comm": rec.comm.decode(),
+                          "exe_name": rec.exe_name.decode(), "dport": rec.dport,
+                          "daddr": list(rec.daddr[:4]), "rule": rec.rule,
+                          "ino": rec.ino, "dev": rec.dev}), flush=True)
+
+    e = KernelEnforcer(EndpointCatalog.from_config(), cgroup)
+    e.start(rules, denied)
+    e.arm(True)
+    print("ready", flush=True)
+    while True:
+        e.poll(100)
+
+
+if __name__ == "__main__":
+    main()

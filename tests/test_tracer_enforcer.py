@@ -1,0 +1,83 @@
+"""The kernel side of `--enforce deny` (tracer.enforcer, bpf/enforce.bpf.c) on its own, as
+the kernel matrix runs it: linked to a cgroup the test creates and fills with its own
+clients only, in a process the test SIGKILLs. Default deny refuses curl's connect with
+EPERM and reports it with the caller's identity; the allowed executable connects; a
+client outside the cgroup is untouched; after SIGKILL nothing is attached and curl
+connects (fail open). The cgroup v2 root is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from netns_fixtures import (  # noqa: F401 - enforce_cgroup: a fixture
+    MetadataNamespace,
+    enforce_cgroup,
+    in_cgroup,
+    require_bcc,
+)
+
+from tracer import cgroup_attach
+from tracer.enforcer import EnforceError, check_cgroup
+
+pytestmark = [pytest.mark.root, pytest.mark.bpf]
+
+IMDS = "169.254.169.254"
+URL = f"http://{IMDS}/latest/meta-data/instance-id"
+HERE = Path(__file__).resolve().parent
+
+
+def run(ns: MetadataNamespace, argv: list[str], cgroup: Path | None) -> tuple[int, int, str]:
+    p = ns.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                 preexec_fn=in_cgroup(cgroup) if cgroup is not None else None)
+    _, err = p.communicate(timeout=30)
+    return p.pid, p.returncode, err
+
+
+CURL = ["env", "LC_ALL=C", "curl", "-v", "-o", "/dev/null", "--max-time", "5", URL]
+
+
+def test_the_kernel_denies_in_its_cgroup_only_and_fails_open(enforce_cgroup):  # noqa: F811
+    require_bcc()
+    wget = os.path.realpath(shutil.which("wget") or "/usr/bin/wget")
+    child = subprocess.Popen(
+        [sys.executable, str(HERE / "helpers" / "enforcer_child.py"), str(enforce_cgroup),
+         wget], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    try:
+        line = child.stdout.readline()
+        assert line.strip() == "ready", child.stderr.read()
+        with MetadataNamespace(v4=(IMDS,), v6=()) as ns:
+            pid, rc, err = run(ns, CURL, enforce_cgroup)
+            assert rc == 7 and "Operation not permitted" in err, err
+            rec = json.loads(child.stdout.readline())
+            assert rec["tgid"] == pid and rec["comm"] == "curl" and rec["exe_name"] == "curl"
+            assert rec["dport"] == 80 and rec["daddr"] == [169, 254, 169, 254]
+            assert rec["rule"] == 0 and rec["uid"] == 0 and rec["ino"] > 0 and rec["dev"] > 0
+            _, rc, err = run(ns, ["wget", "-q", "-O", "/dev/null", URL], enforce_cgroup)
+            assert rc == 0, err
+            _, rc, err = run(ns, CURL, None)
+            assert rc == 0, err
+            child.kill()
+            child.wait(10)
+            _, rc, err = run(ns, CURL, enforce_cgroup)
+            assert rc == 0, err
+        fd = os.open(enforce_cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for hook in (cgroup_attach.CGROUP_INET4_CONNECT, cgroup_attach.CGROUP_INET6_CONNECT):
+                assert cgroup_attach.attached_program_ids(fd, hook) == []
+        finally:
+            os.close(fd)
+    finally:
+        child.kill()
+        child.wait(10)
+
+
+def test_the_root_cgroup_is_refused():
+    with pytest.raises(EnforceError, match="cgroup v2 root"):
+        check_cgroup(cgroup_attach.cgroup2_root())
