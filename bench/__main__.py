@@ -267,11 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.take is not None:
         if args.report is None:
             ap.error("--take needs --report")
-        take(args.take, args.report, [t for t, _ in SECTIONS])
+        try:
+            take(args.take, args.report, [t for t, _ in SECTIONS])
+        except (OSError, ValueError) as e:
+            ap.error(str(e))
         print(f"sections of {args.take} written into {args.report}")
         return 0
     if args.update and not (args.only and args.report):
         ap.error("--update needs --only and --report")
+    if args.update and args.quick:
+        ap.error("--update writes the report users read: not with --quick")
     command = "make bench-quick" if args.quick else "make bench"
     run = Run(command, args.quick)
     for title, fn in SECTIONS:

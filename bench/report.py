@@ -199,6 +199,8 @@ def earlier_sections(text: str) -> dict[str, Ran]:
 def update(run: Run, path: Path, order: list[str]) -> None:
     """Writes `run`'s sections into the report at `path`, keeping its other sections as
     written, in the order of `order` (sections it does not know last)."""
+    if run.quick:
+        raise ValueError("a quick run's sections are not written into the report")
     ran = {s.title: s for s in run.sections}
     earlier = earlier_sections(path.read_text()) if path.exists() else {}
     titles = [t for t in order if t in ran or t in earlier]
@@ -209,8 +211,11 @@ def update(run: Run, path: Path, order: list[str]) -> None:
 
 def take(source: Path, path: Path, order: list[str]) -> None:
     """Copies the sections of the report `source` into the report at `path`, as written."""
+    text = source.read_text()
+    if "(a quick run" in text.split("\n## ", 1)[0]:
+        raise ValueError(f"{source} is a quick run's report: its figures are not the ones to quote")
     run = Run("make bench", quick=False)
-    run.sections = list(earlier_sections(source.read_text()).values())
+    run.sections = list(earlier_sections(text).values())
     update(run, path, order)
 
 
