@@ -274,8 +274,10 @@ class Scorer:
         # The detectors' keys depend on the signature and, beyond it, on the uid (user
         # detectors without a user name), being in a container (known callers) and the
         # endpoint (request classes).
+        # An interpreted agent's script (known_callers.script_of) decides whether it is
+        # the agent: `python3 /tmp/yum` must not share the memo of `python3 /usr/bin/yum`.
         sig = (event.signature(), event.uid, event.container_id is None, event.dst_ip,
-               event.dst_port)
+               event.dst_port, self.known_callers.script_key(event))
         caller = self._callers.get(sig)
         if caller is None or caller.gen != self._gen:
             caller = self._caller(event, sig, ts)

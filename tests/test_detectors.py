@@ -12,7 +12,8 @@ from helpers_events import DAY, HOUR, MINUTE, T0, Agent, ev, fleet_events
 
 from scoring.allowlist import parse_exception
 from scoring.detectors import DETECTOR_NAMES
-from scoring.known_callers import KnownCallerCatalog
+from scoring.events import Event
+from scoring.known_callers import KnownCallerCatalog, script_of
 from scoring.scorer import Scorer
 from scoring.settings import ScorerSettings
 
@@ -597,7 +598,7 @@ GMS_IMAGE = "gke.gcr.io/gke-metadata-server:20240425_2300_RC0"
      True),
     ("waagent", "/usr/sbin/waagent", None, True),
     ("cloud-init", "/usr/bin/cloud-init", None, True),
-    ("yum", "/usr/bin/python2.7", None, True),
+    ("yum", "/usr/bin/python2.7", None, False),  # an interpreter alone: anyone's script
     ("kubelet", "/usr/bin/amazon-ssm-agent", None, False),  # a known path under another name
     # Agents shipped as images are bound to their vendor's repositories: the
     # path alone is one any image can use.
@@ -622,6 +623,78 @@ def test_known_caller_catalog_binds_name_executable_and_place(name, exe, image, 
     out = scorer.process(ev(T0, name, exe=exe or "/x", image=image))
     if exe is not None:
         assert out.known_caller is known
+
+
+@pytest.mark.parametrize(("name", "exe", "command_line", "known"), [
+    ("yum", "/usr/bin/python2.7", "/usr/bin/python2 /usr/bin/yum -q makecache fast", True),
+    ("yum", "/usr/bin/python3.9", "/usr/bin/python3 -s /usr/bin/yum install -y jq", True),
+    # the shebang-run form an export may keep: the first word is the script itself
+    ("yum", "/usr/bin/python3.9", "/usr/bin/yum makecache", True),
+    ("dnf", "/usr/libexec/platform-python3.6", "/usr/libexec/platform-python /usr/bin/dnf "
+     "makecache", True),
+    ("cloud-init", "/usr/bin/python3.11", "/usr/bin/python3 -Es /usr/bin/cloud-init init",
+     True),
+    ("waagent", "/usr/bin/python3.10", "python3 -u /usr/sbin/waagent -daemon", True),
+    # a script of its own at /tmp/yum, run through its shebang or by hand
+    ("yum", "/usr/bin/python3.9", "/usr/bin/python3 /tmp/yum", False),
+    ("yum", "/usr/bin/python3.9", "/tmp/yum makecache", False),
+    ("waagent", "/usr/bin/python3.10", "python3 -u /home/u/waagent -daemon", False),
+    ("cloud-init", "/usr/bin/python3.11", "python3 -c 'import os'", False),
+    ("cloud-init", "/usr/bin/python3.11", "python3 -m cloudinit.cmd.main", False),
+    ("yum", "/usr/bin/python3.9", "python3 yum", False),  # relative: no file to vouch for
+    ("yum", "/usr/bin/python3.9", None, False),
+    # the real script, but not run by an interpreter of the vendor's
+    ("yum", "/tmp/python3", "/tmp/python3 /usr/bin/yum", False),
+    ("yum", "/usr/bin/perl", "/usr/bin/perl /usr/bin/yum", False),
+])
+def test_interpreted_agents_are_their_interpreter_and_their_script(name, exe, command_line,
+                                                                   known):
+    e = ev(T0, name, exe=exe, command_line=command_line)
+    assert (KnownCallerCatalog().lookup_event(e) is not None) is known
+    assert Scorer(ScorerSettings(learning_period=0)).process(e).known_caller is known
+
+
+@pytest.mark.parametrize(("command_line", "script"), [
+    ("/usr/bin/python3 /usr/bin/yum", "/usr/bin/yum"),
+    ("/usr/bin/python3 -W ignore -X dev /usr/bin/yum x", "/usr/bin/yum"),
+    ("python3 -- /usr/bin/yum", "/usr/bin/yum"),
+    ("/usr/bin/yum -y", "/usr/bin/yum"),
+    ("python3 'unbalanced", None),
+    ("python3", None),
+    ("", None),
+])
+def test_script_of(command_line, script):
+    assert script_of("/usr/bin/python3.11", command_line) == script
+
+
+def test_fake_yum_credential_request_gets_no_discount():
+    """The reviewer's case: /tmp/yum with a python3 shebang asks for the role's credentials
+    without the header on a fresh node; the genuine yum is discounted, the script is not."""
+    def creds(script, ts):
+        return Event(ts, "169.254.169.254", "yum", dst_port=80, exe="/usr/bin/python3.9",
+                     command_line=f"/usr/bin/python3 {script} makecache", user="root",
+                     parent_name="bash", host="n", method="GET",
+                     path="/latest/meta-data/iam/security-credentials/role", guarded=False,
+                     user_agent="python-requests/2.31")
+    real = Scorer(ScorerSettings(learning_period=86400)).process(creds("/usr/bin/yum", T0))
+    fake = Scorer(ScorerSettings(learning_period=86400)).process(creds("/tmp/yum", T0))
+    assert real.known_caller and not real.alert
+    assert not fake.known_caller
+    assert fake.alert and fake.detector == "unguarded_credential_request"
+    assert fake.score >= 90
+
+
+@pytest.mark.parametrize(("image", "known"), [
+    ("602401143452.dkr.ecr.us-west-2.amazonaws.com/amazon-k8s-cni:v1.18.1", True),
+    ("602401143452.dkr.ecr.eu-north-1.amazonaws.com/amazon-k8s-cni:v1.18.1", True),
+    ("602401143452.dkr.ecr.evil.example/x.amazonaws.com/amazon-k8s-cni:v1", False),
+    ("602401143452.dkr.ecr.evil.amazonaws.com/amazon-k8s-cni:v1", False),
+    ("602401143452.dkr.ecr.us-west-2.amazonaws.com.evil.example/amazon-k8s-cni:v1", False),
+    ("602401143452.dkr.ecr.us-west-2.amazonaws.com/amazon-k8s-cni-evil:v1", False),
+])
+def test_eks_registry_hosts_are_matched_exactly_per_region(image, known):
+    assert (KnownCallerCatalog().lookup("aws-k8s-agent", "/app/aws-k8s-agent", image, True)
+            is not None) is known
 
 
 def test_a_container_id_without_an_image_is_still_a_container():

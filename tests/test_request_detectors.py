@@ -33,12 +33,17 @@ BOTO = "Boto3/1.34.0 md/Botocore#1.34.0 ua/2.0 os/linux#6.1 lang/python#3.11.8"
 
 
 def req(ts, name, exe, user, method, path, *, guarded, ua, host="node-0", image=None,
-        query=None, parent="containerd-shim", dst_ip=IMDS, dst_port=80, uid=None):
+        query=None, parent="containerd-shim", dst_ip=IMDS, dst_port=80, uid=None,
+        command_line=None):
     return Event(ts, dst_ip, name, dst_port=dst_port, exe=exe, user=user, uid=uid,
                  parent_name=parent, host=host, image=image,
                  container_id=("c0ffee" + name) if image else None,
                  namespace="shop" if image else None, action="http_request", method=method,
-                 path=path, query=query, user_agent=ua, guarded=guarded)
+                 path=path, query=query, user_agent=ua, guarded=guarded,
+                 command_line=command_line)
+
+
+YUM_CMD = "/usr/bin/python2 /usr/bin/yum -q makecache fast"
 
 
 # (period, [request templates]) per caller: every call is a few requests, as SDKs make them.
@@ -91,7 +96,8 @@ def exthandler(ts, host):
 def yum(ts, host):
     return [req(ts, "yum", "/usr/bin/python2.7", "root", "GET",
                 "/latest/dynamic/instance-identity/document", guarded=False,
-                ua="urlgrabber/3.10 yum/3.4.3", host=host, parent="bash")]
+                ua="urlgrabber/3.10 yum/3.4.3", host=host, parent="bash",
+                command_line=YUM_CMD)]
 
 
 CALLERS = ((storefront, 10 * MINUTE), (ssm, 15 * MINUTE), (fluentbit, 60 * MINUTE),
@@ -266,7 +272,8 @@ def test_a_caller_that_starts_sending_the_header_is_not_an_anomaly():
     scorer = fresh()
     out = scorer.process(req(END, "yum", "/usr/bin/python2.7", "root", "GET",
                              "/latest/dynamic/instance-identity/document", guarded=True,
-                             ua="urlgrabber/3.10 yum/3.4.3", host="node-1", parent="bash"))
+                             ua="urlgrabber/3.10 yum/3.4.3", host="node-1", parent="bash",
+                             command_line=YUM_CMD))
     assert not out.alert, out
     assert "unguarded_request" not in out.scores
 
@@ -309,7 +316,8 @@ def test_no_blind_first_day_spares_known_agents_plain_metadata_and_unknown_guard
     for e in (
         # yum's IMDSv1 plugin is a known agent
         req(t, "yum", "/usr/bin/python2.7", "root", "GET",
-            "/latest/dynamic/instance-identity/document", guarded=False, ua="yum", host="n"),
+            "/latest/dynamic/instance-identity/document", guarded=False, ua="yum", host="n",
+            command_line=YUM_CMD),
         # unguarded, but only the instance id
         req(t + 1, "curl", "/usr/bin/curl", "root", "GET", "/latest/meta-data/instance-id",
             guarded=False, ua="curl/7.88.1", host="n"),
@@ -380,6 +388,8 @@ def ecs(e, n):
            "process": {"name": e.name, "executable": e.exe,
                        "parent": {"name": e.parent_name}},
            "user": {"name": e.user}, "host": {"name": e.host}}
+    if e.command_line:
+        doc["process"]["command_line"] = e.command_line
     if e.image:
         doc["container"] = {"id": e.container_id, "image": {"name": e.image}}
     if e.is_request:
