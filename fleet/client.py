@@ -124,6 +124,23 @@ class FleetClient:
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
             return SendResult(0, 0, 0)
 
+    def fetch_policy(self, etag: str | None = None) -> tuple[str | None, bytes | None]:
+        """(etag, policy file bytes) of the fleet's policy; bytes None when unchanged since
+        `etag`. FleetRejected (404) when serve publishes none."""
+        headers = {"Accept-Encoding": "gzip"}
+        if etag:
+            headers["If-None-Match"] = etag
+        status, hdrs, data = self._request("GET", "/v1/policy", None, headers)
+        if status == 304:
+            return etag, None
+        self._check(status, hdrs, data)
+        if hdrs.get("content-encoding") == "gzip":
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError) as exc:
+                raise FleetUnavailable(f"fleet policy unreadable: {exc}", "bad_policy") from None
+        return hdrs.get("etag"), data
+
     def fetch_model(self, etag: str | None = None) -> tuple[str | None, dict | None]:
         """(etag, state) of the fleet model; state None when unchanged since `etag`."""
         headers = {"Accept-Encoding": "gzip"}

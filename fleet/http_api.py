@@ -1,9 +1,11 @@
-"""The fleet scorer's HTTP API on `--listen`: `POST /v1/events`, `GET /v1/model`.
+"""The fleet scorer's HTTP API on `--listen`: `POST /v1/events`, `GET /v1/model`,
+`GET /v1/policy`.
 
 The server answers for a `Backend`: the local scoring core, or on the bus any replica
 (which appends to the stream and serves the newest checkpoint's documents). Documents
-agents fetch are named in `DOCUMENTS` (path -> name the backend knows): `GET /v1/policy`
-joins them when a backend publishes a policy.
+agents fetch are named in `DOCUMENTS` (path -> name the backend knows); `GET /v1/policy`
+serves the operator's policy file (`serve --policy FILE`, fleet.policy_doc) on any
+backend.
 
 Bounded: at most `max_connections` connections are served at once (one thread each; past
 that a connection gets 503 and is closed), every socket has a timeout, bodies are limited
@@ -29,6 +31,7 @@ from exporters.httpserver import parse_address
 from fleet.eventlog import LogUnavailable, Overloaded
 from fleet.ingest import BodyTooLarge, NotNdjson, Parsed, decompress, parse
 from fleet.metrics import ServeMetrics
+from fleet.policy_doc import PolicyDocument
 from scoring.endpoints import EndpointCatalog
 
 log = logging.getLogger("imdswatch.fleet.http")
@@ -38,7 +41,8 @@ DEFAULT_MAX_CONNECTIONS = 256
 SOCKET_TIMEOUT = 30.0
 RETRY_AFTER = "1"
 # GET paths -> the document name a backend serves (ETag and gzip body).
-DOCUMENTS = {"/v1/model": "model"}
+DOCUMENTS = {"/v1/model": "model", "/v1/policy": "policy"}
+CONTENT_TYPES = {"model": "application/json", "policy": "application/toml"}
 OVER_LIMIT = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
               b"Connection: close\r\n\r\n")
 
@@ -65,8 +69,10 @@ class IngestServer(ThreadingHTTPServer):
     def __init__(self, address: str, core: Backend, metrics: ServeMetrics, *,
                  token: str | None = None, tls: ssl.SSLContext | None = None,
                  body_limit: int = DEFAULT_BODY_LIMIT,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 policy: PolicyDocument | None = None) -> None:
         host, port = parse_address(address)
+        self.policy = policy
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.core = core
@@ -276,7 +282,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not self._authorized():
             return
-        doc = self.server.core.document(name)
+        if name == "policy":
+            policy = self.server.policy
+            doc = policy.current() if policy is not None else None
+            if policy is None:
+                self._error(404, "this fleet scorer publishes no policy (serve --policy FILE)")
+                return
+        else:
+            doc = self.server.core.document(name)
         if doc is None:
             self._error(503, f"no {name} yet", headers={"Retry-After": RETRY_AFTER})
             return
@@ -285,7 +298,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("If-None-Match") == quoted:
             self._reply(304, headers={"ETag": quoted})
             return
-        headers = {"ETag": quoted, "Content-Type": "application/json"}
+        headers = {"ETag": quoted, "Content-Type": CONTENT_TYPES[name]}
         if "gzip" in (self.headers.get("Accept-Encoding") or ""):
             headers["Content-Encoding"] = "gzip"
         else:

@@ -44,6 +44,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 class ServeMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
+        self.policy_refused = Counter(
+            "imdswatch_fleet_policy_refused",
+            "Changes of serve's --policy file refused (the last good policy stays published).",
+            registry=r)
         self.requests = Counter("imdswatch_ingest_requests",
                                 "Requests to the fleet scorer's API, by HTTP status.",
                                 ["code"], registry=r)

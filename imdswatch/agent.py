@@ -26,6 +26,8 @@ from exporters.alertcap import AlertCap
 from exporters.alerts import AlertWriter
 from exporters.httpserver import MetricsServer
 from exporters.metrics import MetricsExporter
+from exporters.timestamps import rfc3339_millis
+from fleet.policy_fetch import FleetPolicy
 from fleet.sink import FleetOptions, FleetSink
 from imdswatch import libout, lograte, status
 from imdswatch.config import AgentSettings, Config
@@ -34,6 +36,7 @@ from imdswatch.status import AgentStats
 from intake.parser import MalformedEvent, event_from_ecs
 from policy.gate import WOULD_DENY, PolicyGate, build_policy_alert
 from policy.metrics import PolicyMetrics
+from policy.model import Policy
 from policy.toml_file import PolicyError, load_policy
 from scoring.scorer import Scorer
 from scoring.state import StateError, load_state, save_state, state_lock
@@ -156,6 +159,7 @@ class Agent:
         self.gate: PolicyGate | None = None
         self.policy_metrics: PolicyMetrics | None = None
         self.deny: DenyController | None = None
+        self.fleet_policy: FleetPolicy | None = None
         self.fleet_options = fleet
         self.fleet: FleetSink | None = None
         self.state_path = state_path
@@ -273,10 +277,13 @@ class Agent:
     def _load_policy(self) -> None:
         """The policy file at start (RuntimeError: exit 2); the gate that applies it."""
         assert self.enforce is not None and self.metrics is not None
-        try:
-            pol = load_policy(self.enforce.policy_path, self.config.catalog)
-        except PolicyError as exc:
-            raise RuntimeError(str(exc)) from None
+        if self.enforce.policy_path == "fleet":
+            pol = self._fleet_policy()
+        else:
+            try:
+                pol = load_policy(self.enforce.policy_path, self.config.catalog)
+            except PolicyError as exc:
+                raise RuntimeError(str(exc)) from None
         # Deny mode starts as audit: the kernel side arms later (DenyController.tick).
         self.gate = PolicyGate(pol, self.config.catalog, "audit")
         self.policy_metrics = PolicyMetrics(self.metrics.registry)
@@ -285,10 +292,49 @@ class Agent:
         log.info("enforcement %s: policy %s, %d rules, default %s", self.enforce.mode,
                  self.enforce.policy_path, len(pol.rules), pol.default)
 
+    def _fleet_policy(self) -> Policy:
+        """`--policy fleet`: the fleet's policy, else the last good copy, else an empty
+        policy (nothing denied) until one arrives."""
+        f = self.fleet_options
+        if f is None:
+            raise RuntimeError("--policy fleet needs --fleet URL")
+        try:
+            self.fleet_policy = FleetPolicy(f.url, f.spool, f.token_file, f.ca_file,
+                                            self.config.catalog)
+        except ValueError as exc:
+            raise RuntimeError(str(exc)) from None
+        pol, source = self.fleet_policy.initial()
+        self.fleet_policy.start()
+        if pol is None:
+            log.warning("no fleet policy yet: nothing is denied until serve publishes one")
+            return Policy()
+        log.info("policy from %s", source)
+        return pol
+
+    def _apply_fleet_policy(self) -> None:
+        """A policy the fetcher got (whole, on this loop), refusals reported as alerts."""
+        fp = self.fleet_policy
+        if fp is None or self.gate is None or self.policy_metrics is None:
+            return
+        pol, refusals = fp.take()
+        for why in refusals:
+            self.policy_metrics.reload_failures.inc()
+            self._write_line({"@timestamp": rfc3339_millis(time.time()),
+                              "event": {"kind": "alert", "action": "policy_rejected"},
+                              "rule": {"name": "Fleet Enforcement Policy Rejected"},
+                              "imdswatch": {"policy": {"error": why[:500]}}})
+        if pol is not None:
+            self.gate.policy = pol
+            if self.deny is not None:
+                self.deny.set_policy(pol)
+            self.policy_metrics.set_policy(len(pol.rules))
+
     def reload_policy(self) -> None:
         """SIGHUP: the policy file again; a refused one leaves the current one in force."""
         if self.enforce is None or self.gate is None or self.policy_metrics is None:
             return
+        if self.fleet_policy is not None:
+            return  # the fleet's policy comes from serve
         try:
             pol = load_policy(self.enforce.policy_path, self.config.catalog)
         except PolicyError as exc:
@@ -435,6 +481,7 @@ class Agent:
 
     def housekeeping(self) -> None:
         assert self.tracer is not None and self.metrics is not None
+        self._apply_fleet_policy()
         self.metrics.update_model(self.scorer)
         if self.fleet is not None:
             self.fleet.housekeeping()
@@ -517,6 +564,8 @@ class Agent:
         if self.deny is not None:
             self.deny.close()  # first: nothing denies from here on
             self.deny = None
+        if self.fleet_policy is not None:
+            self.fleet_policy.close()
         if self.tracer is not None:
             try:
                 # Bounded: a flood still going on must not delay the exit.

@@ -137,7 +137,8 @@ def replay(events: str, output: str, threshold: float | None, state_path: str | 
               help="Apply --policy: audit reports the calls it would deny, touching nothing; "
                    "deny refuses them in the kernel (in --enforce-cgroup).")
 @click.option("--policy", "policy_path", type=click.Path(dir_okay=False),
-              help="With --enforce: the policy file (imdswatch policy generate).")
+              help="With --enforce: the policy file (imdswatch policy generate), or "
+                   "`fleet`: the fleet scorer's (with --fleet).")
 @click.option("--enforce-cgroup", type=click.Path(file_okay=False),
               help="With --enforce deny: the cgroup v2 directory whose processes are "
                    "enforced (never the root).")
@@ -161,6 +162,8 @@ def run(config_path: str | None, state_path: str | None, probe: str | None,
         if not policy_path:
             fail(f"--enforce {enforce_mode} needs --policy FILE (imdswatch policy generate "
                  "writes one)")
+        if policy_path == "fleet" and not fleet_url:
+            fail("--policy fleet needs --fleet URL (the fleet scorer publishes the policy)")
         if enforce_mode == "deny" and not enforce_cgroup:
             fail("--enforce deny needs --enforce-cgroup DIR: the cgroup whose processes "
                  "are enforced (e.g. /sys/fs/cgroup/kubepods.slice), never the root")
@@ -246,13 +249,16 @@ def run(config_path: str | None, state_path: str | None, probe: str | None,
 @click.option("--bus-lease-ttl", type=DURATION, default="4s", show_default=True,
               help="With --bus: time to live of the scoring lease, when serve creates its "
                    "bucket (a replica taking over waits about this long after a crash).")
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False),
+              help="Publish this policy file at GET /v1/policy for agents run with "
+                   "--policy fleet (re-read when it changes).")
 def serve(listen: str, state_path: str, config_path: str | None, metrics_address: str | None,
           output: str, threshold: float | None, learning_period: float | None,
           reorder_window: float, reorder_hold: float, token_file: str | None,
           tls_cert: str | None, tls_key: str | None, save_interval: float, max_body: int,
           queue_events: int, max_connections: int, bus: str | None, bus_creds: str | None,
           bus_ca: str | None, bus_stream: str, bus_replicas: int, replica_id: str | None,
-          bus_lease_ttl: float) -> None:
+          bus_lease_ttl: float, policy_path: str | None) -> None:
     """The fleet scorer: one model for every agent's events (contract sections 5 and 8)."""
     from imdswatch.serve import ServeOptions, run_serve
 
@@ -268,6 +274,7 @@ def serve(listen: str, state_path: str, config_path: str | None, metrics_address
         queue_events=queue_events, max_connections=max_connections,
         bus=bus, bus_creds=bus_creds, bus_ca=bus_ca, bus_stream=bus_stream,
         bus_replicas=bus_replicas, replica_id=replica_id, bus_lease_ttl=bus_lease_ttl,
+        policy=policy_path,
     )
     if not bus and (bus_creds or bus_ca or replica_id):
         fail("--bus-creds, --bus-ca and --replica-id go with --bus nats://HOST:PORT")

@@ -35,9 +35,11 @@ from fleet.dedup import DEFAULT_CAPACITY, IdWindow
 from fleet.eventlog import LocalLog
 from fleet.http_api import DEFAULT_BODY_LIMIT, DEFAULT_MAX_CONNECTIONS, IngestServer, tls_context
 from fleet.metrics import ServeMetrics
+from fleet.policy_doc import PolicyDocument
 from fleet.token_file import read_token
 from fleet.wal import WalError
 from imdswatch.config import Config
+from policy.toml_file import PolicyError
 from scoring.scorer import Scorer
 from scoring.settings import AGENT_MAX_ENTITIES, FLEET_MAX_ENTITIES
 from scoring.state import StateError, state_dict
@@ -71,6 +73,8 @@ class ServeOptions:
     bus_replicas: int = 1
     replica_id: str | None = None
     bus_lease_ttl: float = 4.0
+    # Section 7: the policy file published at GET /v1/policy.
+    policy: str | None = None
 
 
 def _fail(message: str) -> int:
@@ -104,12 +108,19 @@ def run_serve(config: Config, opts: ServeOptions, *, stop: threading.Event | Non
     exporter = MetricsExporter(max_series=config.metrics.max_series,
                                anomaly_ttl=config.metrics.anomaly_ttl)
     serve_metrics = ServeMetrics(exporter.registry)
+    policy = None
+    if opts.policy:
+        try:
+            policy = PolicyDocument(opts.policy, config.catalog,
+                                    serve_metrics.policy_refused.inc)
+        except PolicyError as exc:
+            return _fail(str(exc))
     exporter.set_ready(False, "restoring state and write-ahead log")
     if "max_entities" not in config.scoring_keys:
         config.scorer.max_entities = FLEET_MAX_ENTITIES
     if opts.bus:
         return _run_bus(config, opts, exporter, serve_metrics, token, tls, metrics_address,
-                        stop)
+                        stop, policy)
     scorer = Scorer(config.scorer, config.catalog, config.exceptions)
     try:
         a = config.alerts
@@ -142,7 +153,8 @@ def run_serve(config: Config, opts: ServeOptions, *, stop: threading.Event | Non
     exporter.update_model(scorer)
     try:
         server = IngestServer(opts.listen, core, serve_metrics, token=token, tls=tls,
-                              body_limit=opts.body_limit, max_connections=opts.max_connections)
+                              body_limit=opts.body_limit, max_connections=opts.max_connections,
+                              policy=policy)
     except (OSError, ValueError) as exc:
         metrics_server.shutdown()
         return _fail(f"cannot listen on {opts.listen}: {exc}")
@@ -195,7 +207,8 @@ def _on_signals(stop: threading.Event) -> dict:
 
 def _run_bus(config: Config, opts: ServeOptions, exporter: MetricsExporter,
              serve_metrics: ServeMetrics, token: str | None, tls: ssl.SSLContext | None,
-             metrics_address: str, stop: threading.Event) -> int:
+             metrics_address: str, stop: threading.Event,
+             policy: PolicyDocument | None = None) -> int:
     """Section 8: this process is one replica on the bus."""
     from fleet.bus import Bus, BusOptions
     from fleet.bus_replica import BusReplica
@@ -246,7 +259,8 @@ def _run_bus(config: Config, opts: ServeOptions, exporter: MetricsExporter,
         empty_model=gzip.compress(orjson.dumps(state_dict(empty, AGENT_MAX_ENTITIES))))
     try:
         server = IngestServer(opts.listen, replica, serve_metrics, token=token, tls=tls,
-                              body_limit=opts.body_limit, max_connections=opts.max_connections)
+                              body_limit=opts.body_limit, max_connections=opts.max_connections,
+                              policy=policy)
     except (OSError, ValueError) as exc:
         bus.close()
         metrics_server.shutdown()
