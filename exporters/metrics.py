@@ -341,12 +341,13 @@ class MetricsExporter:
     def _update_anomaly(self, outcome: Outcome, keep_labels: bool) -> None:
         event = outcome.event
         host = _text(event.host or self.host)
-        entity = redact(_text(outcome.entity))
+        # Redacted before truncation: a cut must not leave the first half of a secret.
+        entity = _text(redact(outcome.entity or ""))
         labels = (
             _text(outcome.detector), _text(outcome.severity), _text(outcome.rule_name), host,
-            _text(event.name), _text(event.exe), _text(event.user or event.uid),
-            _text(event.namespace), _text(event.pod), entity,
-            redact(_text(outcome.reason, MAX_REASON_LENGTH)),
+            _text(redact(event.name or "")), _text(redact(event.exe or "")),
+            _text(event.user or event.uid), _text(event.namespace), _text(event.pod), entity,
+            _text(redact(outcome.reason or ""), MAX_REASON_LENGTH),
         )
         key = (labels[0], entity, host)
         self.anomaly_scores.update(key, labels, round(float(outcome.score), 1), keep_labels)

@@ -55,14 +55,17 @@ _PATTERNS: tuple[re.Pattern[str], ...] = (
     # Query parameters: ?token=x&..., access_token=x, id_token=x, X-Amz-Signature=x
     re.compile(r"(?i)((?:^|[?&\s;])(?:[\w-]*_)?(?:token|password|secret|api_?key|sig)=)"
                r"(?!\$\()[^\s&'\"]+"),
-    # Shell assignments, also in a parent's shell: DB_PASSWORD=x ./run, export VAULT_TOKEN=x
-    re.compile(r"(?i)((?:^|[\s;&|(`'\"])(?:export\s+)?[a-z_][a-z0-9_]*" + _SECRET_WORD
+    # Shell assignments, also in a parent's shell: DB_PASSWORD=x ./run, export VAULT_TOKEN=x,
+    # TOKEN=x (the secret word may be the whole name)
+    re.compile(r"(?i)((?:^|[\s;&|(`'\"])(?:export\s+)?[a-z0-9_]*" + _SECRET_WORD
                + r"[a-z0-9_]*=" + _Q + ")" + _VALUE),
     # curl/wget basic auth: -u user:pw, --user=user:pw, --proxy-user user:pw
     re.compile(r"(?i)((?:^|\s)(?:-u\s*|--(?:proxy-)?user(?:=|\s+))" + _Q + r"[^\s:'\"]*:)"
                + _VALUE),
-    # URL userinfo: https://user:pw@host/
+    # URL userinfo: https://user:pw@host/, and a long user alone, which is a token
+    # (https://TOKEN@github.com/...)
     re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s/@:'\"]*:)[^\s/@'\"]+(?=@)"),
+    re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^\s/@:'\"]{20,}(?=@)"),
     # A password glued to its option: mysql -pSECRET
     re.compile(r"((?:^|\s)-p)(?![\s-])" + _VALUE),
 )
@@ -77,8 +80,42 @@ _SHAPED = re.compile(
     r"|github_pat_[A-Za-z0-9_]{22,}"                 # GitHub fine-grained tokens
     r"|glpat-[A-Za-z0-9_-]{20,}"                     # GitLab personal tokens
     r"|xox[abprs]-[A-Za-z0-9-]{10,}"                 # Slack tokens
+    r"|AQA[A-Za-z0-9_+/-]{20,}={0,2}"                # IMDSv2 session tokens
+    r"|eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"  # JWTs (header.payload.sig)
     r")"
+    # AWS secret access keys: 40 characters of base64 with upper and lower case and a digit
+    # or symbol, standing alone (a hex digest has no upper case, so it stays)
+    r"|(?<![A-Za-z0-9/+])(?=[A-Za-z0-9/+]{0,39}[A-Z])(?=[A-Za-z0-9/+]{0,39}[a-z])"
+    r"(?=[A-Za-z0-9/+]{0,39}[0-9/+])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"
 )
+
+# Any assignment where the shell takes it as one: at the start of a command (of the line,
+# or inside a quoted string or after ; & | ( ` $( that starts one), after `env` and its
+# options, `export`, `readonly`, `local`, `declare -x`; and the assignments that follow it
+# (`X=1 TOKEN=secret ./run`). Its name says nothing (`TOKEN`, `T`, `K`): every value goes but
+# a reference (`$T`, `$(...)`) and a few names that never hold a secret.
+_ASSIGNMENTS = re.compile(
+    r"(?:^|(?<=[;&|(`'\"])|(?<=\$\()|\b(?:env(?:\s+-[^\s=]*)*|export|readonly|local|"
+    r"declare\s+-x)\s+)\s*"
+    r"(?:[A-Za-z_][A-Za-z0-9_]*=(?:'[^']*'|\"[^\"]*\"|[^\s;&|'\"`)]*)(?:\s+|$|(?=[;&|'\"`)])))+")
+_ONE_ASSIGNMENT = re.compile(
+    r"([A-Za-z_][A-Za-z0-9_]*)=('[^']*'|\"[^\"]*\"|[^\s;&|'\"`)]*)")
+_HARMLESS_NAMES = re.compile(
+    r"(?:PATH|HOME|LANG|LANGUAGE|LC_[A-Z]+|TERM|TZ|USER|LOGNAME|SHELL|PWD|HOSTNAME|"
+    r"DEBIAN_FRONTEND|PYTHON(?:PATH|UNBUFFERED|DONTWRITEBYTECODE)|NODE_ENV|"
+    r"AWS_(?:DEFAULT_)?REGION|AWS_PROFILE|AWS_EC2_METADATA_DISABLED|VAULT_ADDR|KUBECONFIG)$")
+
+
+def _mask_assignment(m: re.Match[str]) -> str:
+    name, value = m.group(1), m.group(2)
+    bare = value.strip("'\"")
+    if not bare or bare.startswith("$") or _HARMLESS_NAMES.match(name) or MASK in bare:
+        return m.group(0)
+    return f"{name}={MASK}"
+
+
+def _mask_assignments(m: re.Match[str]) -> str:
+    return _ONE_ASSIGNMENT.sub(_mask_assignment, m.group(0))
 # `aws configure set aws_secret_access_key VALUE` passes the secret as a positional word.
 _POSITIONAL_SECRET = re.compile(
     r"(?i)(\b(?:aws_)?(?:secret_access_key|session_token)\s+)(?![=:])" + _VALUE)
@@ -102,6 +139,7 @@ def redact(text: str) -> str:
     for pattern in _PATTERNS:
         text = pattern.sub(lambda m: m.group(1) + MASK, text)
     text = _POSITIONAL_SECRET.sub(lambda m: m.group(1) + MASK, text)
+    text = _ASSIGNMENTS.sub(_mask_assignments, text)
     return _SHAPED.sub(MASK, text)
 
 
