@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporters.metrics import MetricsExporter
 from fleet.metrics import AgentFleetMetrics, ServeMetrics
 from intake.parser import event_from_ecs
+from policy.metrics import PolicyMetrics
 from scoring.scorer import Scorer
 from scoring.settings import ScorerSettings
 
@@ -87,6 +88,11 @@ def exported_series() -> dict[str, set[str]]:
     # `imdswatch serve` and `imdswatch run --fleet`.
     ServeMetrics(exporter.registry)
     AgentFleetMetrics(exporter.registry)
+    # The enforcement's (imdswatch run --enforce).
+    pm = PolicyMetrics(exporter.registry)
+    pm.set_mode("deny", "deny")
+    pm.set_policy(3)
+    pm.decided("connection_denied", "default", "imds", None)
     exporter.update_model(scorer)
     exporter.set_probe("fentry", fallback=False)
     exporter.set_kernel_counts(10, 1)
