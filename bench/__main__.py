@@ -224,6 +224,12 @@ def section_tracer(quick: bool, seed: int) -> Section:
     return run(quick)
 
 
+def section_identity(quick: bool, seed: int) -> Section:
+    from bench.identity_bench import run
+
+    return run(quick)
+
+
 def section_bus(quick: bool, seed: int) -> Section:
     from bench.bus_bench import run
 
@@ -243,6 +249,7 @@ SECTIONS: tuple[tuple[str, Callable[[bool, int], Section]], ...] = (
     ("fleet: imdswatch serve vs replay and per-node agents", section_fleet),
     ("fleet on a bus: serve --bus replicas vs the local log", section_bus),
     ("tracer: the live probe and agent", section_tracer),
+    ("identity: the kernel's record of each process", section_identity),
     ("agent flood: the live agent under a name flood", section_agent_flood),
 )
 

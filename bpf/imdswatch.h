@@ -37,6 +37,7 @@
 #define IMDS_F_NAT 2         /* SYN: the packet's destination differs from the socket's */
 #define IMDS_F_SOCK_MATCH 4  /* SYN: the socket's own destination is an endpoint, so the
                               * connect probe reported it too (joined by thread id) */
+#define IMDS_F_RECORD 8      /* the process's identity record (bpf/identity.h) follows */
 
 struct imds_event {
     __u32 kind;        /* IMDS_KIND_CONNECT or IMDS_KIND_SYN */
@@ -236,6 +237,8 @@ static long (*imds_read_kernel_str)(void *dst, __u32 size, const void *src) =
 #define imds_read_kernel_str bpf_probe_read_kernel_str
 #endif
 
+#include "identity.h"
+
 /* The process's identity as the kernel sees it at this moment: the thread-group leader's
  * name (a thread's own comm is "iou-wrk-12" for io_uring workers, a JVM thread name...) and
  * the executable's file name and inode (what runs, before anything can exec another binary).
@@ -243,7 +246,9 @@ static long (*imds_read_kernel_str)(void *dst, __u32 size, const void *src) =
  * without them the leader name falls back to the thread's and no exe is read. */
 static __always_inline void imds_fill_identity(struct imds_event *ev)
 {
-#ifdef IMDS_OFF_TASK_GROUP_LEADER
+    /* IMDS_NO_TASK_READS: the mode's programs may not read the task on this kernel (the
+     * identity record, read by tgid, still comes with every event). */
+#if defined(IMDS_OFF_TASK_GROUP_LEADER) && !defined(IMDS_NO_TASK_READS)
     char *task = (char *)bpf_get_current_task();
     char *leader = 0, *mm = 0, *file = 0, *dentry = 0, *inode = 0, *name = 0;
     imds_read_kernel(&leader, sizeof(leader), task + IMDS_OFF_TASK_GROUP_LEADER);
@@ -287,20 +292,43 @@ static __always_inline void imds_fill_task(struct imds_event *ev, __u8 probe)
     imds_fill_identity(ev);
 }
 
-/* Hand a record to userspace; a full buffer is counted (in `lost`), never silent. */
+#ifndef IMDS_USE_RINGBUF
+/* The perf buffer copies from memory the program owns: a per-CPU scratch record. */
+BPF_PERCPU_ARRAY(record_scratch, struct imds_record, 1);
+#endif
+
+/* Hand a record to userspace: the event, then the calling process's identity record when it
+ * has one. A full buffer is counted (in `lost`), never silent. */
 static __always_inline void imds_output(void *ctx, struct imds_event *ev, int sent, int lost)
 {
+    __u32 tgid = ev->tgid;
+    struct imds_ident *rec = identities.lookup(&tgid);
 #ifdef IMDS_USE_RINGBUF
-    struct imds_event *out = events.ringbuf_reserve(sizeof(*out));
+    struct imds_record *out = events.ringbuf_reserve(sizeof(*out));
     if (!out) {
         imds_stat_inc(lost);
         return;
     }
-    __builtin_memcpy(out, ev, sizeof(*out));
+#else
+    __u32 zero = 0;
+    struct imds_record *out = record_scratch.lookup(&zero);
+    if (!out)
+        return;
+#endif
+    __builtin_memcpy(&out->ev, ev, sizeof(*ev));
+    if (rec) {
+        __builtin_memcpy(&out->id, rec, sizeof(*rec));
+        out->ev.flags |= IMDS_F_RECORD;
+    } else {
+        out->id.flags = 0;
+        out->id.path_len = 0;
+        out->id.args_len = 0;
+    }
+#ifdef IMDS_USE_RINGBUF
     events.ringbuf_submit(out, 0);
     imds_stat_inc(sent);
 #else
-    if (events.perf_submit(ctx, ev, sizeof(*ev)) != 0)
+    if (events.perf_submit(ctx, out, sizeof(*out)) != 0)
         imds_stat_inc(lost);
     else
         imds_stat_inc(sent);

@@ -28,7 +28,8 @@ Metric catalog (the alert rules and the Grafana dashboard rely on these names):
 - `imdswatch_build_info{version,python_version,host}`, `imdswatch_probe_info{mode}`,
   `imdswatch_probe_fallback`, `imdswatch_ready`, `imdswatch_request_capture_enabled`,
   `imdswatch_request_capture_nat_enabled`,
-  `imdswatch_kernel_identity_enabled`, `imdswatch_kernel_segments_dropped_total`
+  `imdswatch_kernel_identity_enabled`, `imdswatch_kernel_identity_record_enabled`,
+  `imdswatch_kernel_segments_dropped_total`
 - `imdswatch_kernel_connections_total`, `imdswatch_kernel_events_dropped_total`
 - `imdswatch_kernel_connections_by_process_total{process,uid}` - the kernel's per-(comm, uid,
   cgroup) counts summed over cgroups (cgroup ids are too many to be labels); counted before
@@ -286,6 +287,13 @@ class MetricsExporter:
             "1 when the probe reads the process's leader name and executable in the kernel; 0 "
             "when the kernel has no BTF or refused those reads (names and executables then "
             "come from /proc only).", registry=r)
+        self._identity_record = Gauge(
+            "imdswatch_kernel_identity_record_enabled",
+            "1 when the kernel keeps each process's identity record (executable path, command "
+            "line, parent, start; written at exec and fork) and copies it into every event; 0 "
+            "when it cannot (no BTF, or the kernel refused the programs): those fields then "
+            "come from /proc only, and are missing for processes that exit first.",
+            registry=r)
         self._segments_dropped = Counter(
             "imdswatch_kernel_segments_dropped",
             "Request-capture records lost in the kernel because the buffer was full.",
@@ -401,8 +409,9 @@ class MetricsExporter:
             self._segments_dropped.inc(segments_dropped - self._segments_dropped_last)
             self._segments_dropped_last = segments_dropped
 
-    def set_kernel_identity(self, enabled: bool) -> None:
+    def set_kernel_identity(self, enabled: bool, record: bool = False) -> None:
         self._kernel_identity.set(1 if enabled else 0)
+        self._identity_record.set(1 if record else 0)
 
     def set_ready(self, ready: bool, reason: str = "") -> None:
         self.health.set_ready(ready, reason)

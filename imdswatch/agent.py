@@ -267,7 +267,8 @@ class Agent:
         self.metrics.set_probe(mode, fallback)
         self.metrics.set_request_capture(self.tracer.tracker is not None,
                                          follows_nat=self.tracer.requests_limited is None)
-        self.metrics.set_kernel_identity(self.tracer.identity_unavailable is None)
+        self.metrics.set_kernel_identity(self.tracer.identity_unavailable is None,
+                                         record=self.tracer.record_unavailable is None)
         self.metrics.update_model(self.scorer)
         log.info("agent ready: probe %s, metrics on http://%s/metrics, learning %s",
                  mode, cfg.metrics.address, "on" if self.scorer.learning else "off")

@@ -9,6 +9,7 @@ pass."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 
@@ -66,6 +67,9 @@ def test_run_sees_and_alerts_in_each_probe_mode(mode, ns, tmp_path):
         if agent.metric("imdswatch_kernel_identity_enabled") != 1:
             assert mode == "cgroup" and "cgroup programs reading the task were refused" in log, \
                 log[-2000:]
+        # The identity record (executable, command line, parent from exec and fork) is read
+        # by tgid in every mode, on every kernel of the matrix, the cgroup mode included.
+        assert agent.metric("imdswatch_kernel_identity_record_enabled") == 1, log[-2000:]
         p = ns.popen(["curl", "-s", "-o", "/dev/null", f"http://{IMDS}{CREDENTIALS}"],
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         p.wait(30)
@@ -76,6 +80,8 @@ def test_run_sees_and_alerts_in_each_probe_mode(mode, ns, tmp_path):
         assert wait_for(mine, 20), agent.log.read_text()[-2000:]
         (alert,) = mine()
         assert alert["process"]["name"] == "curl" and alert["destination"]["ip"] == IMDS
+        assert alert["process"]["executable"] == os.path.realpath(shutil.which("curl"))
+        assert alert["process"]["parent"]["name"] and alert["process"]["command_line"]
         assert alert["http"]["request"]["method"] == "GET"
         assert alert["url"]["path"] == CREDENTIALS
         assert wait_for(lambda: agent.metric("imdswatch_metadata_connections_total",

@@ -231,7 +231,11 @@ def test_process_gone_before_enrichment_keeps_kernel_fields(ns, tracer):
     doc = docs[0]
     assert doc["imdswatch"]["exited_before_enrichment"] is True
     assert doc["process"]["name"] == "python3" and doc["user"]["id"] == "0"
-    assert "executable" not in doc["process"]
+    # Gone from /proc, yet identified: the kernel's record was copied into the event.
+    assert doc["process"]["executable"] == os.path.realpath("/usr/bin/python3")
+    assert doc["process"]["args"][0].endswith("python3") and doc["process"]["parent"]["pid"] > 1
+    assert doc["imdswatch"]["identity"]["record"] == "exec"
+    assert "from_proc" not in doc["imdswatch"]["identity"]
     assert event_from_ecs(doc).pid == p.pid
 
 

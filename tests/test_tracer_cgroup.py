@@ -80,8 +80,11 @@ def _counts(tracer: Tracer, comm: str) -> int:
 
 
 def _our_program_ids(tracer: Tracer) -> set[int]:
+    """The tracer's cgroup programs (not the identity record's raw tracepoints)."""
     ids = set()
-    for fn in tracer._bpf.funcs.values():
+    for name, fn in tracer._bpf.funcs.items():
+        if name.startswith(b"raw_tracepoint__"):
+            continue
         for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines():
             if line.startswith("prog_id:"):
                 ids.add(int(line.split()[1]))

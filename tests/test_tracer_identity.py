@@ -42,7 +42,7 @@ if not numbers:
 compiles = []
 compile_mode = probes.compile_mode
 def recorded(mode, **kw):
-    compiles.append([mode, bool(kw.get("offsets"))])
+    compiles.append([mode, bool(kw.get("offsets")) and kw.get("task_reads", True)])
     return compile_mode(mode, **kw)
 probes.compile_mode = recorded
 t = Tracer(EndpointCatalog.from_config(), probe=probe, requests=False)

@@ -407,7 +407,9 @@ def test_exec_of_known_agent_after_connect_is_a_mismatch(ns, tracer, tmp_path):
     assert kernel["kernel_executable"] == {"name": "amazon-ssm-agent",
                                            "inode": os.stat(fake).st_ino}
     assert kernel["proc_executable"] == str(real)
-    assert "executable" not in d["process"]  # /proc's answer is not passed off as the caller's
+    # /proc's answer is not passed off as the caller's: the executable is the kernel's
+    # record of what connected.
+    assert d["process"]["executable"] == str(fake.resolve())
     assert d["process"]["name"] == "amazon-ssm-agen"
 
 

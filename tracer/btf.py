@@ -174,11 +174,48 @@ TASK_FIELDS = (
 )
 
 
+# What the identity record's programs (bpf/identity.h) read, with alternatives where a kernel
+# renamed a field (start_boottime was real_start_time before 5.5). All or none: without one
+# of them the record is off and the tracer says so.
+RECORD_FIELDS = (
+    ("IMDS_OFF_TASK_TGID", "task_struct", ("tgid",)),
+    ("IMDS_OFF_TASK_PID", "task_struct", ("pid",)),
+    ("IMDS_OFF_TASK_REAL_PARENT", "task_struct", ("real_parent",)),
+    ("IMDS_OFF_TASK_START", "task_struct", ("start_boottime", "real_start_time")),
+    ("IMDS_OFF_TASK_SIGNAL", "task_struct", ("signal",)),
+    ("IMDS_OFF_SIGNAL_LIVE", "signal_struct", ("live",)),
+    ("IMDS_OFF_MM_ARG_START", "mm_struct", ("arg_start",)),
+    ("IMDS_OFF_MM_ARG_END", "mm_struct", ("arg_end",)),
+    ("IMDS_OFF_FILE_MNT", "file", ("f_path.mnt",)),
+    ("IMDS_OFF_VFSMOUNT_ROOT", "vfsmount", ("mnt_root",)),
+    ("IMDS_OFF_MOUNT_MNT", "mount", ("mnt",)),
+    ("IMDS_OFF_MOUNT_PARENT", "mount", ("mnt_parent",)),
+    ("IMDS_OFF_MOUNT_MOUNTPOINT", "mount", ("mnt_mountpoint",)),
+)
+
+
+def record_offsets(btf: BTF | None = None) -> dict[str, int]:
+    """The identity record's offsets (macro name -> value). Raises BTFError naming the
+    field when one is missing."""
+    b = btf or BTF.kernel()
+    out = {}
+    for macro, struct_name, paths in RECORD_FIELDS:
+        for i, path in enumerate(paths):
+            try:
+                out[macro] = b.offset(struct_name, path)
+                break
+            except BTFError:
+                if i == len(paths) - 1:
+                    raise
+    return out
+
+
 # The identity reads call bpf_probe_read_kernel by its number when the kernel has it
 # (bpf/imdswatch.h says why BCC's name for it cannot be trusted).
 READ_KERNEL_HELPERS = (
     ("IMDS_HELPER_READ_KERNEL", "BPF_FUNC_probe_read_kernel"),
     ("IMDS_HELPER_READ_KERNEL_STR", "BPF_FUNC_probe_read_kernel_str"),
+    ("IMDS_HELPER_READ_USER", "BPF_FUNC_probe_read_user"),
 )
 
 

@@ -20,9 +20,18 @@ class MonotonicClock:
         wall = time.time_ns()
         m2 = time.monotonic_ns()
         self.offset_ns = wall - (m1 + m2) // 2
+        b1 = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        wall = time.time_ns()
+        b2 = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        self.boot_offset_ns = wall - (b1 + b2) // 2
 
     def wall_ns(self, mono_ns: int) -> int:
         return mono_ns + self.offset_ns
+
+    def wall_from_boottime(self, boot_ns: int) -> int:
+        """CLOCK_BOOTTIME ns (a process's start time as the kernel and /proc keep it) to
+        wall-clock ns."""
+        return boot_ns + self.boot_offset_ns
 
 
 _last_second: list = [None, ""]

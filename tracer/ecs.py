@@ -41,6 +41,27 @@ def exe_mismatch(ev: KernelEvent, info: ProcessInfo) -> bool:
     return bool(ev.exe_ino and info.exe_ino and ev.exe_ino != info.exe_ino)
 
 
+# Contract section 6: the caller-identity fields every live event carries when known;
+# `imdswatch.identity.missing` lists those absent (never guessed).
+IDENTITY_FIELDS = ("process.executable", "process.command_line", "process.args",
+                   "process.parent.pid", "process.parent.name", "process.start", "user.id",
+                   "group.id", "container.id")
+
+
+def _record_exe(ev: KernelEvent) -> str | None:
+    """The identity record's executable, unless the executable the connect hook read from
+    the task disagrees with it (a record that is not this process's: never passed on)."""
+    rec = ev.identity
+    if rec is None or rec.executable is None:
+        return None
+    if ev.exe_name is not None:
+        leaf = rec.executable.rsplit("/", 1)[-1].encode()
+        kernel = ev.exe_name.encode()
+        if not (leaf == kernel or (len(kernel) >= EXE_NAME_MAX and leaf.startswith(kernel))):
+            return None
+    return rec.executable
+
+
 def to_ecs(
     ev: KernelEvent,
     info: ProcessInfo,
@@ -51,9 +72,15 @@ def to_ecs(
     user_name: str | None,
     pod: tuple[str, str] | None = None,
     image: str | None = None,
+    start_wall_ns: int | None = None,
 ) -> dict:
     """`pod` is the (namespace, pod name) of the cgroup's pod UID and `image` the image of
-    its container id, when known (tracer.kubernetes.PodDirectory)."""
+    its container id, when known (tracer.kubernetes.PodDirectory). `start_wall_ns`: the
+    process's start as wall-clock ns (from the kernel's record, else /proc), when known.
+
+    Identity per field: the kernel's record (bpf/identity.h, copied into the event at the
+    connect) first, /proc (read after the event arrived) for what the record lacks; the
+    fields taken from /proc are listed in `imdswatch.identity.from_proc`."""
     uid = info.euid if info.euid is not None else ev.uid
     gid = info.egid if info.egid is not None else ev.gid
     # The process is named by its thread-group leader; the calling thread's own name
@@ -65,6 +92,8 @@ def to_ecs(
     process: dict = {"name": name, "pid": ev.tgid, "thread": thread}
     kernel_process: dict = {}
     mismatch = exe_mismatch(ev, info)
+    rec = ev.identity
+    from_proc: list[str] = []
     if ev.exe_name is not None or ev.exe_ino:
         kernel_process["kernel_executable"] = {"name": ev.exe_name or "", "inode": ev.exe_ino}
     if mismatch:
@@ -73,18 +102,36 @@ def to_ecs(
         kernel_process["exe_mismatch"] = True
         if info.exe:
             kernel_process["proc_executable"] = info.exe
-    elif info.exe:
-        process["executable"] = info.exe
-    if info.command_line:
+    executable = _record_exe(ev)
+    if executable is None and not mismatch and info.exe:
+        executable = info.exe
+        from_proc.append("process.executable")
+    if executable:
+        process["executable"] = executable
+    if rec is not None and rec.args:
+        process["command_line"] = " ".join(rec.args)
+        process["args"] = rec.args
+        if rec.args_cut:
+            kernel_process["args_truncated"] = True
+    elif info.command_line:
         process["command_line"] = info.command_line
         process["args"] = info.args
-    if info.ppid:
-        parent: dict = {"pid": info.ppid}
-        if info.parent_name:
-            parent["name"] = info.parent_name
-        if info.parent_exe:
+        from_proc += ["process.command_line", "process.args"]
+    ppid, parent_name = (rec.ppid, rec.parent_name) if rec is not None else (None, None)
+    if ppid is None and info.ppid:
+        ppid, parent_name = info.ppid, info.parent_name
+        from_proc += ["process.parent.pid", "process.parent.name"]
+    if ppid:
+        parent: dict = {"pid": ppid}
+        if parent_name:
+            parent["name"] = parent_name
+        if info.parent_exe and info.ppid == ppid:
             parent["executable"] = info.parent_exe
         process["parent"] = parent
+    if start_wall_ns is not None:
+        process["start"] = rfc3339(start_wall_ns)
+        if rec is None or rec.start_ns is None:
+            from_proc.append("process.start")
     user: dict = {"id": str(uid)}
     if user_name:
         user["name"] = user_name
@@ -110,6 +157,11 @@ def to_ecs(
         imds["connect_result"] = ev.result
     if info.exited:
         imds["exited_before_enrichment"] = True
+    identity: dict = {}
+    if rec is not None:
+        identity["record"] = rec.source
+    if from_proc:
+        identity["from_proc"] = from_proc
     doc: dict = {
         "@timestamp": rfc3339(wall_ns),
         "event": event,
@@ -134,4 +186,23 @@ def to_ecs(
         if pod is not None:
             orchestrator["namespace"], resource["name"] = pod
         doc["orchestrator"] = orchestrator
+    # container.id is missing only when the cgroup could not be read at all: a process
+    # outside any container has none to miss.
+    missing = [f for f in IDENTITY_FIELDS if f not in ("container.id", "user.id", "group.id")
+               and _absent(doc, f)]
+    if cg is None:
+        missing.append("container.id")
+    if missing:
+        identity["missing"] = missing
+    if identity:
+        imds["identity"] = identity
     return doc
+
+
+def _absent(doc: dict, dotted: str) -> bool:
+    node: object = doc
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return True
+        node = node[part]
+    return node in (None, "", [])

@@ -28,6 +28,7 @@ class ProcessInfo:
     euid: int | None = None
     egid: int | None = None
     cgroup: CgroupIdentity | None = None
+    start_ns: int | None = None  # start time, CLOCK_BOOTTIME ns (/proc/PID/stat, in ticks)
 
 
 def _read(path: str) -> str | None:
@@ -46,6 +47,9 @@ def _readlink(path: str) -> str | None:
     # A replaced or deleted binary reads as "/path (deleted)"; keep the path, which is what
     # ran, and let the flag-free path be compared with exceptions.
     return target.removesuffix(" (deleted)")
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class Enricher:
@@ -111,6 +115,12 @@ class Enricher:
                 info.euid = int(line.split()[2])
             elif line.startswith("Gid:"):
                 info.egid = int(line.split()[2])
+        stat = _read(f"{base}/stat")
+        if stat is not None:
+            end = stat.rfind(")")
+            fields = stat[end + 2:].split() if end >= 0 else []
+            if len(fields) > 19 and fields[19].isdigit():
+                info.start_ns = int(fields[19]) * 1_000_000_000 // _CLK_TCK
         cg = _read(f"{base}/cgroup")
         if cg is not None:
             info.cgroup = identify(cg)

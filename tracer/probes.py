@@ -72,6 +72,7 @@ def compile_mode(
     directory: Path | None = None,
     offsets: dict[str, int] | None = None,
     capture_bytes: int = 1024,
+    task_reads: bool = True,
 ) -> object:
     """Compile `mode` to BPF bytecode (no load, no attach). Returns the BCC object.
     `offsets`: kernel structure offsets (tracer.btf) for the kernel-side identity."""
@@ -84,7 +85,7 @@ def compile_mode(
     text = sources.program_text(mode, directory)
     flags = sources.cflags(ringbuf=ringbuf, ringbuf_pages=ringbuf_pages,
                            count_entries=count_entries, offsets=offsets,
-                           capture_bytes=capture_bytes)
+                           capture_bytes=capture_bytes, task_reads=task_reads)
     try:
         return _loader_class()(text=text.encode(), cflags=flags)
     except Exception as exc:  # BCC raises bare Exception
@@ -237,6 +238,37 @@ def attach_requests(b: object, mode: str, cgroup_root: str | None = None,
     return NAT_UNSEEN if variant == "tracked" else None
 
 
+# The identity record's programs (bpf/identity.h), raw tracepoints beside any mode.
+IDENTITY_PROGRAMS = (
+    ("raw_tracepoint__sched_process_exit", "sched_process_exit"),
+    ("raw_tracepoint__sched_process_fork", "sched_process_fork"),
+    ("raw_tracepoint__sched_process_exec", "sched_process_exec"),
+)
+
+
+def attach_identity(b: object) -> None:
+    """Attach the record's exit, fork and exec programs (exit first: no record is written
+    that its exit could miss). Raises ProbeError saying why not; nothing stays attached."""
+    done = []
+    try:
+        for name, tp in IDENTITY_PROGRAMS:
+            b.attach_raw_tracepoint(tp=tp.encode(), fn_name=name.encode())
+            done.append(tp)
+    except Exception as exc:
+        for tp in done:
+            b.detach_raw_tracepoint(tp=tp.encode())
+        raise ProbeError(f"identity record (raw tracepoints sched_process_exec/fork/exit): "
+                         f"{_errtext(exc)}") from exc
+
+
+def detach_identity(b: object) -> None:
+    for _name, tp in IDENTITY_PROGRAMS:
+        try:
+            b.detach_raw_tracepoint(tp=tp.encode())
+        except Exception:  # not attached
+            pass
+
+
 def detach_requests(b: object) -> None:
     att = getattr(b, "imdsw_requests", None)
     if att is not None:
@@ -349,8 +381,9 @@ def open_mode(
                 if not compile_args.get("offsets"):
                     raise
                 log.warning("probe %s: the kernel refused its programs with the kernel-side "
-                            "process identity (%s); trying %s without it", m, exc, m)
-                b = _open_one(m, prepare, cgroup_root, {**compile_args, "offsets": None})
+                            "process identity (%s); trying %s without reading the task at "
+                            "connect time", m, exc, m)
+                b = _open_one(m, prepare, cgroup_root, {**compile_args, "task_reads": False})
                 if identity_off is not None:
                     identity_off(f"the {m} programs reading the task were refused: {exc}")
         except ProbeError as exc:

@@ -3,6 +3,7 @@ into ECS documents, kernel counters readable."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import time
@@ -10,7 +11,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
-from tracer import btf, kernel, maps, probes
+from tracer import btf, cgroup_attach, identity_seed, kernel, maps, probes
+from tracer.cgroup_paths import CgroupPaths
 from tracer.clock import MonotonicClock, rfc3339
 from tracer.ecs import to_ecs
 from tracer.enrich import Enricher
@@ -100,9 +102,13 @@ class Tracer:
         # What request capture cannot see on this kernel, when it runs limited.
         self.requests_limited: str | None = None
         self.identity_unavailable: str | None = None
+        # Why the identity record (bpf/identity.h) is off, when it is.
+        self.record_unavailable: str | None = None
+        self.records_seeded = 0
         self.tracker: RequestTracker | None = None
         self.cgroup_root = cgroup_root  # cgroup mode: None = found from /proc/self/mounts
         self.enricher = Enricher(proc_root, passwd_path)
+        self._cgroup_paths: CgroupPaths | None = None
         self.pods = pods
         self.host_name = host_name if host_name is not None else socket.gethostname()
         self.clock = MonotonicClock()
@@ -128,11 +134,25 @@ class Tracer:
                 offsets = btf.task_offsets()
             except btf.BTFError as exc:
                 self._identity_off(str(exc))
+                self.record_unavailable = str(exc)
+            if offsets is not None:
+                try:
+                    offsets.update(btf.record_offsets())
+                except btf.BTFError as exc:
+                    self.record_unavailable = str(exc)
+        else:
+            self.record_unavailable = "kernel-side identity not asked for"
         self._bpf, self.probe = probes.open_mode(
             self.requested, prepare=self._fill_maps, cgroup_root=self.cgroup_root,
             identity_off=self._identity_off, offsets=offsets, **self._compile_args
         )
         b = self._bpf
+        if self.record_unavailable is None:
+            self._start_record(b)
+        elif self.want_identity:
+            log.warning("process identity record off (%s): executables, command lines and "
+                        "parents come from /proc only, and are missing for processes that "
+                        "exit before it is read", self.record_unavailable)
         if self.want_requests:
             try:
                 self.requests_limited = probes.attach_requests(
@@ -157,6 +177,20 @@ class Tracer:
                  len(self.catalog), self.probe, "ring buffer" if self.ringbuf else "perf buffer",
                  self.attach_seconds)
         return self.probe
+
+    def _start_record(self, b: object) -> None:
+        """Attach the identity record's programs, then seed it for processes already running."""
+        try:
+            probes.attach_identity(b)
+        except probes.ProbeError as exc:
+            self.record_unavailable = str(exc)
+            log.warning("process identity record off (%s): executables, command lines and "
+                        "parents come from /proc only", exc)
+            return
+        self.records_seeded = identity_seed.seed(b[b"identities"], self.enricher.proc_root)
+        log.info("process identity record on: written at exec and fork in the kernel, %d "
+                 "running processes seeded from %s", self.records_seeded,
+                 self.enricher.proc_root)
 
     def _identity_off(self, reason: str) -> None:
         # The mode attached without the identity reads (its programs were refused with them).
@@ -261,6 +295,12 @@ class Tracer:
     def document(self, ev: KernelEvent) -> dict:
         """The enriched ECS document of one kernel event."""
         info = self.enricher.lookup(ev.tgid, ev.tid, ev.comm, ev.exe_ino)
+        if info.cgroup is None:
+            # Gone before /proc was read: its cgroup, by the id the kernel gave, still says
+            # which container it ran in.
+            cg = self._cgroups().identity(ev.cgroup_id)
+            if cg is not None:
+                info = dataclasses.replace(info, cgroup=cg)
         uid = info.euid if info.euid is not None else ev.uid
         pod = image = None
         cg = info.cgroup
@@ -268,16 +308,30 @@ class Tracer:
             pod = self.pods.lookup(cg.pod_uid)
             if cg.container_id:
                 image = self.pods.container_image(cg.container_id)
+        start = ev.identity.start_ns if ev.identity is not None else None
+        if start is None:
+            start = info.start_ns
         return to_ecs(
             ev,
             info,
             wall_ns=self.clock.wall_ns(ev.ts_ns),
+            start_wall_ns=self.clock.wall_from_boottime(start) if start else None,
             host_name=self.host_name,
             event_id=f"{self._boot}-{ev.ts_ns:x}-{ev.tid:x}",
             user_name=self.enricher.user_name(uid),
             pod=pod,
             image=image,
         )
+
+    def _cgroups(self) -> CgroupPaths:
+        if self._cgroup_paths is None:
+            try:
+                root: str | None = cgroup_attach.cgroup2_root(self.cgroup_root)
+            except (cgroup_attach.CgroupError, OSError) as exc:
+                log.info("no cgroup v2 tree to resolve cgroup ids in: %s", exc)
+                root = None
+            self._cgroup_paths = CgroupPaths(root)
+        return self._cgroup_paths
 
     def _on_lost(self, count: int) -> None:
         # Perf buffer overruns are also counted in the kernel's `dropped` stat.

@@ -70,10 +70,14 @@ def file_text(name: str, directory: Path | None = None) -> str:
 
 
 def cflags(*, ringbuf: bool, ringbuf_pages: int = 256, count_entries: int = 16384,
-           offsets: dict[str, int] | None = None, capture_bytes: int = 1024) -> list[str]:
+           offsets: dict[str, int] | None = None, capture_bytes: int = 1024,
+           task_reads: bool = True) -> list[str]:
     """Compiler flags that size the maps and pick the output buffer. `offsets`: kernel
     structure offsets from BTF (tracer.btf.task_offsets), which turn on the kernel-side
-    process identity (leader name, executable)."""
+    process identity (leader name, executable at connect time, and the identity record
+    programs of bpf/identity.h when the record's offsets are among them). `task_reads`
+    False keeps the connect programs from reading the task (kernels that refuse it in
+    cgroup programs); the record, looked up by tgid, stays."""
     if ringbuf_pages & (ringbuf_pages - 1):
         raise ValueError("ringbuf_pages must be a power of two")
     flags = [
@@ -88,6 +92,8 @@ def cflags(*, ringbuf: bool, ringbuf_pages: int = 256, count_entries: int = 1638
     if not 64 <= capture_bytes <= 4096:
         raise ValueError("capture_bytes must be between 64 and 4096")
     flags.append(f"-DIMDS_CAPTURE_BYTES={capture_bytes}")
+    if not task_reads:
+        flags.append("-DIMDS_NO_TASK_READS=1")
     for name, value in sorted((offsets or {}).items()):
         flags.append(f"-D{name}={int(value)}")
     return flags
