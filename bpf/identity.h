@@ -68,10 +68,12 @@ struct imds_ident_scratch {
     char spill[IMDS_PATH_LEN];
 };
 
-BPF_TABLE("lru_hash", __u32, struct imds_ident, identities, IMDS_IDENTITY_ENTRIES);
-
+/* Only where the record's offsets were given (tracer.btf.record_offsets): other objects
+ * that include imdswatch.h (the enforcer) allocate no record map. */
 #if defined(IMDS_OFF_TASK_TGID) && defined(IMDS_OFF_MOUNT_MNT)
 #define IMDS_IDENTITY_RECORD 1
+
+BPF_TABLE("lru_hash", __u32, struct imds_ident, identities, IMDS_IDENTITY_ENTRIES);
 
 BPF_PERCPU_ARRAY(ident_scratch, struct imds_ident_scratch, 1);
 

@@ -301,8 +301,12 @@ BPF_PERCPU_ARRAY(record_scratch, struct imds_record, 1);
  * has one. A full buffer is counted (in `lost`), never silent. */
 static __always_inline void imds_output(void *ctx, struct imds_event *ev, int sent, int lost)
 {
+#ifdef IMDS_IDENTITY_RECORD
     __u32 tgid = ev->tgid;
     struct imds_ident *rec = identities.lookup(&tgid);
+#else
+    struct imds_ident *rec = 0;
+#endif
 #ifdef IMDS_USE_RINGBUF
     struct imds_record *out = events.ringbuf_reserve(sizeof(*out));
     if (!out) {
