@@ -172,6 +172,7 @@ class ImdswatchRun:
 def run_imdswatch(path: Path, labels: Labels, sc: Scenario, learning_period: float | None,
                   count_learning: bool = False) -> ImdswatchRun:
     from imdswatch.replay import replay
+    from scoring.endpoints import SENSITIVE_CLASSES
     from scoring.scorer import Scorer
     from scoring.settings import ScorerSettings
 
@@ -191,9 +192,12 @@ def run_imdswatch(path: Path, labels: Labels, sc: Scenario, learning_period: flo
             dets.append((out.event.ts, n, ("imdswatch", n)))
             if out.burst:
                 bursts[out.event.host or ""] = n
-        elif out.suppressed and out.burst and (out.event.host or "") in bursts:
+        elif (out.suppressed and out.burst and (out.event.host or "") in bursts
+              and out.request_class not in SENSITIVE_CLASSES):
             # A burst of new callers is one alert naming the burst; the callers folded
             # into it are covered by it, as an anomaly record covers its bucket's events.
+            # A credential, token or identity request folded away is not: the burst's
+            # alert never names it (a spray hiding the theft that follows).
             n = int(out.event.event_id.rsplit("-", 1)[1])
             dets.append((out.event.ts, n, ("imdswatch", bursts[out.event.host or ""])))
 

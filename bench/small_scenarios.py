@@ -2,9 +2,11 @@
 # Metadata addresses in this file are data (event fields): nothing here connects anywhere.
 """Two single-host scenarios the fleet scenario cannot show:
 
-* quiet host: one AWS node where two agents call every ten minutes for three days; then
-  a brand-new `curl`, and within the same minute two more new tools. Judged after the
-  learning period, like the fleet.
+* quiet host: one AWS node where two agents call every ten minutes for three days; then a
+  guarded spray (40 throwaway callers making well-formed IMDSv2 requests, then `curl`
+  fetching the role's credentials with a token two minutes later: the spray may be folded
+  into one alert, the credential request must not be); three hours later `curl` again, and
+  within the same minute two new tools. Judged after the learning period, like the fleet.
 * fresh node: a node's first hour, from boot (cloud-init, the SSM agent, kubelet): ten
   minutes in, a user following a tutorial curls the role's credentials without a token
   from a shell, and a debug pod does the same from python. No history exists: alerts
@@ -63,6 +65,7 @@ def quiet_host(seed: int = 7, days: float = 3.0) -> Scenario:
                        "/latest/meta-data/placement/region"))
     t = start + days * DAY
     actors: list[Actor] = []
+    _guarded_spray(rng, trace, actors, h, t - 3 * HOUR)
     tools = (("curl", "/usr/bin/curl", "curl/7.88.1"),
              ("wget", "/usr/bin/wget", "Wget/1.21.3"),
              ("python3", "/usr/bin/python3.9", "Python-urllib/3.9"))
@@ -74,6 +77,30 @@ def quiet_host(seed: int = 7, days: float = 3.0) -> Scenario:
                 h, _proc(rng, name, exe, "root", BASH, f"{name} http://169.254.169.254/"),
                 pair([t + 20.0 * k]), R.v2(ua, "/latest/meta-data/instance-id"))
     return Scenario(seed, 1.0, start, end, trace, SimpleNamespace(hosts=[h]), actors)
+
+
+def _guarded_spray(rng: random.Random, trace: Trace, actors: list[Actor], h: Host,
+                   t: float) -> None:
+    """40 throwaway callers, 2 s apart, each a well-formed IMDSv2 call (session token, then
+    the instance id with it), then curl with a token for the role's credentials 2 min on."""
+    times = []
+    for i in range(40):
+        name = f"{rng.randrange(16 ** 6):06x}"
+        times.append(t + 2.0 * i)
+        emit_requests(trace, h, _proc(rng, name, f"/tmp/.cache/{name}", "root", BASH,
+                                      f"/tmp/.cache/{name}"),
+                      IMDS, pair([t + 2.0 * i]), "attack", "quiet-host-guarded-spray", None,
+                      R.v2("curl/7.88.1", "/latest/meta-data/instance-id"))
+    actors.append(Actor("quiet-host-guarded-spray", "quiet_host",
+                        "40 throwaway callers making well-formed IMDSv2 requests, 2 s apart",
+                        h.name, times[0], times[-1], 2 * len(times)))
+    creds = R.AWS_ROLE + R.NODE_ROLE
+    _attack(trace, actors, "quiet-host-creds-after-spray", "quiet_host",
+            "curl fetches the role's credentials with an IMDSv2 token, 2 minutes after a "
+            "guarded spray of 40 throwaway callers (must not be folded into the spray's alert)",
+            h, _proc(rng, "curl", "/usr/bin/curl", "root", BASH,
+                     f"curl -H X-aws-ec2-metadata-token:$T http://169.254.169.254{creds}"),
+            pair([times[-1] + 120.0]), R.v2("curl/7.88.1", creds))
 
 
 def fresh_node(seed: int = 7) -> Scenario:

@@ -26,7 +26,7 @@ from scoring.detectors import (
     score_from_surprise,
 )
 from scoring.durations import format_duration
-from scoring.endpoints import Endpoint, EndpointCatalog
+from scoring.endpoints import SENSITIVE_CLASSES, Endpoint, EndpointCatalog
 from scoring.events import Event
 from scoring.known_callers import KnownCallerCatalog
 from scoring.rarity import (
@@ -145,7 +145,7 @@ SUPPRESSION_MAX = 24 * HOUR
 # whose anomalies follow each other within BURST_GAP make a burst; the first BURST_SINGLES
 # alert on their own, the next one alerts for the burst (naming it) and later ones are
 # folded into that alert. A new executable, user or request of a known caller is judged on
-# its own, never folded.
+# its own, never folded; so is a new caller's credential, token or identity request.
 BURST_GAP = 600.0
 BURST_SINGLES = 5
 BURST_DETECTORS = frozenset(("rare_process", "rare_combination"))
@@ -682,6 +682,13 @@ class Scorer:
         if len(b.names) < BURST_NAMES:
             b.names.append(out.entity)
         if b.count <= BURST_SINGLES:
+            return False
+        if out.request_class in SENSITIVE_CLASSES:
+            # Folding groups noise; it never hides a credential, token or identity request:
+            # that one is reported on its own, when it happens, naming the burst.
+            out.reason += (f" (a new caller asking for {out.request_class} in a burst of "
+                           f"{b.count} new callers on its host: reported on its own, never "
+                           f"folded)")
             return False
         out.burst = b.count
         if b.alerted:

@@ -71,3 +71,36 @@ def test_a_flood_slightly_out_of_time_order_is_one_burst():
     outs = [scorer.process(ev(t + i * 0.01 - (1.5 if i % 7 == 0 else 0), f"zq{i:x}",
                               exe="/usr/bin/python3")) for i in range(500)]
     assert sum(o.alert for o in outs) == 6, [o.reason[:60] for o in outs if o.alert]
+
+
+def _v2(ts: float, name: str, method: str, path: str, guarded: bool = True) -> Event:
+    return Event(ts, "169.254.169.254", name, 80, exe=f"/tmp/x/{name}", user="root",
+                 parent_name="bash", host="node-0", action="http_request", method=method,
+                 path=path, guarded=guarded, user_agent="curl/8.5.0")
+
+
+def test_a_guarded_spray_never_folds_the_credential_request_that_follows():
+    """The reviewer's spray on a quiet host: 40 throwaway callers making well-formed IMDSv2
+    requests (a session token, then the instance id with it), then curl fetching the role's
+    credentials WITH a token two minutes later. The burst alerts once for the spray; curl's
+    credential request is reported when it happens, on its own, naming the burst."""
+    scorer = Scorer(ScorerSettings(learning_period=DAY))
+    for e in fleet_events(hosts=1, days=3, agents=AGENTS):
+        scorer.process(e)
+    t = T0 + 3 * DAY
+    spray = []
+    for i in range(40):
+        name = f"tmp{i:03d}"
+        spray.append(scorer.process(_v2(t + 2 * i, name, "PUT", "/latest/api/token")))
+        spray.append(scorer.process(_v2(t + 2 * i + 1, name, "GET",
+                                        "/latest/meta-data/instance-id")))
+    alerts = [o for o in spray if o.alert]
+    assert any(o.burst for o in alerts), "the spray itself makes one burst alert"
+    assert len(alerts) <= 12, [o.reason for o in alerts]  # folded: the spray is noise
+    creds = Event(t + 80 + 120, "169.254.169.254", "curl", 80, exe="/usr/bin/curl",
+                  user="root", parent_name="bash", host="node-0", action="http_request",
+                  method="GET", path="/latest/meta-data/iam/security-credentials/test-role",
+                  guarded=True, user_agent="curl/8.5.0")
+    out = scorer.process(creds)
+    assert out.alert and not out.suppressed and not out.burst, out
+    assert "credentials" in out.reason and "never folded" in out.reason, out.reason

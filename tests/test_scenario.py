@@ -143,8 +143,13 @@ def test_small_scenarios_quiet_host_and_fresh_node():
 
     q = quiet_host(seed=3)
     assert list(q.trace.lines("q")) == list(quiet_host(seed=3).trace.lines("q"))
-    assert [a.kind for a in q.actors] == ["quiet_host"] * 3
-    assert q.actors[2].first_ts - q.actors[0].first_ts < 60
+    assert [a.kind for a in q.actors] == ["quiet_host"] * 5
+    assert q.actors[4].first_ts - q.actors[2].first_ts < 60
+    # The guarded spray may be folded into one alert; the credential request after it is
+    # reported (a burst's alert does not cover it in the bench either).
+    quiet = evaluate_small(q, count_learning=False).results[0]
+    assert quiet.system == "imdswatch" and not quiet.fp_entities
+    assert "quiet-host-creds-after-spray" in quiet.detected, quiet.detected
     ev = evaluate_small(fresh_node(seed=3), count_learning=True)
     mine = ev.results[0]
     assert mine.system == "imdswatch" and len(mine.detected) == 2 and not mine.fp_entities
