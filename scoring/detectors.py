@@ -39,6 +39,7 @@ call the fleet has made.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -75,6 +76,23 @@ def image_repository(image: str | None) -> str | None:
     slash = image.rfind("/")
     colon = image.rfind(":")
     return image[:colon] if colon > slash else image
+
+
+# A version in a path: a dotted number (`python3.11`, `agent-2.4.1`) or a path component
+# that is all digits (a snap revision, `/snap/amazon-ssm-agent/7628/...`).
+_VERSION = re.compile(r"\d+(?:\.\d+)+|(?<=/)\d+(?=/|$)")
+# Where anyone can put a binary: a path there is never another version of a known one.
+_WRITABLE = ("/tmp/", "/var/tmp/", "/dev/shm/", "/run/", "/home/", "/root/", "/proc/")
+
+
+def version_key(exe: str | None) -> str | None:
+    """The executable with its versions replaced by `#`: `/snap/x/1234/x` and `/snap/x/5678/x`
+    are one program, as are `/usr/bin/python3.11` and `/usr/bin/python3.12`. None when
+    the path holds no version (the key would be the path itself)."""
+    if not exe or not exe.startswith("/") or exe.startswith(_WRITABLE):
+        return None
+    key = _VERSION.sub("#", exe)
+    return key if key != exe else None
 
 
 def probability_for_score(score: float) -> float:

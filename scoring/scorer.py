@@ -21,9 +21,13 @@ from scoring.detectors import (
     Detector,
     identity_gaps,
     identity_level,
+    image_repository,
     probability_for_score,
     request_class,
     score_from_surprise,
+    show_name,
+    user_of,
+    version_key,
 )
 from scoring.durations import format_duration
 from scoring.endpoints import SENSITIVE_CLASSES, Endpoint, EndpointCatalog
@@ -65,7 +69,7 @@ class Outcome:
     __slots__ = (
         "event", "endpoint", "score", "detector", "rule_name", "reason", "entity", "scores",
         "alert", "learning", "suppressed", "excepted", "known_caller", "novel", "burst",
-        "request_class",
+        "request_class", "rollout",
     )
 
     def __init__(self, event: Event, endpoint: Endpoint,
@@ -90,10 +94,14 @@ class Outcome:
         # > 0: this novel anomaly belongs to a burst of that many new callers on its host
         # (the burst's own alert when `alert`, folded into it when `suppressed`).
         self.burst = 0
+        # > 0: this anomaly belongs to a rollout across that many hosts (a new caller
+        # spreading over the fleet, or a known caller's new version): low severity, and
+        # folded into the rollout's one alert when `suppressed`.
+        self.rollout = 0
 
     @property
     def severity(self) -> str:
-        return severity_of(self.score)
+        return "low" if self.rollout else severity_of(self.score)
 
     @property
     def anomalous(self) -> bool:
@@ -111,6 +119,7 @@ GENERIC = "rare_combination"
 # Names the alert whenever it reaches its threshold (see `_score`).
 DECISIVE = "exe_mismatch"
 _DECISIVE = DETECTOR_NAMES.index(DECISIVE)
+_EXECUTABLE = DETECTOR_NAMES.index("rare_executable")
 # Scores under QUIET_SCORE are noise and reported as 0.
 QUIET_SCORE = 10.0
 QUIET_P = probability_for_score(QUIET_SCORE)
@@ -150,6 +159,24 @@ BURST_GAP = 600.0
 BURST_SINGLES = 5
 BURST_DETECTORS = frozenset(("rare_process", "rare_combination"))
 BURST_NAMES = 8
+# A fleet-wide rollout: the same caller (name, executable up to its versions, user, parent,
+# image, namespace) anomalous on further hosts within ROLLOUT_GAP of its last anomaly is
+# folded into the alert of its first host (which cannot be told from a one-off when it
+# happens); an executable that is a known one of the same name but for its version numbers
+# (a snap revision, a new interpreter on a new node image) is an upgrade: one low-severity
+# alert naming it, its other hosts folded. At most ROLLOUTS are followed at once, each
+# remembering ROLLOUT_HOSTS hosts.
+ROLLOUT_GAP = 6 * HOUR
+ROLLOUTS = 10_000
+ROLLOUT_HOSTS = 256
+ROLLOUT_DETECTORS = frozenset(("rare_process", "rare_executable", "rare_process_user",
+                               "rare_user", "rare_parent", "rare_container",
+                               "rare_combination"))
+# The detectors a new version of a known executable makes anomalous, and nothing else.
+UPGRADE_DETECTORS = frozenset(("rare_executable", "rare_combination"))
+# Where rare_executable's table keeps each name's versions-replaced executables (learned
+# only; never scored): ("versions", name) -> version_key(exe).
+VERSIONS = "versions"
 # Event times are epoch seconds; anything past this is not a time (year ~5000).
 MAX_ABS_TS = 1e11
 
@@ -182,6 +209,25 @@ class _Caller:
         self.dirty = False
         self.day = -1
         self.last_ts = -1e300
+
+
+class _Rollout:
+    __slots__ = ("start", "last", "hosts", "first_host", "upgrade", "folded")
+
+    def __init__(self, ts: float, host: str, upgrade: bool) -> None:
+        self.start = ts
+        self.last = ts
+        self.hosts = {host}
+        self.first_host = host
+        self.upgrade = upgrade
+        self.folded = 0
+
+
+def rollout_key(event: Event) -> tuple:
+    """The caller a rollout spreads: versions in its executable do not count."""
+    exe = event.exe
+    return (event.name, version_key(exe) or exe, user_of(event), event.parent_name,
+            image_repository(event.image), event.namespace)
 
 
 class _Burst:
@@ -228,6 +274,7 @@ class Scorer:
         self.events_learned = 0
         self.last_alert: dict[tuple, tuple[float, float]] = {}
         self.bursts: dict[str, _Burst] = {}
+        self.rollouts: dict[tuple, _Rollout] = {}
         self._thresholds = tuple(self.settings.threshold_for(d.name) for d in DETECTORS)
         self._factor = self.settings.known_caller_factor
         self._next_prune = 0.0
@@ -333,6 +380,9 @@ class Scorer:
                     keys.append((i, ctx, value))
                 else:
                     taught.append((i, ctx, value))
+        vkey = version_key(event.exe)
+        if vkey is not None:
+            taught.append((_EXECUTABLE, (VERSIONS, event.name), vkey))
         known = self.known_callers.lookup_event(event) is not None
         if len(self._callers) >= self._caller_limit:
             self._flush()
@@ -542,6 +592,7 @@ class Scorer:
         self._keep_callers(retired)
         self._prune_suppression(now)
         self.bursts = {k: b for k, b in self.bursts.items() if now - b.last < BURST_GAP}
+        self.rollouts = {k: r for k, r in self.rollouts.items() if now - r.last < ROLLOUT_GAP}
         self._next_maintain = now + MAINTAIN_EVERY
 
     def _keep_callers(self, retired: set[Host]) -> None:
@@ -615,6 +666,8 @@ class Scorer:
         if first_match(self.exceptions, event, det.name) is not None:
             out.excepted = True
             return
+        if det.name in ROLLOUT_DETECTORS and self._in_rollout(out):
+            return
         if out.novel and det.name in BURST_DETECTORS and self._in_burst(out):
             return
         key = (det.name, out.entity)
@@ -664,6 +717,72 @@ class Scorer:
         self._explain(out, best_j, w, rarity)
         out.reason += f" (a new caller in a burst of {folded} on its host)"
         self._decide(out, best_j, learning)
+
+    def _upgrade_of(self, out: Outcome) -> str | None:
+        """The version-free executable `out`'s event is a new version of, when that is all
+        that is new about it: only the detectors that judge the executable reach their
+        thresholds, and the name has called from another version of this path before."""
+        event = out.event
+        vkey = version_key(event.exe)
+        if vkey is None:
+            return None
+        for j, det in enumerate(DETECTORS):
+            if det.name not in UPGRADE_DETECTORS and \
+                    out.scores.get(det.name, 0.0) >= self._thresholds[j]:
+                return None
+        if self.last_ts is None:
+            return None
+        w = self.clock.weight(self.last_ts)
+        table = self.tables[_EXECUTABLE]
+        if table.count((VERSIONS, event.name), vkey, w) <= table.count(event.name, event.exe, w):
+            return None  # every call of this key was this very executable: nothing known
+        return vkey
+
+    def _in_rollout(self, out: Outcome) -> bool:
+        """Counts an anomaly in its caller's rollout across hosts; True when the rollout
+        decided it (its one alert, or folded into it)."""
+        event = out.event
+        if event.exe is None:
+            return False  # who it is is not known well enough to say it is spreading
+        ts = event.ts
+        host = event.host or ""
+        upgrade = self._upgrade_of(out)
+        key = rollout_key(event)
+        if upgrade is not None:
+            key = (*key, event.exe)  # one rollout per new version
+        r = self.rollouts.get(key)
+        if r is None or not -ROLLOUT_GAP < ts - r.last < ROLLOUT_GAP:
+            if len(self.rollouts) >= ROLLOUTS:
+                self.rollouts.pop(next(iter(self.rollouts)))
+            r = self.rollouts[key] = _Rollout(ts, host, upgrade is not None)
+            if upgrade is None:
+                return False  # its first host alerts as any anomaly would
+            out.rollout = 1
+            out.alert = True
+            usual = [v for v, _ in self.tables[_EXECUTABLE].top_values(event.name, self.clock
+                     .weight(ts)) if v != event.exe]
+            was = f" (it called from {usual[0]})" if usual else ""
+            out.reason = (f"upgrade of {show_name(event.name)}: {event.exe} is a new version "
+                          f"of {upgrade}{was}; one alert per upgrade, its other hosts are "
+                          f"folded into it. {out.reason}")
+            return True
+        if ts > r.last:
+            r.last = ts
+        if host in r.hosts and len(r.hosts) < 2 and not r.upgrade:
+            # The same host again, before any other showed it: not spreading, so
+            # suppression decides, as for any anomaly (a one-host newcomer re-alerts).
+            return False
+        if len(r.hosts) < ROLLOUT_HOSTS:
+            r.hosts.add(host)
+        r.folded += 1
+        out.rollout = len(r.hosts)
+        out.suppressed = True
+        what = "upgrade" if r.upgrade else "rollout"
+        out.reason = (f"{what} across hosts: {show_name(event.name)} anomalous on "
+                      f"{len(r.hosts)} hosts within {format_duration(ts - r.start)}, first on "
+                      f"{r.first_host or 'an unnamed host'}; folded into that alert. "
+                      f"{out.reason}")
+        return True
 
     def _in_burst(self, out: Outcome) -> bool:
         """Counts a novel anomaly in its host's burst; True when the burst decided it
