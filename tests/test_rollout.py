@@ -6,7 +6,7 @@ the middle of it still alerts."""
 from __future__ import annotations
 
 from helpers_events import DAY, HOUR, MINUTE, T0, Agent, ev, fleet_events
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scoring.detectors import version_key
@@ -122,6 +122,7 @@ def test_versions_survive_a_saved_state():
     assert [a.severity for a in alerts] == ["low"]
 
 
+@settings(deadline=None, max_examples=12)
 @given(st.sampled_from(("/usr/bin/curl", "/bin/sh", "/usr/local/bin/aws")),
        st.sampled_from(("nobody", "www-data")))
 def test_a_known_tool_run_by_a_new_user_is_never_an_upgrade(exe, user):
