@@ -160,6 +160,7 @@ class Agent:
         self.policy_metrics: PolicyMetrics | None = None
         self.deny: DenyController | None = None
         self.fleet_policy: FleetPolicy | None = None
+        self._policy_stat: tuple | None = None
         self.fleet_options = fleet
         self.fleet: FleetSink | None = None
         self.state_path = state_path
@@ -281,6 +282,7 @@ class Agent:
         if self.enforce.policy_path == "fleet":
             pol = self._fleet_policy()
         else:
+            self._policy_stat = self._policy_file_stat()
             try:
                 pol = load_policy(self.enforce.policy_path, self.config.catalog)
             except PolicyError as exc:
@@ -292,6 +294,24 @@ class Agent:
         self.policy_metrics.set_mode("audit", self.enforce.mode)
         log.info("enforcement %s: policy %s, %d rules, default %s", self.enforce.mode,
                  self.enforce.policy_path, len(pol.rules), pol.default)
+
+    def _policy_file_stat(self) -> tuple | None:
+        assert self.enforce is not None
+        try:
+            st = os.stat(self.enforce.policy_path)  # follows a ConfigMap's symlinks
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+    def _watch_policy_file(self) -> None:
+        """A policy file that changed (an edit, a ConfigMap update) is reloaded as on
+        SIGHUP."""
+        if self.enforce is None or self.fleet_policy is not None or self.gate is None:
+            return
+        st = self._policy_file_stat()
+        if st is not None and st != self._policy_stat:
+            self._policy_stat = st
+            self.reload_policy()
 
     def _fleet_policy(self) -> Policy:
         """`--policy fleet`: the fleet's policy, else the last good copy, else an empty
@@ -336,6 +356,7 @@ class Agent:
             return
         if self.fleet_policy is not None:
             return  # the fleet's policy comes from serve
+        self._policy_stat = self._policy_file_stat()
         try:
             pol = load_policy(self.enforce.policy_path, self.config.catalog)
         except PolicyError as exc:
@@ -483,6 +504,7 @@ class Agent:
     def housekeeping(self) -> None:
         assert self.tracer is not None and self.metrics is not None
         self._apply_fleet_policy()
+        self._watch_policy_file()
         self.metrics.update_model(self.scorer)
         if self.fleet is not None:
             self.fleet.housekeeping()

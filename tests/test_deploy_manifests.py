@@ -17,7 +17,7 @@ from imdswatch.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ["base", "overlays/production", "overlays/privileged", "overlays/per-node",
-            "overlays/fleet-bus"]
+            "overlays/fleet-bus", "overlays/enforcement"]
 FLEET_OVERLAYS = ["overlays/production", "overlays/privileged"]
 # Versions the manifests must be valid for: an old supported release and the newest
 # schemas kubernetes-validate ships.
@@ -425,3 +425,24 @@ def test_nats_example_is_a_three_node_jetstream_cluster_with_auth(tmp_path) -> N
                            env={"POD_NAME": "nats-0", "SERVE_PASSWORD": "a" * 24,
                                 "ALERTS_PASSWORD": "b" * 24, "PATH": "/usr/bin:/bin"})
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_enforcement_overlay_audits_with_the_configmaps_policy() -> None:
+    """The agents' enforcement args parse, the mounted policy is the ConfigMap's, and that
+    policy reads as a policy."""
+    from policy.toml_file import parse_policy
+
+    docs = render(K8S / "overlays/enforcement")
+    ds = by_kind(docs, "DaemonSet")
+    spec = ds["spec"]["template"]["spec"]
+    args = spec["containers"][0]["args"]
+    assert "--enforce=audit" in args and "--policy=/etc/imdswatch/policy/policy.toml" in args
+    main.get_command(None, args[0]).make_context(args[0], list(args[1:]))
+    cm = _named(docs, "ConfigMap", "imdswatch-policy")
+    assert parse_policy(cm["data"]["policy.toml"], "configmap").rules[0].name == "no-user-data"
+    mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+    assert mounts["/etc/imdswatch/policy"] == "policy" and mounts["/run/imdswatch"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["policy"]["configMap"]["name"] == "imdswatch-policy"
+    assert volumes["break-glass"]["hostPath"]["path"] == "/run/imdswatch"
+

@@ -1,7 +1,8 @@
 """`imdswatch run --enforce audit` end to end: the real agent with BPF attached, real
 clients in a private namespace calling the mock IMDS. Calls the policy would deny are
 alert lines (`event.action: would_deny`, the deciding rule) and a metric; every call still
-succeeds; SIGHUP swaps the policy whole, and a broken file leaves the old one in force."""
+succeeds; a changed file (or SIGHUP) swaps the policy whole, and a broken file leaves the old one in
+force."""
 
 from __future__ import annotations
 
@@ -85,17 +86,16 @@ def test_audit_reports_what_the_policy_would_deny_and_touches_nothing(ns, tmp_pa
                                              action="would_deny", rule="no-user-data",
                                              endpoint="imds") >= 1, 3)
 
-        # A broken policy on SIGHUP: refused, the old one stays.
+        # A broken policy (the changed file is re-read by itself): refused, the old one stays.
         policy.write_text(POLICY + "\n[[rule]]\nname = \"x\"\nclasses = [\"secrets\"]\n")
-        agent.proc.send_signal(signal.SIGHUP)
-        assert wait_for(lambda: agent.metric("imdswatch_policy_reload_failures_total") == 1, 5)
+        assert wait_for(lambda: agent.metric("imdswatch_policy_reload_failures_total") >= 1, 5)
         assert agent.log_lines("keeping the current policy")
         # (another uid: lines are rate-limited per caller, rule and action)
         curl2, _ = call(ns, ["setpriv", "--reuid=65534", "curl", "-s", "-o", "/dev/null",
                              f"http://{IMDS}/latest/meta-data/"])
         assert wait_for(lambda: policy_lines(agent, curl2), 5)
 
-        # A good one: applied whole.
+        # A good one, and SIGHUP: applied whole.
         policy.write_text(POLICY.replace('default = "deny"', 'default = "allow"'))
         agent.proc.send_signal(signal.SIGHUP)
         assert wait_for(lambda: agent.log_lines("policy reloaded"), 5)

@@ -116,14 +116,16 @@ def test_deny_refuses_in_the_kernel_and_fails_open(ns, cgroup, tmp_path):
         off = tmp_path / "enforce-off"
         r = subprocess.run([*COMMAND, "enforce", "off",
                             "--enforce-off-file", str(off)], capture_output=True, text=True)
-        t0 = time.monotonic()
         assert r.returncode == 0 and off.exists(), r.stderr
-        assert wait_for(lambda: client(ns, curl(), cgroup)[1] == 0, 1.0)
-        assert time.monotonic() - t0 < 1.0
+        # One second after the file appeared (not timing curl's own start-up on a loaded
+        # machine): a client started now connects.
+        time.sleep(1.0)
+        _, rc, err = client(ns, curl(), cgroup)
+        assert rc == 0, err
         assert agent.metric("imdswatch_enforcement_mode", mode="off") == 1
         assert agent.metric("imdswatch_enforcement_break_glass") == 1
         off.unlink()
-        assert wait_for(lambda: client(ns, curl(), cgroup)[1] == 7, 2)
+        assert wait_for(lambda: client(ns, curl(), cgroup)[1] == 7, 5)
 
         # A reload swaps the kernel's rules.
         (tmp_path / "policy.toml").write_text(policy_text(allow_curl=True))
