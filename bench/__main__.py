@@ -230,6 +230,12 @@ def section_identity(quick: bool, seed: int) -> Section:
     return run(quick)
 
 
+def section_enforcement(quick: bool, seed: int) -> Section:
+    from bench.enforce_bench import run
+
+    return run(quick, seed)
+
+
 def section_bus(quick: bool, seed: int) -> Section:
     from bench.bus_bench import run
 
@@ -250,6 +256,7 @@ SECTIONS: tuple[tuple[str, Callable[[bool, int], Section]], ...] = (
     ("fleet on a bus: serve --bus replicas vs the local log", section_bus),
     ("tracer: the live probe and agent", section_tracer),
     ("identity: the kernel's record of each process", section_identity),
+    ("enforcement: a learned policy against static controls", section_enforcement),
     ("agent flood: the live agent under a name flood", section_agent_flood),
 )
 

@@ -15,6 +15,7 @@ import datetime as dt
 import re
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 from policy.model import ALLOW, ANY, Origin, Policy, Rule
 from scoring.detectors import DETECTOR_NAMES
@@ -81,10 +82,7 @@ def callers(scorer: Scorer) -> dict[Who, _Seen]:
     event, as the scorer weighs them)."""
     w = weight_now(scorer)
     out: dict[Who, _Seen] = {}
-    ctx = table(scorer, "rare_combination").contexts.get(None)
-    if ctx is None:
-        return out
-    for value, e in ctx.values.items():
+    for value, e in combinations(scorer):
         name, exe, user, _parent, image, namespace = _tuple(value, 6)
         seen = out.setdefault(Who(name, exe, user, image, namespace), _Seen())
         seen.calls += e.n / w
@@ -96,6 +94,34 @@ def callers(scorer: Scorer) -> dict[Who, _Seen]:
         else:
             seen.host_names.update(h.name for h in exact_hosts(e.hosts))
     return out
+
+
+def combinations(scorer: Scorer) -> list[tuple[Hashable, Any]]:
+    """Every caller combination of rare_combination with its entry. The model also learns
+    each event at coarser levels of identity (without executable and parent, without the
+    user too: contexts of their own), so that an event lacking those fields can be judged;
+    a coarse combination is a caller of its own only when no finer one accounts for it (a
+    caller whose executable was never established), else it would widen a rule to every
+    executable of that name."""
+    contexts = dict(table(scorer, "rare_combination").items())
+    out = [(v, e) for v, e in (contexts[None].values.items() if None in contexts else ())]
+    finer = {_coarse(v, 1) for v, _ in out}
+    finest = {_coarse(v, 2) for v, _ in out}
+    levels = [c for c in contexts if c is not None]
+    for ctx in sorted(levels, key=str):
+        for v, e in contexts[ctx].values.items():
+            t = _tuple(v, 6)
+            level = 2 if t[2] is None else 1
+            if (level == 1 and _coarse(t, 1) in finer) or _coarse(t, 2) in finest:
+                continue
+            out.append((v, e))
+            finest.add(_coarse(t, 2))
+    return out
+
+
+def _coarse(v: Hashable, level: int) -> tuple:
+    name, _exe, user, _parent, image, namespace = _tuple(v, 6)
+    return (name, image, namespace) if level == 2 else (name, user, image, namespace)
 
 
 def classes_by_caller(scorer: Scorer) -> dict[tuple, dict[str, float]]:

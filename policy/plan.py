@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from policy.learn import day_text, rfc3339, table, weight_now
+from policy.learn import combinations, day_text, rfc3339, table, weight_now
 from policy.model import Caller, Policy
 from scoring.detectors import request_class
 from scoring.endpoints import SESSION
@@ -115,8 +115,10 @@ def plan_state(policy: Policy, scorer: Scorer, source: str) -> Plan:
     to every endpoint the rules name: a state does not keep endpoints."""
     plan = Plan(source, from_state=True)
     w = weight_now(scorer)
-    ctx = table(scorer, "rare_combination").contexts.get(None)
-    for value, e in (ctx.values.items() if ctx is not None else ()):
+    callers = set()
+    for value, e in combinations(scorer):
+        if isinstance(value, tuple) and len(value) == 6:
+            callers.add((value[0], value[1], value[2], value[4]))
         if not (isinstance(value, tuple) and len(value) == 6):
             continue
         name, exe, user, _parent, image, namespace = value
@@ -130,6 +132,8 @@ def plan_state(policy: Policy, scorer: Scorer, source: str) -> Plan:
         if not (isinstance(ctx_key, tuple) and len(ctx_key) == 5):
             continue
         name, exe, user, _parent, image = ctx_key
+        if (name, exe, user, image) not in callers:
+            continue  # a coarser copy of a caller counted at its own identity
         caller = _caller(name, exe, user, image, None)
         if policy.decide(caller, None, None).denied:
             continue  # its connects are listed already
@@ -143,6 +147,8 @@ def plan_state(policy: Policy, scorer: Scorer, source: str) -> Plan:
         if not (isinstance(ctx_key, tuple) and len(ctx_key) == 6):
             continue
         name, exe, user, _parent, image, cls = ctx_key
+        if (name, exe, user, image) not in callers:
+            continue
         e = c.values.get(False)
         if e is None or cls == SESSION:
             continue
