@@ -71,7 +71,12 @@ BPF_HASH(enf_deny_exe, struct enf_exe_key, __u32, ENF_MAX_ENTRIES);
 BPF_HASH(enf_deny_uid, __u32, __u32, ENF_MAX_ENTRIES);
 BPF_PERCPU_ARRAY(enf_stats, __u64, ENF_STAT_MAX);
 BPF_PERCPU_ARRAY(enf_scratch, struct enf_event, 1);
+#ifndef IMDS_USE_RINGBUF
+/* Denial records: imdswatch.h's ring buffer `events` where the kernel has one (the
+ * helpers the tracer's cgroup programs already use on every kernel of the matrix), else
+ * this perf buffer. */
 BPF_PERF_OUTPUT(enf_events);
+#endif
 
 static __always_inline __u64 enf_cfg(int idx)
 {
@@ -192,8 +197,13 @@ static __always_inline int enf_connect(struct bpf_sock_addr *ctx, __u16 family)
     ev->dport = m.dport;
     __builtin_memcpy(ev->daddr, m.daddr, 16);
     enf_stat_inc(ENF_STAT_DENIED);
+#ifdef IMDS_USE_RINGBUF
+    if (events.ringbuf_output(ev, sizeof(*ev), 0) != 0)
+        enf_stat_inc(ENF_STAT_LOST);
+#else
     if (enf_events.perf_submit(ctx, ev, sizeof(*ev)) != 0)
         enf_stat_inc(ENF_STAT_LOST);
+#endif
     return ENF_DENY;
 }
 

@@ -98,6 +98,7 @@ class KernelEnforcer:
         self.armed = False
         self._on_denied: Callable[[DeniedConnect], None] | None = None
         self.rules = KernelRules()
+        self.ringbuf = False
 
     def start(self, rules: KernelRules, on_denied: Callable[[DeniedConnect], None]) -> None:
         """Compile, load, fill, attach (disarmed). EnforceError says why it cannot."""
@@ -111,7 +112,9 @@ class KernelEnforcer:
                                f"in the kernel: {exc}") from None
         bcc = kernel.import_bcc()
         text = sources.file_text(sources.ENFORCE_FILE)
-        flags = sources.cflags(ringbuf=False, offsets=offsets, count_entries=64)
+        self.ringbuf = kernel.ringbuf_supported()
+        flags = sources.cflags(ringbuf=self.ringbuf, ringbuf_pages=16, offsets=offsets,
+                               count_entries=64)
         flags.append(f"-DENF_MAX_ENTRIES={MAX_ENTRIES}")
         try:
             self.bpf = bcc.BPF(text=text.encode(), cflags=flags)
@@ -128,7 +131,10 @@ class KernelEnforcer:
         self._cfg(CFG_ARMED, 0)
         self.set_rules(rules)
         self._on_denied = on_denied
-        b["enf_events"].open_perf_buffer(self._event, page_cnt=64, lost_cb=self._lost)
+        if self.ringbuf:
+            b["events"].open_ring_buffer(self._event)
+        else:
+            b["enf_events"].open_perf_buffer(self._event, page_cnt=64, lost_cb=self._lost)
         try:
             self.attachment = cgroup_attach.CgroupAttachment(self.cgroup)
             for name, hook in PROGRAMS:
@@ -142,7 +148,7 @@ class KernelEnforcer:
         t = self.bpf["enf_config"]  # type: ignore[index]
         t[t.Key(idx)] = t.Leaf(value)
 
-    def _event(self, _cpu: int, data: int, size: int) -> None:
+    def _event(self, _ctx: object, data: int, size: int) -> None:
         if self._on_denied is None or size < ctypes.sizeof(DeniedConnect):
             return
         ev = ctypes.cast(data, ctypes.POINTER(DeniedConnect)).contents
@@ -201,7 +207,10 @@ class KernelEnforcer:
 
     def poll(self, timeout_ms: int = 0) -> None:
         if self.bpf is not None:
-            self.bpf.perf_buffer_poll(timeout_ms)
+            if self.ringbuf:
+                self.bpf.ring_buffer_poll(timeout_ms)
+            else:
+                self.bpf.perf_buffer_poll(timeout_ms)
 
     def stats(self) -> dict[str, int]:
         if self.bpf is None:
