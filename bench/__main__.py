@@ -160,6 +160,7 @@ def section_accuracy(quick: bool, seed: int) -> Section:
     from bench.anchors import ANCHORS
     from bench.evaluate import actor_matrix, evaluate_small, over_seeds, table
     from bench.small_scenarios import fresh_node, quiet_host
+    from bench.variants import variant_rows
 
     seeds = (seed, *(s for s in (QUICK_SEEDS if quick else SEEDS) if s != seed))
     runs = over_seeds(seeds, 0.5 if quick else 1.0)
@@ -179,6 +180,11 @@ def section_accuracy(quick: bool, seed: int) -> Section:
         print(f"{title}: {text}\n")
         sec.details.append((title, text))
         sec.rows += small_rows(title.split(" (")[0], small.results)
+    # Issue 20's cases on the first seed: rollouts and upgrades, and identity lost.
+    rows, texts = variant_rows(seed, 0.5 if quick else 1.0, runs[0].mine)
+    sec.rows += rows
+    sec.details += texts
+    print("\n\n".join(f"{c}:\n{t}" for c, t in texts), end="\n\n")
     sec.notes += [
         f"The scenario (bench/scenario.py): a labelled two-week, ~40-node AWS/GCP/Azure "
         "Kubernetes fleet, every metadata call with its real agent's request (path, anti-SSRF "
@@ -187,7 +193,12 @@ def section_accuracy(quick: bool, seed: int) -> Section:
         f"minutes old), generated for each of the seeds {', '.join(map(str, seeds))} at scale "
         f"{0.5 if quick else 1.0}. Then two single-host scenarios on seed {seed} "
         "(bench/small_scenarios.py): a quiet host after learning, and a fresh node's first "
-        "hour with alerts during the learning period counted for every system.",
+        "hour with alerts during the learning period counted for every system. Then two "
+        f"variants of seed {seed}'s scenario (bench/variants.py): rollouts (a new DaemonSet "
+        "reaching every node over a day, an agent upgraded on every node, a new node image "
+        "bringing python3.12 under a host agent, each with an attacker's one-off under the "
+        "same name from an unusual path in its middle), and identity lost (a quarter of the "
+        "short-lived benign callers' events without executable, parent and command line).",
         DEFINITIONS,
         LATENCY,
         "imdswatch runs as `imdswatch replay` does (imdswatch.replay on the gzip trace) with "

@@ -380,12 +380,12 @@ def _rare_combination(e: Event, r: Rarity, others: list, span: str) -> str:
     where = _show(_container_value(e))
     usual = _others(others, user_of(e))
     tail = f"; {show_name(e.name)} is otherwise only run by {usual}" if usual else ""
-    return (
-        f"{show_name(e.name)} ({e.exe or 'unknown executable'}) run by "
-        f"{user_of(e) or 'an unknown user'} "
-        f"from {e.parent_name or 'an unknown parent'} in {where}: this combination "
-        f"{_seen(r)} in {span}{tail}"
-    )
+    # What is unknown is left out (the reason's tail says so), never shown as a value.
+    exe = f" ({e.exe})" if e.exe is not None else ""
+    user = f" run by {user_of(e)}" if user_of(e) is not None else ""
+    parent = f" from {e.parent_name}" if e.parent_name is not None else ""
+    return (f"{show_name(e.name)}{exe}{user}{parent} in {where}: this combination "
+            f"{_seen(r)} in {span}{tail}")
 
 
 def _who(e: Event) -> str:
@@ -393,8 +393,9 @@ def _who(e: Event) -> str:
     image = image_repository(e.image)
     where = f" in image {image}" if image else ""
     parent = f" from {show_name(e.parent_name)}" if e.parent_name is not None else ""
-    return (f"{show_name(e.name)} ({e.exe or 'unknown executable'}) run by "
-            f"{user_of(e) or 'an unknown user'}{parent}{where}")
+    exe = f" ({e.exe})" if e.exe is not None else ""
+    user = f" run by {user_of(e)}" if user_of(e) is not None else ""
+    return f"{show_name(e.name)}{exe}{user}{parent}{where}"
 
 
 def _requests(n: float) -> str:

@@ -212,6 +212,15 @@ class KnownCallerCatalog:
         """True when some entry has this name (whatever its executable)."""
         return comm(name) in self._by_comm
 
+    def runs_here(self, name: str, image: str | None = None,
+                  in_container: bool = False) -> bool:
+        """True when an agent named `name` runs where the caller runs (a host agent on the
+        host, a DaemonSet agent in its vendor's image): what can be said of a caller whose
+        executable is unknown."""
+        repo = image_repository(image) if in_container else None
+        return any(c.host if not in_container else repo is not None and repo in c.images
+                   for c in self._by_comm.get(comm(name), ()))
+
     def lookup_event(self, event: Event) -> KnownCaller | None:
         """The entry vouching for the event's caller; a container id or an image puts the
         caller in a container."""

@@ -384,6 +384,13 @@ class Scorer:
         if vkey is not None:
             taught.append((_EXECUTABLE, (VERSIONS, event.name), vkey))
         known = self.known_callers.lookup_event(event) is not None
+        if undecided and not known:
+            # The executable is unknown, not new: a catalog agent's name where that agent
+            # runs is vouched for, as its complete event would be, by the detectors that
+            # judge what runs (the no-history rule, which would need the catalog's word on
+            # the executable, abstains above; who runs it and how are judged in full).
+            known = self.known_callers.runs_here(
+                event.name, event.image, event.container_id is not None or event.image is not None)
         if len(self._callers) >= self._caller_limit:
             self._flush()
             self._callers.clear()

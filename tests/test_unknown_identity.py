@@ -91,6 +91,21 @@ def test_a_known_agent_without_its_executable_is_not_flagged_by_the_no_history_r
     assert out2.alert and out2.detector == "unguarded_credential_request", out2
 
 
+def test_a_catalog_agent_without_its_executable_is_vouched_for_where_it_runs():
+    """nodeadm (a host agent of the catalog) boots a new node, its executable lost: the
+    name is the agent's where the agent runs, as its complete event would be. The same
+    name in a container of another image is not vouched for."""
+    s = warm(fleet_events(hosts=8, days=2))
+    t = T0 + 2 * DAY + HOUR
+    out = s.process(stripped(ev(t, "nodeadm", parent="systemd", host="node-7"),
+                             ("exe", "parent_name")))
+    assert out.known_caller and not out.alert, out
+    out = s.process(stripped(ev(t + 60, "nodeadm", parent="systemd", host="node-6",
+                                image="docker.io/evil/tools:1"), ("exe", "parent_name")))
+    assert not out.known_caller and out.alert, out
+    assert "(unknown executable)" not in out.reason and "unknown parent" not in out.reason
+
+
 def test_identity_missing_makes_the_named_fields_absent():
     doc = to_ecs(ev(T0, "curl", exe="/usr/bin/curl", parent="bash", user="root"))
     doc["process"]["executable"] = "?"
