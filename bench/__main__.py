@@ -259,6 +259,12 @@ def section_agent_flood(quick: bool, seed: int) -> Section:
     return run(quick)
 
 
+def section_flood(quick: bool, seed: int) -> Section:
+    from bench.replay_flood import run
+
+    return run(quick, only=("replay", "serve"))
+
+
 SECTIONS: tuple[tuple[str, Callable[[bool, int], Section]], ...] = (
     ("accuracy: imdswatch vs the anchors", section_accuracy),
     ("throughput: imdswatch replay vs JSON parse", section_throughput),
@@ -269,6 +275,7 @@ SECTIONS: tuple[tuple[str, Callable[[bool, int], Section]], ...] = (
     ("identity: the kernel's record of each process", section_identity),
     ("enforcement: a learned policy against static controls", section_enforcement),
     ("agent flood: the live agent under a name flood", section_agent_flood),
+    ("flood: replay and serve under a name flood", section_flood),
 )
 
 

@@ -52,6 +52,8 @@ class ReplayStats:
     skipped: int = 0
     malformed: int = 0
     late: int = 0
+    # released before their window ran out because the reorder buffer was full
+    forced: int = 0
     alerts: int = 0
     anomalies: int = 0
     alerts_by_detector: Counter = field(default_factory=Counter)
@@ -151,6 +153,7 @@ def replay(
     stats.skipped_by_reason = skipped_before + reader.skipped
     stats.skipped = sum(stats.skipped_by_reason.values())
     stats.late += buffer.late
+    stats.forced += buffer.forced
     stats.joined += reader.joined
     stats.join_evicted += reader.join_evicted
     stats.last_ts = scorer.last_ts
@@ -218,7 +221,9 @@ def summary(stats: ReplayStats, scorer: Scorer, seconds: float) -> str:
         f"  malformed lines: {stats.malformed}"
         + (f" (first at line {stats.malformed_examples[0][0]})" if stats.malformed_examples
            else "") + _by(stats.malformed_by_kind),
-        f"  arrived out of order beyond the reorder window: {stats.late}",
+        f"  arrived out of order beyond the reorder window: {stats.late}"
+        + (f" (the buffer was full: {stats.forced} scored before their window ran out)"
+           if stats.forced else ""),
         *([f"  parent and command line filled from the export's process events: "
            f"{stats.joined}" + (f" (join memory full: {stats.join_evicted} entities "
                                 f"forgotten)" if stats.join_evicted else "")]

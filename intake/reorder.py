@@ -11,23 +11,49 @@ import heapq
 import math
 from collections import deque
 
+# Items held at most, whatever the window: a flood of events within one window (200,000
+# names in two minutes) would otherwise all wait in memory. Past it the oldest go early;
+# an item that then arrives older than them is counted late and scored, never lost.
+DEFAULT_MAX_ITEMS = 50_000
+
 
 class ReorderBuffer:
     """Holds items (time, line number, ...) until the newest time seen is `window` past them, then
     releases them in time order. In-order arrivals, the usual case, queue in a FIFO;
     only out-of-order ones pay for the heap. An item older than what was already
-    released comes straight back out and is counted in `late`."""
+    released comes straight back out and is counted in `late`. At most `max_items` wait:
+    past that the oldest are released early (counted in `forced`)."""
 
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float, max_items: int = DEFAULT_MAX_ITEMS) -> None:
         self.window = window
+        self.max_items = max(1, max_items)
         self.fifo: deque[tuple] = deque()
         self.heap: list[tuple] = []
         self.newest = -math.inf
         self.released = -math.inf
         self.late = 0
+        self.forced = 0
 
     def push(self, item: tuple) -> list[tuple]:
         """Add `item`; returns the items now released, in time order."""
+        out = self._push(item)
+        if len(self.fifo) + len(self.heap) > self.max_items:
+            out = [*out, *self._release_oldest()]
+        return out
+
+    def _release_oldest(self) -> list[tuple]:
+        fifo, heap = self.fifo, self.heap
+        out = []
+        while len(fifo) + len(heap) > self.max_items:
+            if fifo and not (heap and heap[0] < fifo[0]):
+                out.append(fifo.popleft())
+            else:
+                out.append(heapq.heappop(heap))
+        self.forced += len(out)
+        self.released = out[-1][0]
+        return out
+
+    def _push(self, item: tuple) -> list[tuple]:
         ts = item[0]
         if ts < self.released:
             self.late += 1

@@ -177,6 +177,10 @@ UPGRADE_DETECTORS = frozenset(("rare_executable", "rare_combination"))
 # Where rare_executable's table keeps each name's versions-replaced executables (learned
 # only; never scored): ("versions", name) -> version_key(exe).
 VERSIONS = "versions"
+# The signatures (hashed) of new callers folded into a burst once and not learned; past
+# this many the set starts again (a name seen again after that is learned one sighting
+# later than it could have been, nothing more).
+FOLDED_MEMORY = 65_536
 # Event times are epoch seconds; anything past this is not a time (year ~5000).
 MAX_ABS_TS = 1e11
 
@@ -280,6 +284,7 @@ class Scorer:
         self._next_prune = 0.0
         self._next_maintain: float | None = None
         self._callers: dict[tuple, _Caller] = {}
+        self._folded_once: set[int] = set()
         self._dirty: list[_Caller] = []
         self._gen = 0
         self._over_cap = False
@@ -350,6 +355,21 @@ class Scorer:
             return out
         self._flush()
         out = self._score(event, endpoint, caller, w, ts)
+        if out.burst and out.suppressed and caller.nodes is None:
+            # A new caller folded into its host's burst is learned from its second
+            # sighting on: a flood of throwaway names, each seen once, then costs no model
+            # entries at all (nor the eviction work of pushing them out again), in every
+            # mode, while a caller that comes back is learned like any other.
+            key = hash(sig)
+            folded = self._folded_once
+            if key not in folded:
+                if len(folded) >= FOLDED_MEMORY:
+                    folded.clear()
+                folded.add(key)
+                if ts > caller.host.last_seen:
+                    caller.host.last_seen = ts
+                self._callers.pop(sig, None)
+                return out
         self._learn(caller, w, ts, day)
         return out
 

@@ -104,3 +104,39 @@ def test_a_guarded_spray_never_folds_the_credential_request_that_follows():
     out = scorer.process(creds)
     assert out.alert and not out.suppressed and not out.burst, out
     assert "credentials" in out.reason and "never folded" in out.reason, out.reason
+
+
+def test_a_flood_of_names_seen_once_costs_no_model_entries():
+    """Every mode's memory under a flood: the names folded into the burst, each seen once,
+    are not learned (nor evicted again); one that comes back is learned. The attack after
+    the flood still alerts (the tests above)."""
+    scorer = Scorer(ScorerSettings(learning_period=DAY))
+    for e in fleet_events(hosts=1, days=3, agents=AGENTS):
+        scorer.process(e)
+    before = scorer.entities
+    t = T0 + 3 * DAY
+    for i in range(20_000):
+        scorer.process(ev(t + i * 0.01, f"zq{i:x}", exe="/usr/bin/python3"))
+    assert scorer.entities <= before + 6 * 16, (before, scorer.entities)  # the singles
+    assert scorer.events_learned == len(fleet_events(hosts=1, days=3, agents=AGENTS)) + 20_000
+    again = scorer.process(ev(t + 300, "zq4e1f", exe="/usr/bin/python3"))
+    assert again.suppressed and again.burst
+    assert scorer.count("rare_process", None, "zq4e1f") > 0  # the second sighting is learned
+
+
+def test_the_reorder_buffer_is_bounded_and_loses_nothing():
+    """A flood inside one reorder window (replay's 10 minutes, serve's hold) would make every
+    event wait in memory: past `max_items` the oldest go early, in order, and an item
+    arriving older than them afterwards is counted late and still comes out."""
+    from intake.reorder import ReorderBuffer
+
+    buf = ReorderBuffer(600.0, max_items=100)
+    out = []
+    for i in range(10_000):
+        out += buf.push((T0 + i * 0.01, i))
+        assert len(buf.fifo) + len(buf.heap) <= 100
+    out += buf.push((T0, -1))  # older than what was released early: late, not lost
+    out += buf.drain()
+    assert len(out) == 10_001 and buf.late == 1 and buf.forced == 9_900
+    released = [x for x in out if x[1] >= 0]
+    assert released == sorted(released)
