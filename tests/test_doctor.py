@@ -180,3 +180,12 @@ def test_doctor_takes_the_config_whose_cgroup_root_its_fix_names(tmp_path):
     r = subprocess.run([imdswatch, "doctor", "--config", bad], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "cgroup_rot" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_doctor_says_whether_enforcement_can_deny_here() -> None:
+    from tracer.doctor import check_enforcement
+
+    assert not check_enforcement("5.4.0-100-generic").ok  # no cgroup BPF links yet
+    if os.path.exists("/sys/kernel/btf/vmlinux"):
+        c = check_enforcement()
+        assert c.ok and "--enforce deny available" in c.detail, c.detail

@@ -4,6 +4,7 @@ fix for each gap; `preflight` gives `imdswatch run` the same verdicts to fail fa
 from __future__ import annotations
 
 import os
+import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,6 +299,27 @@ def _request_capture(b: object, root: str | None) -> Check:
                  f"({probes.REQUEST_PROGRAM}), NAT'ed connections included")
 
 
+def check_enforcement(release: str | None = None) -> Check:
+    """Whether `run --enforce deny` can work here (nothing loaded: the programs compile at
+    start, and the agent stays in audit, saying why, if they do not load)."""
+    from tracer.enforcer import EXTRA_FIELDS
+
+    fix = ("--enforce audit works everywhere; deny needs the kernel's BTF and cgroup BPF "
+           "links (Linux 5.7 or later)")
+    try:
+        b = btf.BTF.kernel()
+        btf.task_offsets(b)
+        for _macro, struct, member in EXTRA_FIELDS:
+            b.offset(struct, member)
+    except (btf.BTFError, OSError) as exc:
+        return Check("enforcement", False, f"--enforce deny unavailable: {exc}", fix)
+    if kernel.kernel_version(release) < (5, 7):
+        return Check("enforcement", False, "--enforce deny unavailable: no cgroup BPF links "
+                     f"before Linux 5.7 ({release or platform.release()})", fix)
+    return Check("enforcement", True, "--enforce deny available: the caller's executable "
+                 "(device, inode) from BTF, cgroup BPF links")
+
+
 def checks(try_load: bool = True, cgroup_root: str | None = None) -> list[Check]:
     out = [check_privileges(), check_kernel(), check_bcc(), check_headers(), check_tracefs(),
            check_tracepoint(), check_kprobes(), check_btf()]
@@ -307,6 +329,7 @@ def checks(try_load: bool = True, cgroup_root: str | None = None) -> list[Check]
     out.append(cg)
     if cg.ok:
         out += check_cgroup_programs(try_load and runnable, cgroup_root)
+    out.append(check_enforcement())
     return out
 
 
