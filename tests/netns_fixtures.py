@@ -89,8 +89,29 @@ def require_bcc() -> None:
         pytest.skip("needs iproute2's `ip` for network namespaces")
 
 
+def skip_if_kernel_lacks(mode: str, exc: Exception) -> None:
+    """Skip for what this kernel genuinely does not offer, matched precisely: kprobes
+    compiled out (CONFIG_KPROBES off, read from the kernel, not from the message), or fentry
+    refused with EPERM at load or attach (BPF trampolines not allowed). Anything else, a
+    compile error in bpf/*.c or a verifier refusal above all, is re-raised: a failure."""
+    from tracer import kernel
+    from tracer.probes import EPERM_TEXT, ProbeError, VerifierRefused
+
+    if not isinstance(exc, ProbeError) or isinstance(exc, VerifierRefused):
+        raise exc
+    text = str(exc)
+    if "compilation failed" in text:
+        raise exc
+    if mode == "kprobe" and not kernel.kprobes_available():
+        pytest.skip(f"this kernel has no kprobes (CONFIG_KPROBES off): {text}")
+    if mode == "fentry" and EPERM_TEXT in text:
+        pytest.skip(f"this kernel refuses fentry programs with EPERM: {text}")
+    raise exc
+
+
 def started_tracer(probe: str):  # noqa: ANN201 - tracer.Tracer, imported lazily
-    """A tracer of the built-in catalog attached in mode `probe`, or a skip saying why not."""
+    """A tracer of the built-in catalog attached in mode `probe`, or a skip when this
+    kernel does not offer that mode (skip_if_kernel_lacks); any other failure fails."""
     from scoring.endpoints import EndpointCatalog
     from tracer.probes import ProbeError
     from tracer.session import Tracer
@@ -99,7 +120,7 @@ def started_tracer(probe: str):  # noqa: ANN201 - tracer.Tracer, imported lazily
     try:
         t.start()
     except ProbeError as exc:
-        pytest.skip(f"the {probe} probe cannot attach on this machine: {exc}")
+        skip_if_kernel_lacks(probe, exc)
     return t
 
 

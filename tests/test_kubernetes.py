@@ -81,7 +81,7 @@ def test_forbidden_degrades_with_one_warning(tmp_path, token, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="tracer.kubernetes")
     pods = PodDirectory(api.base, "node-1", token_path=token, max_backoff=0.1).start()
     try:
-        time.sleep(1.0)  # several retries happen in this time
+        assert wait_for(lambda: len(api.queries()) >= 3)  # several retries, each refused
         assert pods.lookup(UID_A) is None
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "pod UID only" in warnings[0].getMessage()
@@ -141,7 +141,8 @@ def test_close_ends_an_open_watch_at_once(tmp_path, token) -> None:
                         read_timeout=120).start()
     try:
         assert pods.wait_synced(10)
-        time.sleep(0.3)  # the watch is open now
+        assert wait_for(lambda: any(q.get("watch") == "1" for q in api.queries()))
+        time.sleep(0.1)  # the watch's request was read: let its stream begin
         t0 = time.monotonic()
         pods.close()
         assert time.monotonic() - t0 < 2.5
@@ -253,4 +254,47 @@ def test_agent_starts_a_directory_only_in_a_cluster(tmp_path, monkeypatch, caplo
         assert pods is not None and pods.api_base == f"https://127.0.0.1:{api.port}"
         pods.close()
     finally:
+        api.stop()
+
+
+@pytest.mark.parametrize("mode", ["error", "gone"])
+def test_an_expired_watch_relists(tmp_path, token, mode) -> None:
+    """The server compacts its history: an `ERROR` (410 Expired) inside the stream, or a
+    410 Gone answer to the next watch. A pod added meanwhile has no watch event of its own:
+    only the relist the directory must make can see it."""
+    api = FakeApi(tmp_path)
+    pods = PodDirectory(api.base, "node-1", token_path=token, watch_timeout=30,
+                        max_backoff=0.2).start()
+    try:
+        assert pods.wait_synced(10)
+        assert wait_for(lambda: any(q.get("watch") == "1" for q in api.queries()))
+        lists_before = sum("watch" not in q for q in api.queries())
+        api.post("expire", mode=mode,
+                 add={"uid": UID_B, "name": "job-x", "namespace": "batch", "node": "node-1"})
+        assert wait_for(lambda: pods.lookup(UID_B) == ("batch", "job-x")), api.queries()
+        assert sum("watch" not in q for q in api.queries()) > lists_before
+        assert pods.lookup(UID_A) == ("web", "web-7d9f")  # the relist kept the others
+    finally:
+        pods.close()
+        api.stop()
+
+
+def test_a_bookmark_is_where_the_next_watch_resumes(tmp_path, token) -> None:
+    """A BOOKMARK carries the version the server reached without events for this node: the
+    directory resumes its next watch from it (not from the list's older version), so a
+    quiet node does not fall behind into a 410 and a full relist."""
+    api = FakeApi(tmp_path)
+    pods = PodDirectory(api.base, "node-1", token_path=token, watch_timeout=1).start()
+    try:
+        assert pods.wait_synced(10)
+        assert wait_for(lambda: any(q.get("watch") == "1" for q in api.queries()))
+        assert all(q.get("allowWatchBookmarks") == "true" for q in api.queries()
+                   if q.get("watch") == "1")
+        api.post("bookmark", version=500)
+        assert wait_for(lambda: any(q.get("resourceVersion") == "500"
+                                    for q in api.queries() if q.get("watch") == "1"),
+                        timeout=15), api.queries()
+        assert sum("watch" not in q for q in api.queries()) == 1  # resumed, never relisted
+    finally:
+        pods.close()
         api.stop()

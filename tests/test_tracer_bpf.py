@@ -12,7 +12,14 @@ import sys
 import time
 
 import pytest
-from netns_fixtures import Collector, MetadataNamespace, require_bcc, started_tracer, wait_for
+from netns_fixtures import (
+    Collector,
+    MetadataNamespace,
+    require_bcc,
+    skip_if_kernel_lacks,
+    started_tracer,
+    wait_for,
+)
 
 from intake.parser import event_from_ecs
 from scoring.endpoints import BUILTIN_ENDPOINTS, EndpointCatalog
@@ -111,7 +118,7 @@ def test_fentry_programs_compile_and_load():
         try:
             probes.load_mode(b, "fentry")
         except ProbeError as exc:
-            pytest.skip(f"kernel refuses fentry programs here (BPF trampolines): {exc}")
+            skip_if_kernel_lacks("fentry", exc)
     finally:
         b.cleanup()
 
@@ -123,7 +130,7 @@ def test_attach_and_trace_connect_probes(mode, ns):
     try:
         t.start()
     except ProbeError as exc:
-        pytest.skip(f"{mode} cannot attach on this kernel: {exc}")
+        skip_if_kernel_lacks(mode, exc)
     try:
         with Collector(t) as c:
             pid = _pid(ns, _py_connect(IMDS, 80, linger=0.3))
@@ -226,7 +233,10 @@ def test_process_gone_before_enrichment_keeps_kernel_fields(ns, tracer):
     tracer.poll(0)
     p = ns.popen(_py_connect(IMDS, 80))
     p.wait(10)  # nobody polls: the process exits before its event is read
-    docs = [d for d in tracer.poll(100) if d["process"]["pid"] == p.pid]
+    docs: list = []
+    # Polled until it arrives (a loaded machine may deliver it after one poll's timeout).
+    wait_for(lambda: docs.extend(d for d in tracer.poll(100) if d["process"]["pid"] == p.pid)
+             or docs, timeout=10)
     assert len(docs) == 1
     doc = docs[0]
     assert doc["imdswatch"]["exited_before_enrichment"] is True

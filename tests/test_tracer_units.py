@@ -283,3 +283,48 @@ def test_btf_offsets_from_the_running_kernel():
         b.offset("task_struct", "no_such_member")
     with _pytest.raises(btf.BTFError):
         b.offset("no_such_struct", "x")
+
+
+@pytest.mark.parametrize(("mode", "exc", "skips"), [
+    # a BPF compile error in bpf/*.c, in any mode: a failure, never a skip
+    ("fentry", "probes.ProbeError('fentry: BPF compilation failed: error: use of undeclared "
+               "identifier')", False),
+    ("tracepoint", "probes.ProbeError('tracepoint: BPF compilation failed: x')", False),
+    # the verifier refusing a program: a failure
+    ("fentry", "probes.VerifierRefused('fentry: loading kfunc__tcp_v4_connect failed: "
+               "invalid mem access')", False),
+    ("cgroup", "probes.ProbeError('cgroup: attach failed: ' + probes.EPERM_TEXT)", False),
+    ("tracepoint", "probes.ProbeError('tracepoint: attach failed: no such file')", False),
+    # what this kernel genuinely refuses
+    ("fentry", "probes.ProbeError('fentry: loading kfunc__tcp_v4_connect failed: ' "
+               "+ probes.EPERM_TEXT)", True),
+    ("fentry", "RuntimeError('not a probe error')", False),
+])
+def test_only_what_the_kernel_lacks_skips(mode, exc, skips):
+    import _pytest.outcomes
+    from netns_fixtures import skip_if_kernel_lacks
+
+    from tracer import probes  # noqa: F401 - used by the expressions above
+
+    error = eval(exc)
+    if skips:
+        with pytest.raises(_pytest.outcomes.Skipped):
+            skip_if_kernel_lacks(mode, error)
+    else:
+        with pytest.raises(type(error)):
+            skip_if_kernel_lacks(mode, error)
+
+
+def test_kprobe_skips_only_where_kprobes_are_compiled_out():
+    import _pytest.outcomes
+    from netns_fixtures import skip_if_kernel_lacks
+
+    from tracer import kernel, probes
+
+    error = probes.ProbeError("kprobe: attach failed: cannot attach kprobe")
+    if kernel.kprobes_available():
+        with pytest.raises(probes.ProbeError):
+            skip_if_kernel_lacks("kprobe", error)
+    else:
+        with pytest.raises(_pytest.outcomes.Skipped):
+            skip_if_kernel_lacks("kprobe", error)

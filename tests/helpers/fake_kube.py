@@ -42,7 +42,7 @@ class FakeApi:
         self.port = int(port_file.read_text())
         self.base = f"{self.scheme}://127.0.0.1:{self.port}"
 
-    def post(self, op: str, **pod: str) -> None:
+    def post(self, op: str, **pod: object) -> None:
         req = urllib.request.Request(f"{self.base}/control/{op}", data=json.dumps(pod).encode(),
                                      headers={"Content-Type": "application/json"})
         ctx = None
@@ -50,6 +50,10 @@ class FakeApi:
             import ssl
             ctx = ssl.create_default_context(cafile=str(self.cert))
         urllib.request.urlopen(req, timeout=5, context=ctx).read()
+
+    def queries(self) -> list[dict]:
+        with urllib.request.urlopen(f"{self.base}/control/queries", timeout=5) as r:
+            return json.loads(r.read())
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -9,6 +9,13 @@ spec.nodeName field selector. POST /control/{add,delete} with {"uid","name","nam
 "node"} (and optionally "containers": {"containerd://<id>": image}) changes the pod set and
 feeds open watches. With --deny every API call is 403; with --anonymous requests need no
 token (as behind `kubectl proxy`).
+
+What a real API server also does, on request: POST /control/expire {"mode": "error" |
+"gone", "add": {pod}} compacts the history (the pod, if any, is added without a watch
+event, so only a relist can see it): open watches get an `ERROR` event (410 Expired) and
+end ("error"), or just end ("gone"); a later watch from an older resourceVersion is answered
+410 Gone. POST /control/bookmark {"version": N} advances the version without events (other
+nodes' changes) and sends open watches that asked for bookmarks a `BOOKMARK` at it.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-STATE = {"version": 1, "pods": {}, "events": []}
+STATE = {"version": 1, "pods": {}, "events": [], "compacted": 0, "epoch": 0,
+         "error": False, "bookmark": 0}
 LOCK = threading.Condition()
 SEEN_QUERIES: list[dict] = []
 
@@ -58,6 +66,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         op = self.path.rsplit("/", 1)[-1]
+        if op in ("expire", "bookmark"):
+            return self._control(op, doc)
         with LOCK:
             STATE["version"] += 1
             obj = pod(doc["uid"], doc["name"], doc["namespace"], doc["node"], STATE["version"],
@@ -70,6 +80,23 @@ class Handler(BaseHTTPRequestHandler):
                 STATE["events"].append(("DELETED", obj))
             LOCK.notify_all()
         self._json(200, {"ok": True})
+
+    def _control(self, op: str, doc: dict) -> None:
+        with LOCK:
+            STATE["version"] += 1
+            if op == "expire":
+                add = doc.get("add")
+                if add:
+                    STATE["pods"][add["uid"]] = pod(add["uid"], add["name"], add["namespace"],
+                                                    add["node"], STATE["version"])
+                STATE["compacted"] = STATE["version"]
+                STATE["error"] = doc.get("mode", "error") == "error"
+                STATE["epoch"] += 1  # ends every open watch
+            else:
+                STATE["version"] = max(STATE["version"], int(doc.get("version") or 0))
+                STATE["bookmark"] = STATE["version"]
+            LOCK.notify_all()
+        self._json(200, {"ok": True, "version": STATE["version"]})
 
     def do_GET(self) -> None:
         url = urllib.parse.urlsplit(self.path)
@@ -84,23 +111,43 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(404, {"kind": "Status", "code": 404})
         node = query.get("fieldSelector", "").removeprefix("spec.nodeName=")
         if query.get("watch") in ("1", "true"):
-            return self._watch(node, int(query.get("resourceVersion") or 0),
-                               float(query.get("timeoutSeconds") or 30))
+            since = int(query.get("resourceVersion") or 0)
+            if since < STATE["compacted"]:
+                return self._json(410, {"kind": "Status", "code": 410, "reason": "Gone"})
+            return self._watch(node, since, float(query.get("timeoutSeconds") or 30),
+                               query.get("allowWatchBookmarks") == "true")
         with LOCK:
             items = [p for p in STATE["pods"].values() if p["spec"]["nodeName"] == node]
             version = STATE["version"]
         self._json(200, {"kind": "PodList", "metadata": {"resourceVersion": str(version)},
                          "items": items})
 
-    def _watch(self, node: str, since: int, timeout: float) -> None:
+    def _send(self, event: dict) -> None:
+        line = json.dumps(event).encode() + b"\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+        self.wfile.flush()
+
+    def _watch(self, node: str, since: int, timeout: float, bookmarks: bool = False) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         deadline = time.monotonic() + min(timeout, 5)
         sent = 0
+        epoch, bookmark = STATE["epoch"], STATE["bookmark"]
         while time.monotonic() < deadline:
             with LOCK:
+                if STATE["epoch"] != epoch:
+                    if STATE["error"]:
+                        self._send({"type": "ERROR", "object": {
+                            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "code": 410, "reason": "Expired",
+                            "message": "too old resource version"}})
+                    break
+                if bookmarks and STATE["bookmark"] != bookmark:
+                    bookmark = STATE["bookmark"]
+                    self._send({"type": "BOOKMARK", "object": {
+                        "kind": "Pod", "metadata": {"resourceVersion": str(bookmark)}}})
                 pending = [(k, o) for k, o in STATE["events"]
                            if int(o["metadata"]["resourceVersion"]) > since][sent:]
                 if not pending:
@@ -110,9 +157,7 @@ class Handler(BaseHTTPRequestHandler):
                 sent += 1
                 if obj["spec"]["nodeName"] != node:
                     continue
-                line = json.dumps({"type": kind, "object": obj}).encode() + b"\n"
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
-                self.wfile.flush()
+                self._send({"type": kind, "object": obj})
         self.wfile.write(b"0\r\n\r\n")
 
 
