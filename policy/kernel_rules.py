@@ -78,6 +78,8 @@ def project(policy: Policy, passwd: str = "/etc/passwd", root: str = "/") -> Pro
     names = _uids(passwd)
     kr = KernelRules(default_deny=policy.default != ALLOW)
     notes: list[str] = []
+    if policy.agents == "allow" and kr.default_deny:
+        _agents(root, kr)
     for number, rule in enumerate(policy.rules, 1):
         uid = _uid(rule, names)
         if rule.action == ALLOW:
@@ -88,6 +90,27 @@ def project(policy: Policy, passwd: str = "/etc/passwd", root: str = "/") -> Pro
         else:
             _deny(rule, number, uid, root, kr, notes)
     return Projection(kr, notes)
+
+
+def _agents(root: str, kr: KernelRules) -> None:
+    """`agents = "allow"`: the known-agent catalog allowed in the kernel. A host agent's
+    executables by inode where they resolve here; an agent shipped as an image (or one not
+    installed here) by its executable's file name, or, for a path ending in a glob, by its
+    process name: wider than the catalog, never narrower."""
+    from scoring.known_callers import KNOWN_CALLERS
+
+    for agent in KNOWN_CALLERS:
+        for exe in agent.executables:
+            files = _files(exe, root) if agent.host else []
+            for st in files:
+                kr.allow_exe.add((kernel_dev(st.st_dev), st.st_ino, ANY_UID))
+            if files and not agent.images:
+                continue
+            base = os.path.basename(exe)
+            if base and not _GLOB & set(base):
+                kr.allow_name.add((base, ANY_UID, KIND_EXE_NAME))
+            else:
+                kr.allow_name.add((comm(agent.name), ANY_UID, KIND_COMM))
 
 
 def _allow(rule: Rule, uid: int, root: str, kr: KernelRules, notes: list[str]) -> None:

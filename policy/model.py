@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 
 from scoring.detectors import image_repository
 from scoring.endpoints import REQUEST_CLASSES
-from scoring.known_callers import comm
+from scoring.known_callers import KnownCallerCatalog, comm
 
 ALLOW = "allow"
 DENY = "deny"
@@ -23,6 +23,9 @@ ANY = "*"
 ORIGINS = ("learned", "catalog", "operator")
 # The rule name a call no rule covers is decided by (imdswatch.policy.rule).
 DEFAULT_RULE = "default"
+# The rule name of a known agent's call no rule covers, under `agents = "allow"`.
+KNOWN_AGENT_RULE = "known-agent"
+AGENT_MODES = ("allow", "policy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,14 @@ def _user_matches(want: str, c: Caller) -> bool:
     return uid.isdigit() and c.uid is not None and str(c.uid) == uid
 
 
+_CATALOG = KnownCallerCatalog()
+
+
+def _known_agent(c: Caller) -> bool:
+    return c.name is not None and _CATALOG.lookup(c.name, c.executable, c.image,
+                                                  c.container) is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     action: str
@@ -136,14 +147,22 @@ class Policy:
     # Callers the history showed but that were not learned (too little evidence): written
     # as comments for the reviewer, never enforced.
     not_learned: tuple[str, ...] = ()
+    # "allow": the node's own agents (the known-agent catalog: name, executable and where
+    # they run) are never denied by the default unless a rule names them (then the rules
+    # decide); "policy": they follow the rules and the default like any caller.
+    agents: str = "allow"
 
     def decide(self, caller: Caller, endpoint: str | None, request_class: str | None,
                address: str | None = None) -> Decision:
         """The verdict on one call. `request_class` None is a connect (no request seen
         yet): an allow rule for any class lets it connect, and only a deny rule for every
         class refuses it; the requests on it are decided one by one."""
+        named = False  # some rule names this caller: the operator's policy speaks for it
         for rule in self.rules:
-            if not rule.matches_caller(caller) or not rule.matches_endpoint(endpoint, address):
+            if not rule.matches_caller(caller):
+                continue
+            named = True
+            if not rule.matches_endpoint(endpoint, address):
                 continue
             if request_class is None:
                 if rule.action == ALLOW or rule.all_classes():
@@ -151,6 +170,9 @@ class Policy:
                 continue
             if rule.all_classes() or request_class in rule.classes:
                 return Decision(rule.action, rule.name)
+        if (self.default == DENY and self.agents == "allow" and not named
+                and _known_agent(caller)):
+            return Decision(ALLOW, KNOWN_AGENT_RULE)
         return Decision(self.default, DEFAULT_RULE)
 
     def rule(self, name: str) -> Rule | None:

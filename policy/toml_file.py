@@ -15,7 +15,17 @@ import tomllib
 from collections.abc import Iterable
 from typing import Any
 
-from policy.model import ACTIONS, ALLOW, ANY, CLASSES, ORIGINS, Origin, Policy, Rule
+from policy.model import (
+    ACTIONS,
+    AGENT_MODES,
+    ALLOW,
+    ANY,
+    CLASSES,
+    ORIGINS,
+    Origin,
+    Policy,
+    Rule,
+)
 
 VERSION = 1
 MAX_BYTES = 4 << 20  # a policy is written by people and tools, not a data dump
@@ -25,7 +35,7 @@ _RULE_KEYS = frozenset((
     "endpoints", "classes", "origin", "hosts", "calls", "since", "last_seen", "vendor",
     "comment",
 ))
-_POLICY_KEYS = frozenset(("version", "default"))
+_POLICY_KEYS = frozenset(("version", "default", "agents"))
 
 
 class PolicyError(ValueError):
@@ -75,6 +85,10 @@ def parse_policy(raw: bytes | str, source: str = "policy",
     if default not in ACTIONS:
         raise PolicyError(f"{source}: [policy] default must be \"allow\" or \"deny\", "
                           f"not {default!r}")
+    agents = head.get("agents", "allow")
+    if agents not in AGENT_MODES:
+        raise PolicyError(f"{source}: [policy] agents must be \"allow\" or \"policy\", "
+                          f"not {agents!r}")
     rules_raw = doc.get("rule", [])
     if not isinstance(rules_raw, list):
         raise PolicyError(f"{source}: 'rule' must be an array of tables ([[rule]])")
@@ -89,7 +103,7 @@ def parse_policy(raw: bytes | str, source: str = "policy",
                               "rule (names identify the deciding rule in events)")
         names.add(rule.name)
         rules.append(rule)
-    return Policy(tuple(rules), default)
+    return Policy(tuple(rules), default, agents=agents)
 
 
 def _endpoint_names(endpoints: Iterable[Any]) -> frozenset[str]:
@@ -218,6 +232,10 @@ def dump_policy(policy: Policy) -> str:
         "# allow rule covers is denied too. Nothing is enforced unless the agent runs with",
         "# --enforce audit (reported only) or --enforce deny.",
         f"default = {_q(policy.default)}",
+        "# \"allow\": the node's own agents (the known-agent catalog, by name, executable and",
+        "# where they run) are never denied by the default, only by a rule naming them;",
+        "# \"policy\": they follow the rules and the default like any caller.",
+        f"agents = {_q(policy.agents)}",
     ]
     for rule in policy.rules:
         out.append("")

@@ -12,7 +12,7 @@ import pytest
 from helpers_events import DAY, HOUR, T0, ev, fleet_events, to_ecs, write_ndjson
 
 from policy.learn import LearnOptions, learn_policy
-from policy.model import ALLOW, DENY, Caller, Policy, Rule
+from policy.model import ALLOW, DENY, Caller, Decision, Policy, Rule
 from policy.plan import plan_events, plan_state, render
 from policy.toml_file import PolicyError, dump_policy, parse_policy
 from scoring.endpoints import EndpointCatalog
@@ -254,3 +254,18 @@ def test_a_bad_policy_file_exits_2_naming_the_rule(tmp_path: Path) -> None:
     p.write_text('[[rule]]\nname = "x"\nclasses = ["secrets"]\n')
     r = imdswatch("policy", "plan", "--policy", str(p), "--state", str(tmp_path / "s"))
     assert r.returncode == 2 and "rule 1 (x): classes entry 'secrets'" in r.stderr, r.stderr
+
+
+def test_the_nodes_agents_are_never_denied_by_the_default_unless_the_policy_says_so() -> None:
+    ssm = Caller("amazon-ssm-agent", "/usr/bin/amazon-ssm-agent", "root")
+    copy = Caller("amazon-ssm-agent", "/tmp/amazon-ssm-agent", "root")
+    pol = Policy((Rule("curl", ALLOW, process="curl"),), default=DENY)
+    assert pol.decide(ssm, "imds", "credentials") == Decision(ALLOW, "known-agent")
+    assert pol.decide(copy, "imds", None).denied  # not the agent: another path
+    named = Policy((Rule("ssm", ALLOW, process="amazon-ssm-agent", classes=("metadata",)),),
+                   default=DENY)
+    assert named.decide(ssm, "imds", "credentials").rule == "default"  # the rule speaks
+    strict = parse_policy('[policy]\ndefault = "deny"\nagents = "policy"\n', "p", CATALOG)
+    assert strict.decide(ssm, "imds", None).denied
+    with pytest.raises(PolicyError, match="agents must be"):
+        parse_policy('[policy]\nagents = "never"\n', "p")

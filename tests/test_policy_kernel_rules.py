@@ -24,7 +24,7 @@ def test_host_only_executables_match_by_device_and_inode(tmp_path: Path) -> None
         Rule("absent", ALLOW, executable="/app/tool", image="registry/x"),
         Rule("by-name", ALLOW, process="amazon-ssm-agent-worker"),
         Rule("by-user", ALLOW, user="uid:33"),
-    ), default=DENY)
+    ), default=DENY, agents="policy")
     p = project(pol, str(passwd), str(tmp_path))
     k = p.rules
     dev = kernel_dev(st.st_dev)
@@ -58,3 +58,18 @@ def test_deny_rules_enter_the_kernel_only_when_exact(tmp_path: Path) -> None:
     assert p.rules.deny_uid == {65534: 2}
     assert not p.rules.default_deny
     assert sum("not enforced in the kernel" in n for n in p.notes) == 3
+
+
+def test_the_nodes_agents_are_allowed_in_the_kernel_unless_the_policy_takes_them(
+        tmp_path: Path) -> None:
+    exe = tmp_path / "usr" / "bin" / "amazon-ssm-agent"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("")
+    st = os.stat(exe)
+    k = project(Policy((), default=DENY), "/nonexistent", str(tmp_path)).rules
+    assert (kernel_dev(st.st_dev), st.st_ino, ANY_UID) in k.allow_exe
+    assert ("aws-k8s-agent", ANY_UID, KIND_EXE_NAME) in k.allow_name  # shipped as an image
+    assert ("cloud-init", ANY_UID, KIND_COMM) in k.allow_name  # a glob: by process name
+    assert not k.allow_all and not k.allow_uid  # never everyone for the agents' sake
+    assert not project(Policy((), default=DENY, agents="policy"), "/nonexistent",
+                       str(tmp_path)).rules.allow_exe
