@@ -29,6 +29,13 @@ from netns_fixtures import wait_for
 LEARN = ("--learning-period", "2h")
 
 
+def wait_checkpoint(serve, timeout: float = 30.0) -> bool:
+    """A checkpoint taken after now (its time from serve's own metric), not a fixed sleep."""
+    since = time.time()
+    return wait_for(lambda: serve.metric("imdswatch_fleet_checkpoint_timestamp_seconds")
+                    > since, timeout)
+
+
 def _send_all(url: str, batches: list[bytes], token: str | None = None,
               pause: float = 0.0) -> list[tuple[int, dict]]:
     """Send each batch until it is acknowledged (an agent's behaviour): a batch whose
@@ -58,7 +65,7 @@ def test_scores_like_replay_and_survives_sigkill(tmp_path, output):
         # Kill it mid-stream, hard, after at least one checkpoint and with batches in flight.
         assert wait_for(lambda: serve.metric("imdswatch_ingest_events_total",
                                              result="accepted") >= 6000, 60)
-        time.sleep(1.2)
+        assert wait_checkpoint(serve)
         serve.proc.send_signal(signal.SIGKILL)
         serve.proc.wait(10)
         time.sleep(0.5)  # the sender keeps retrying meanwhile
@@ -95,7 +102,7 @@ def test_state_show_and_model_endpoint(tmp_path):
     try:
         assert post(serve.url, b"\n".join(events))[0] == 200
         assert wait_scored(serve, 500 - 30)  # the newest wait in the reorder buffer
-        time.sleep(1.5)
+        assert wait_checkpoint(serve)  # /v1/model serves the latest checkpoint
         req = urllib.request.Request(f"{serve.url}/v1/model",
                                      headers={"Accept-Encoding": "gzip"})
         with urllib.request.urlopen(req, timeout=5) as r:
@@ -292,7 +299,7 @@ def test_alert_cap_holds_back_lines_like_replay_and_across_a_restart(tmp_path):
         half = len(batches) // 2
         _send_all(serve.url, batches[:half])
         assert wait_scored(serve, sum(b.count(b"\n") + 1 for b in batches[:half]) - 200, 60)
-        time.sleep(2.5)  # a checkpoint with the cap's position in it
+        assert wait_checkpoint(serve)  # a checkpoint with the cap's position in it
         assert serve.stop() == 0
         serve.start()
         _send_all(serve.url, batches[half:])

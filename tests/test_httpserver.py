@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.httpserver import HealthState, start_server
+from lab.wait import wait_for
 
 
 def scrape(port: int) -> tuple[int, float, bytes]:
@@ -55,7 +56,7 @@ def test_slow_clients_do_not_block_scrapes() -> None:
     try:
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        assert wait_for(lambda: len(sockets) == len(threads), timeout=10)
         worst = 0.0
         for _ in range(10):  # more scrapes than worker threads, while the slow ones hang on
             status, took, body = scrape(port)
@@ -65,10 +66,11 @@ def test_slow_clients_do_not_block_scrapes() -> None:
             worst = max(worst, took)
             time.sleep(0.1)
         assert worst < 2.0
-        # Past the request timeout the slow and the silent connections are closed.
-        time.sleep(4.5)
+        # Past the request timeout the slow and the silent connections are closed: each
+        # read waits for the server's hang-up, up to a deadline well past the timeout.
+        deadline = time.monotonic() + 15
         for s in silent:
-            s.settimeout(2)
+            s.settimeout(max(0.1, deadline - time.monotonic()))
             assert s.recv(100) == b""  # EOF: the server hung up
         assert scrape(port)[0] == 200
     finally:

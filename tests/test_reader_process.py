@@ -20,6 +20,7 @@ from intake import forked_reader as reader_process
 from intake.forked_reader import PER_EVENT_FIELDS, ForkedReader
 from intake.ndjson import InputError, Interrupt, Interrupted, numbered_lines
 from intake.reader import read_events
+from lab.wait import wait_for
 from scoring.endpoints import EndpointCatalog
 from scoring.events import EVENT_FIELDS, Event
 
@@ -217,8 +218,9 @@ def test_closing_ends_a_child_that_waits_for_a_slot(monkeypatch):
     assert len(next(batches)) == 5
     pid = reader._pid
     assert pid is not None
-    time.sleep(0.3)  # long enough for the child to fill the other slots and wait
-    assert _state(pid) == "S"  # asleep (on the slots' pipe), not running or gone
+    # It fills the other slots, then waits asleep (on the slots' pipe), neither running nor
+    # gone: polled until it sleeps, a deadline for a child that never does.
+    assert wait_for(lambda: _state(pid) == "S", timeout=10), _state(pid)
     batches.close()
     reader.close()
     with pytest.raises(ChildProcessError):
@@ -280,7 +282,6 @@ def test_the_child_dies_with_its_parent(tmp_path: Path):
         "time.sleep(60)\n")
     import subprocess
     import sys
-    import time
 
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, cwd=root,
