@@ -1,12 +1,12 @@
 """Caller identity from the kernel's per-process record (bpf/identity.h), for the callers that
-exit before /proc can be read: a copy of curl at a fixed path that exits at once, the same
-copy at the end of a shell pipeline, a shell that execs another binary right after
-connecting, and a forked child that connects without exec'ing. On a machine kept busy (two
-bounded busy loops), every event of theirs carries the executable's path, the parent's name
-and the command line, taken from the kernel (not from /proc), in every probe mode this
-kernel offers; a mode it refuses is skipped with the tracer's own reason (the kernel matrix,
-whose kernels offer all four, fails on such a skip). Real BPF, real processes, connections
-only inside a private namespace served by the mock."""
+exit before /proc can be read: a copy of curl at a fixed path that exits at once, the same copy
+at the end of a shell pipeline, a shell that execs another binary right after connecting, a
+forked child that connects without exec'ing, and a script (its interpreter and the script both
+named). On a machine kept busy (two bounded busy loops), every event of theirs carries the
+executable's path, the parent's name and the command line, taken from the kernel (not from
+/proc), in every probe mode this kernel offers; a mode it refuses is skipped with the tracer's
+own reason (the kernel matrix, whose kernels offer all four, fails on such a skip). Real BPF,
+real processes, connections only inside a private namespace served by the mock."""
 
 from __future__ import annotations
 
@@ -51,8 +51,16 @@ def callers(tmp_path_factory):
     shutil.copy(shutil.which("curl"), curl)
     shutil.copy("/bin/bash", bash)
     py.symlink_to(os.path.realpath(sys.executable))
+    # A script: the kernel runs its interpreter and names both in argv.
+    script = d / f"ids-{tag}"
+    script.write_text(f"#!{os.path.realpath(sys.executable)}\n"
+                      "import socket\n"
+                      "s = socket.socket()\n"
+                      "s.settimeout(2)\n"
+                      f"s.connect(({IMDS!r}, 80))\n")
+    script.chmod(0o755)
     return {"curl": str(curl.resolve()), "bash": str(bash.resolve()), "py": str(py),
-            "py_exe": os.path.realpath(sys.executable)}
+            "py_exe": os.path.realpath(sys.executable), "script": str(script.resolve())}
 
 
 @pytest.fixture
@@ -88,6 +96,8 @@ def _run_callers(ns: MetadataNamespace, c: dict) -> None:
                 f"    s.connect(({IMDS!r}, 80))\n"
                 "    os._exit(0)\n"
                 "os.wait()\n"])
+        # an interpreted program: its identity is the interpreter and the script
+        ns.run([c["script"]])
 
 
 @pytest.mark.parametrize("mode", probes.MODES)
@@ -95,10 +105,11 @@ def test_short_lived_callers_carry_kernel_identity(mode, ns, callers, cpu_load):
     t = started_tracer(mode)
     try:
         assert t.record_unavailable is None, t.record_unavailable
-        names = {os.path.basename(callers[k])[:15]: k for k in ("curl", "bash", "py")}
+        names = {os.path.basename(callers[k])[:15]: k
+                 for k in ("curl", "bash", "py", "script")}
         with Collector(t) as col:
             _run_callers(ns, callers)
-            want = 4 * ROUNDS
+            want = 5 * ROUNDS
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 mine = [d for d in col.docs if d["process"]["name"] in names]
@@ -113,7 +124,7 @@ def test_short_lived_callers_carry_kernel_identity(mode, ns, callers, cpu_load):
     for d in mine:
         by_kind.setdefault(names[d["process"]["name"]], []).append(d)
     assert {k: len(v) for k, v in by_kind.items()} == {"curl": 2 * ROUNDS, "bash": ROUNDS,
-                                                       "py": ROUNDS}
+                                                       "py": ROUNDS, "script": ROUNDS}
     for d in mine:
         p, ident = d["process"], d["imdswatch"].get("identity", {})
         kind = names[p["name"]]
@@ -131,6 +142,10 @@ def test_short_lived_callers_carry_kernel_identity(mode, ns, callers, cpu_load):
             assert p["command_line"] == " ".join(p["args"])
             assert p["parent"]["name"] in ("sh", "python", "pytest") or \
                 p["parent"]["name"].startswith("python"), d
+        elif kind == "script":
+            # /usr/bin/python3 running this script is not python3 running another one
+            assert p["executable"] == callers["py_exe"], d
+            assert p["args"] == [callers["py_exe"], callers["script"]], d
         elif kind == "bash":
             assert p["executable"] == callers["bash"], d
             assert f"/dev/tcp/{IMDS}/80" in p["command_line"], d

@@ -357,20 +357,42 @@ def preflight(probe: str, cgroup_root: str | None = None) -> list[str]:
     return []
 
 
-def _auto_choice(cgroup_root: str | None = None) -> tuple[str | None, str]:
+def _auto_choice(cgroup_root: str | None = None) -> tuple[str | None, str, Check | None]:
     """Attach for real, then detach: the only sure answer to what auto picks. Compiled as
-    the agent compiles it, with the kernel-side identity where BTF allows."""
+    the agent compiles it, with the kernel-side identity where BTF allows; the identity
+    record's programs (bpf/identity.h) are attached too, and their check returned."""
+    record: Check | None = None
+    fix = ("a kernel with BTF (CONFIG_DEBUG_INFO_BTF=y, Linux 5.5 or later): executables, "
+           "command lines and parents then come from /proc only, and are missing for "
+           "callers that exit at once")
     try:
-        offsets = btf.task_offsets()
-    except btf.BTFError:
+        offsets: dict[str, int] | None = btf.task_offsets()
+    except btf.BTFError as exc:
         offsets = None
+        record = Check("identity record", False, f"no kernel-side identity: {exc}", fix)
+    if offsets is not None:
+        try:
+            offsets.update(btf.record_offsets())
+        except btf.BTFError as exc:
+            record = Check("identity record", False, f"the kernel's BTF lacks a field: {exc}",
+                           fix)
     try:
         b, mode = probes.open_mode("auto", cgroup_root=cgroup_root,
                                    ringbuf=kernel.ringbuf_supported(), offsets=offsets)
     except probes.ProbeError as exc:
-        return None, str(exc)
-    probes.release(b)
-    return mode, "attached and detached for this check"
+        return None, str(exc), record
+    try:
+        if record is None:
+            try:
+                probes.attach_identity(b)
+                record = Check("identity record", True, "exec, fork and exit programs load "
+                               "and attach: callers that exit at once keep their executable, "
+                               "command line and parent")
+            except probes.ProbeError as exc:
+                record = Check("identity record", False, str(exc), fix)
+    finally:
+        probes.release(b)
+    return mode, "attached and detached for this check", record
 
 
 def run_doctor(cgroup_root: str | None = None) -> int:
@@ -384,7 +406,11 @@ def run_doctor(cgroup_root: str | None = None) -> int:
             print(f"       fix: {c.fix}")
     mode = predicted_mode(results)
     if mode is not None and os.geteuid() == 0:
-        mode, how = _auto_choice(cgroup_root)
+        mode, how, record = _auto_choice(cgroup_root)
+        if record is not None:
+            print(f"[{record.status}] {record.name}: {record.detail}")
+            if not record.ok:
+                print(f"       fix: {record.fix}")
         print(f"probe: auto picks {mode} ({how})" if mode else f"probe: none attaches: {how}")
     elif mode is not None:
         print(f"probe: auto would pick {mode} (from the checks above)")
