@@ -204,7 +204,9 @@ class KnownCallerCatalog:
     def script_key(self, event: Event) -> str | None:
         """The script that decides the event's caller's identity: None unless its name is an
         interpreted agent's (so other callers never pay for reading a command line)."""
-        if event.name is None or comm(event.name) not in self._interpreted:
+        name = event.name  # on every scored event: a set lookup, comm() only when long
+        if name is None or (name not in self._interpreted and (
+                len(name) <= COMM_LEN or comm(name) not in self._interpreted)):
             return None
         return script_of(event.exe, event.command_line)
 
