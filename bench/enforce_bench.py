@@ -11,12 +11,19 @@ class), beside the static equivalents an operator has today:
 
 Counted after the learning days: attack actors blocked (one of their calls denied), and
 benign calls denied, with the distinct benign callers (host, process, user) listed.
+
+What other traffic pays (`overhead`): the enforcement program's kernel run time per
+non-metadata connect (bpf_stats) beside an empty connect4 program linked to the same cgroup
+in the same runs (the accounting floor), and a connect loop's rate in the enforced cgroup
+with the programs linked vs not, in alternating paired rounds.
 `run(quick, seed)` returns a bench.rows.Section.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -124,6 +131,7 @@ def run(quick: bool, seed: int = 7) -> Section:
                         len(a.benign_callers), "", "", None, "", None))
     listed = "\n".join(f"{h} {p} {u}: {c} calls" for (h, p, u), c in
                        sorted(mine.benign_callers.items(), key=lambda kv: -kv[1]))
+    rows += overhead(quick)
     return Section(
         rows,
         notes=[f"A policy learned from the first {LEARN_DAYS} days of the scenario (callers "
@@ -136,3 +144,142 @@ def run(quick: bool, seed: int = 7) -> Section:
                      f"{a.id} ({a.kind}): {a.description}" for a in sc.actors
                      if a.id in actors_after and a.id not in mine.blocked) or "(none)")],
     )
+
+
+# -- what other traffic pays ------------------------------------------------------------------
+
+_CONNECT_LOOP = """
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+t = time.perf_counter()
+for _ in range(n):
+    s = socket.socket()
+    s.connect(("127.0.0.1", port))
+    s.close()
+print(n / (time.perf_counter() - t))
+"""
+
+_EMPTY_CONNECT = """
+int empty4(struct bpf_sock_addr *ctx) { return 1; }
+"""
+
+
+def _runs(fd: int) -> tuple[int, int]:
+    fields = dict(line.split(":\t", 1) for line in
+                  Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines() if ":\t" in line)
+    return int(fields.get("run_cnt", 0)), int(fields.get("run_time_ns", 0))
+
+
+def overhead(quick: bool) -> list[Row]:
+    """The enforcement program's run time per non-metadata connect, beside an empty
+    program on the same hook in the same runs (the accounting floor), and the connect rate
+    of a loop in the enforced cgroup with the programs linked vs not. Attached only to a
+    cgroup made for this, holding only the loop's process, removed afterwards."""
+    import os
+    import secrets
+    import socket
+    import subprocess
+    import sys
+
+    import bcc
+
+    from tracer import cgroup_attach
+    from tracer.enforcer import KernelEnforcer, KernelRules
+
+    n = 2000 if quick else 20000
+    rounds = 3 if quick else 7
+    cg = Path(cgroup_attach.cgroup2_root()) / f"imdsw-bench-enforce-{secrets.token_hex(4)}"
+    cg.mkdir()
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4096)
+    port = server.getsockname()[1]
+    stop = False
+
+    def accept() -> None:
+        while not stop:
+            try:
+                c, _ = server.accept()
+                c.close()
+            except OSError:
+                return
+
+    import threading
+
+    threading.Thread(target=accept, daemon=True).start()
+
+    def rate(count: int) -> float:
+        def enter() -> None:
+            (cg / "cgroup.procs").write_text(str(os.getpid()))
+
+        out = subprocess.run([sys.executable, "-c", _CONNECT_LOOP, str(port), str(count)],
+                             capture_output=True, text=True, timeout=600, preexec_fn=enter)
+        return float(out.stdout.strip())
+
+    knob = Path("/proc/sys/kernel/bpf_stats_enabled")
+    knob_before = knob.read_text().strip()
+    enf = KernelEnforcer(EndpointCatalog.from_config(), str(cg))
+    empty = bcc.BPF(text=_EMPTY_CONNECT.encode(), cflags=["-Wno-ignored-attributes"])
+    att = None
+    rows: list[Row] = []
+    try:
+        enf.start(KernelRules(default_deny=True), lambda rec: None)
+        enf.arm(True)
+        on, off = [], []
+        linked = True
+        for r in range(rounds):
+            for want in ((True, False) if r % 2 else (False, True)):
+                if want != linked:
+                    if want:
+                        enf.attachment = cgroup_attach.CgroupAttachment(str(cg))
+                        for name, hook in (("imdsw_enforce4", 10), ("imdsw_enforce6", 11)):
+                            enf.attachment.attach_link(enf.bpf.funcs[name.encode()].fd, hook)
+                    else:
+                        enf.attachment.close()
+                    linked = want
+                (on if want else off).append(rate(n))
+        if not linked:
+            enf.attachment = cgroup_attach.CgroupAttachment(str(cg))
+            for name, hook in (("imdsw_enforce4", 10), ("imdsw_enforce6", 11)):
+                enf.attachment.attach_link(enf.bpf.funcs[name.encode()].fd, hook)
+        fn = empty.load_func(b"empty4", bcc.BPF.CGROUP_SOCK_ADDR, attach_type=10)
+        att = cgroup_attach.CgroupAttachment(str(cg))
+        att.attach_link(fn.fd, 10)
+        ours_fd = enf.bpf.funcs[b"imdsw_enforce4"].fd
+        n0, t0 = _runs(ours_fd)
+        e0, et0 = _runs(fn.fd)
+        knob.write_text("1")
+        rate(n)
+        knob.write_text("0")
+        n1, t1 = _runs(ours_fd)
+        e1, et1 = _runs(fn.fd)
+        if n1 > n0 and e1 > e0:
+            mine, floor = (t1 - t0) / (n1 - n0), (et1 - et0) / (e1 - e0)
+            rows.append(Row(f"enforcement: program time per non-metadata connect "
+                            f"({n1 - n0:,} runs)", round(mine, 1), "ns",
+                            "empty connect4 program, same cgroup and runs", round(floor, 1),
+                            "report", None))
+            rows.append(Row("enforcement: cost per non-metadata connect (ours - empty)",
+                            round(mine - floor, 1), "ns", "", None, "nothing above the floor",
+                            None))
+        pct = statistics.median((a - d) / d * 100 for a, d in zip(on, off, strict=True))
+        rows.append(Row(f"enforcement: connects/s in the enforced cgroup, linked "
+                        f"({rounds}x{n:,} each side)", round(statistics.median(on)), "/s",
+                        "not linked", round(statistics.median(off)), "report", None))
+        rows.append(Row("enforcement: connect rate change when linked (paired median)",
+                        round(pct, 1), "%", "", None, "report", None))
+    finally:
+        stop = True
+        knob.write_text(knob_before)
+        if att is not None:
+            att.close()
+        enf.close()
+        empty.cleanup()
+        server.close()
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    return rows
