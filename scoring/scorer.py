@@ -754,8 +754,8 @@ class Scorer:
         if vkey is None:
             return None
         for j, det in enumerate(DETECTORS):
-            if det.name not in UPGRADE_DETECTORS and \
-                    out.scores.get(det.name, 0.0) >= self._thresholds[j]:
+            s = out.scores.get(det.name, 0.0)  # a detector that did not score reaches nothing
+            if det.name not in UPGRADE_DETECTORS and s > 0 and s >= self._thresholds[j]:
                 return None
         if self.last_ts is None:
             return None

@@ -131,3 +131,19 @@ def test_a_known_tool_run_by_a_new_user_is_never_an_upgrade(exe, user):
     out = s.process(ev(T0 + 2 * DAY + HOUR, exe.rsplit("/", 1)[1], exe=exe, user=user,
                        host="node-1"))
     assert not out.rollout
+
+
+def test_at_threshold_0_a_detector_that_did_not_score_does_not_rule_out_an_upgrade():
+    """`--threshold 0` shows every score: a detector that did not score the event (no value
+    for it) must not count as having reached the threshold (issue 21's class of bug)."""
+    from scoring.endpoints import EndpointCatalog
+    from scoring.scorer import Outcome
+    from scoring.settings import ScorerSettings
+
+    s = Scorer(ScorerSettings(threshold=0))
+    model_from_bytes(s, model_to_bytes(warm()))
+    e = ev(T, "acme-agent", exe="/opt/acme/agent-2.5.0/bin/acme-agent", parent="systemd",
+           host="node-1")
+    out = Outcome(e, EndpointCatalog.from_config().match(e.dst_ip, e.dst_port))
+    out.scores.update({"rare_executable": 80.0, "rare_combination": 70.0})
+    assert s._upgrade_of(out) == version_key(e.exe)
