@@ -121,6 +121,8 @@ _FILLABLE = (
     (("process", "parent", "name"), "parent_name", "plain"),
     (("process", "parent", "pid"), "ppid", "plain"),
     (("process", "parent", "executable"), "parent_exe", "plain"),
+    (("user", "name"), "user", "plain"),
+    (("user", "id"), "uid", "plain"),
     (("container", "id"), "container_id", "plain"),
     (("container", "image", "name"), "image", "plain"),
     (("orchestrator", "namespace"), "namespace", "plain"),

@@ -3,8 +3,10 @@
 Elastic Defend's network events name the process (`process.entity_id`, name, executable,
 pid) but not its parent's name or its command line, which the same export's process
 events (exec, fork, already_running) carry. Without them `rare_parent` is blind on a
-Defend export. The join remembers, per entity id, what the process events say, and fills
-only what a network event lacks: its own fields always win.
+Defend export, and a network event without its user is judged without one. The join
+remembers, per entity id, what the process events say, and fills only what a network event
+lacks (the user too, name and id together): its own fields always win. Alerts list what
+was filled (`imdswatch.identity.filled`).
 
 Bounded: at most `max_entities` entities, least recently used evicted first (counted), so
 an export of any length holds a fixed amount; `max_age` seconds of event time after its
@@ -35,7 +37,7 @@ def _text(v: Any) -> str | None:
 
 class _Facts:
     __slots__ = ("name", "exe", "command_line", "parent_id", "parent_name", "parent_exe",
-                 "ppid", "container_id", "image", "namespace", "pod", "seen")
+                 "ppid", "user", "uid", "container_id", "image", "namespace", "pod", "seen")
 
     def __init__(self, d: EcsDoc, seen: float) -> None:
         p = d.process
@@ -49,6 +51,9 @@ class _Facts:
         self.parent_exe = _text(parent.executable) if parent is not None else None
         pid = parent.pid if parent is not None else None
         self.ppid = pid if pid.__class__ is int else None
+        u = d.user
+        self.user = _text(u.name) if u is not None else None
+        self.uid = _text(u.id) if u is not None else None
         c, o = d.container, d.orchestrator
         self.container_id = _text(c.id) if c is not None else None
         self.image = _text(c.image.name) if c is not None and c.image is not None else None
@@ -120,6 +125,8 @@ class ProcessJoin:
                 ev.parent_exe = own.parent_exe
             if ev.ppid is None:
                 ev.ppid = own.ppid
+            if ev.user is None and ev.uid is None:  # a user is its name and id together
+                ev.user, ev.uid = own.user, own.uid
             if ev.container_id is None:
                 ev.container_id = own.container_id
             if ev.image is None:

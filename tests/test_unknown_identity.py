@@ -124,13 +124,14 @@ def test_the_alert_shows_the_fields_the_join_filled():
 
     join = ProcessJoin()
     proc = {"@timestamp": "2024-05-01T00:00:00Z", "event": {"category": "process"},
+            "user": {"name": "www-data", "id": "33"},
             "process": {"entity_id": "P1", "name": "xmrig", "executable": "/tmp/xmrig",
                         "command_line": "xmrig --token=hunter2secret",
                         "parent": {"entity_id": "P0", "name": "bash", "pid": 7}}}
     join.learn(decoder().decode(orjson.dumps(proc)), T0)
     net = {"@timestamp": "2024-05-01T00:00:01Z", "destination": {"ip": "169.254.169.254"},
            "event": {"action": "connection_attempted"},
-           "process": {"entity_id": "P1", "name": "xmrig"}, "user": {"name": "root"}}
+           "process": {"entity_id": "P1", "name": "xmrig"}}
     line = orjson.dumps(net)
     d = decoder().decode(line)
     e, _ = read_doc(d, raw=line)
@@ -143,8 +144,9 @@ def test_the_alert_shows_the_fields_the_join_filled():
     assert alert["process"]["executable"] == "/tmp/xmrig"
     assert alert["process"]["parent"]["name"] == "bash"
     assert "hunter2secret" not in alert["process"]["command_line"]
+    assert alert["user"] == {"name": "www-data", "id": "33"}
     assert set(alert["imdswatch"]["identity"]["filled"]) >= {
-        "process.executable", "process.command_line", "process.parent.name"}
+        "process.executable", "process.command_line", "process.parent.name", "user.name"}
 
 
 # -- the property, across every detector ---------------------------------------------------
