@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 export PYTHONDONTWRITEBYTECODE=1 PATH="$PWD/.venv/bin:$PATH"
 # Under emulation a BCC compile takes tens of seconds, not one: the agent gets longer to attach.
 export IMDSWATCH_TEST_AGENT_START_TIMEOUT=${IMDSWATCH_TEST_AGENT_START_TIMEOUT:-600}
+# Emulated CPUs: two rounds of each short-lived caller per probe mode, not six.
+export IMDSWATCH_TEST_IDENTITY_ROUNDS=${IMDSWATCH_TEST_IDENTITY_ROUNDS:-2}
 K=$(uname -r)
 
 # The VM's /lib/modules/$K is the unpacked package's, whose build/source links are absolute

@@ -223,7 +223,8 @@ def test_enrichment_of_a_running_process(ns, live):
 def test_curl_enrichment_while_it_waits_for_the_answer(ns, live):
     p = ns.popen(["curl", "-s", "-o", "/dev/null", "-H", "X-aws-ec2-metadata-token: secret",
                   f"http://{IMDS}/slow"])
-    (doc,) = live.wait(pid=p.pid)
+    # A bound, not a target: curl's start takes seconds on the matrix's emulated CPUs.
+    (doc,) = live.wait(pid=p.pid, timeout=60)
     p.wait(10)
     assert doc["process"]["executable"].endswith("/curl")
     assert "X-aws-ec2-metadata-token: secret" in doc["process"]["command_line"]
