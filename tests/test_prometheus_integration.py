@@ -152,7 +152,7 @@ def test_seed_alert_fires_with_reason_and_resolves(exporter_server, prometheus) 
     groups = api(base, "rules")["groups"]
     assert {g["name"] for g in groups} == {"imdswatch-anomalies", "imdswatch-fleet",
                                            "imdswatch-agent", "imdswatch-fleet-scorer",
-                                           "imdswatch-fleet-bus"}
+                                           "imdswatch-fleet-bus", "imdswatch-enforcement"}
     wait_until("every rule evaluated", lambda: all(
         r.get("lastEvaluation", "").startswith("20") and r["health"] == "ok"
         for g in api(base, "rules")["groups"] for r in g["rules"]))
