@@ -9,7 +9,8 @@ import sys
 import click
 
 from imdswatch import __version__
-from imdswatch.config import PROBES, Config, ConfigError, load_config
+from imdswatch.cli_errors import config_or_exit, fail
+from imdswatch.config import PROBES
 from scoring.durations import parse_duration
 from scoring.settings import AGENT_MAX_ENTITIES
 from scoring.state import StateError
@@ -59,19 +60,6 @@ ENFORCE_MODES = ("off", "audit", "deny")
 OFF_FILE = "/run/imdswatch/enforce-off"
 
 
-def fail(message: str) -> None:
-    click.echo(f"imdswatch: {message}", err=True)
-    sys.exit(2)
-
-
-def _config(path: str | None) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        fail(str(exc))
-        raise  # unreachable
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="imdswatch")
 def main() -> None:
@@ -98,7 +86,7 @@ def replay(events: str, output: str, threshold: float | None, state_path: str | 
     """Score recorded ECS events (NDJSON, plain or .gz, or - for stdin) in event time."""
     from imdswatch.replay_cli import run_replay
 
-    cfg = _config(config_path)
+    cfg = config_or_exit(config_path)
     if threshold is not None:
         cfg.scorer.threshold = threshold
     if learning_period is not None:
@@ -189,7 +177,7 @@ def run(config_path: str | None, state_path: str | None, probe: str | None,
                              fleet_model_interval)
     elif spool_dir or fleet_token_file or fleet_ca:
         fail("--spool, --fleet-token-file and --fleet-ca go with --fleet URL")
-    cfg = _config(config_path)
+    cfg = config_or_exit(config_path)
     if threshold is not None:
         cfg.scorer.threshold = threshold
     if "max_entities" not in cfg.scoring_keys:
@@ -262,7 +250,7 @@ def serve(listen: str, state_path: str, config_path: str | None, metrics_address
     """The fleet scorer: one model for every agent's events (contract sections 5 and 8)."""
     from imdswatch.serve import ServeOptions, run_serve
 
-    cfg = _config(config_path)
+    cfg = config_or_exit(config_path)
     if threshold is not None:
         cfg.scorer.threshold = threshold
     if learning_period is not None:
@@ -291,7 +279,7 @@ def doctor(config_path: str | None) -> None:
     from imdswatch.libout import capture_fd2
     from tracer.doctor import run_doctor
 
-    cfg = _config(config_path)
+    cfg = config_or_exit(config_path)
     # The checks load probes: BCC's own fd-2 lines are summarised, not interleaved.
     with capture_fd2() as library_lines:
         status = run_doctor(cfg.agent.cgroup_root)
@@ -351,7 +339,7 @@ def state_merge(inputs: tuple[str, ...], output: str, half_life: float | None,
     """Merge states from several nodes so a new node starts with the fleet's baseline."""
     from scoring.state import merge_state_files
 
-    hl = half_life if half_life is not None else _config(config_path).scorer.half_life
+    hl = half_life if half_life is not None else config_or_exit(config_path).scorer.half_life
     try:
         merged = merge_state_files(list(inputs), output, hl)
     except StateError as exc:
@@ -375,7 +363,7 @@ def state_show(path: str, config_path: str | None) -> None:
     from scoring.scorer import Scorer
     from scoring.state import load_state
 
-    cfg = _config(config_path)
+    cfg = config_or_exit(config_path)
     scorer = Scorer(cfg.scorer, cfg.catalog)
     try:
         load_state(path, scorer)
@@ -391,7 +379,7 @@ def state_show(path: str, config_path: str | None) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config.")
 def endpoints(config_path: str | None) -> None:
     """List the metadata endpoints watched (built-in catalog plus the config's changes)."""
-    cfg = _config(config_path)
+    cfg = config_or_exit(config_path)
     for e in cfg.catalog:
         ports = ",".join(str(p) for p in sorted(e.ports)) or "any"
         click.echo(f"{e.id:26} {e.address:22} ports {ports:10} {e.provider}")

@@ -7,7 +7,8 @@ from collections import Counter
 
 import click
 
-from imdswatch.config import Config, ConfigError, load_config
+from imdswatch.cli_errors import config_or_exit, fail
+from imdswatch.config import Config
 from policy.learn import LearnOptions, learn_policy
 from policy.plan import Plan, plan_events, plan_state, render
 from policy.toml_file import PolicyError, dump_policy, load_policy, write_policy
@@ -17,25 +18,12 @@ from scoring.state import StateError, load_state, load_state_dict
 MAX_REPORTED = 20  # malformed lines named on stderr; the rest are counted
 
 
-def _fail(message: str) -> None:
-    click.echo(f"imdswatch: {message}", err=True)
-    sys.exit(2)
-
-
-def _config(path: str | None) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        _fail(str(exc))
-        raise
-
-
 def _scorer_from_state(cfg: Config, path: str) -> Scorer:
     scorer = Scorer(cfg.scorer, cfg.catalog)
     try:
         load_state(path, scorer)
     except StateError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     return scorer
 
 
@@ -48,18 +36,18 @@ def _scorer_from_fleet(cfg: Config, url: str, token_file: str | None,
         token = read_token(token_file, "--fleet-token-file") if token_file else None
         client = FleetClient(url, token, ca)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     try:
         _, state = client.fetch_model()
     except (FleetUnavailable, FleetRejected, OSError) as exc:
-        _fail(f"fleet model from {url}: {exc}")
+        fail(f"fleet model from {url}: {exc}")
     finally:
         client.close()
     scorer = Scorer(cfg.scorer, cfg.catalog)
     try:
         load_state_dict(scorer, state, f"fleet model from {url}")
     except StateError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     return scorer
 
 
@@ -92,8 +80,8 @@ def generate(state_path: str | None, fleet_url: str | None, fleet_token_file: st
     """Propose a policy from the history a model holds: one rule per caller seen often
     enough, with the request classes it asked for and where each rule came from."""
     if (state_path is None) == (fleet_url is None):
-        _fail("policy generate needs one of --state FILE or --fleet URL")
-    cfg = _config(config_path)
+        fail("policy generate needs one of --state FILE or --fleet URL")
+    cfg = config_or_exit(config_path)
     if state_path is not None:
         scorer = _scorer_from_state(cfg, state_path)
         source = f"state {state_path}"
@@ -109,7 +97,7 @@ def generate(state_path: str | None, fleet_url: str | None, fleet_token_file: st
         try:
             write_policy(output, pol)
         except OSError as exc:
-            _fail(f"{output}: cannot write ({exc.strerror})")
+            fail(f"{output}: cannot write ({exc.strerror})")
     click.echo(f"policy: {learned} callers learned, {len(pol.not_learned)} not learned, "
                f"{len(pol.rules) - learned} catalog rules"
                + (f" -> {output}" if output != "-" else ""), err=True)
@@ -127,12 +115,12 @@ def plan(trace: str | None, policy_path: str, state_path: str | None,
     """What the policy would have denied in a trace (ECS NDJSON, as replay reads) or a
     model's history, and who breaks if IMDSv2 were required or the hop limit were 1."""
     if (trace is None) == (state_path is None):
-        _fail("policy plan needs a TRACE or --state FILE (one of them)")
-    cfg = _config(config_path)
+        fail("policy plan needs a TRACE or --state FILE (one of them)")
+    cfg = config_or_exit(config_path)
     try:
         pol = load_policy(policy_path, cfg.catalog)
     except PolicyError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if state_path is not None:
         result = plan_state(pol, _scorer_from_state(cfg, state_path), f"state {state_path}")
     else:
@@ -157,7 +145,7 @@ def _plan_trace(pol, cfg: Config, trace: str) -> Plan:  # noqa: ANN001 - policy.
     try:
         result = plan_events(pol, events, trace)
     except InputError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     n = sum(malformed.values())
     if n:
         click.echo(f"imdswatch: {n} malformed lines skipped", err=True)
