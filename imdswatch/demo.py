@@ -332,14 +332,25 @@ def _metric(agent: AgentProcess, name: str, selector: str) -> float:
 
 def run_demo(keep: bool = False) -> int:
     """`imdswatch demo`: returns the exit status."""
-    def on_term(_signum: int, _frame: object) -> None:
+    interrupted: list[int] = []
+
+    def on_term(signum: int, _frame: object) -> None:
+        interrupted.append(signum)
         raise KeyboardInterrupt
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        # The signal's exception is lost when it lands where Python ignores exceptions (a
+        # __del__ closing an HTTP response): the next line said raises it again, and the
+        # demo's last line is said after its clean-up, so an interrupt always ends in 130.
+        if interrupted:
+            raise KeyboardInterrupt
 
     # Ctrl-C too, explicitly: a process started with SIGINT ignored (a background job of a
     # non-interactive shell, as some CI runners start it) keeps it ignored in Python, and
     # the demo would then neither stop nor clean up.
     previous = {s: signal.signal(s, on_term) for s in (signal.SIGTERM, signal.SIGINT)}
-    demo = Demo(lambda text: print(text, flush=True), keep=keep)
+    demo = Demo(say, keep=keep)
     try:
         return demo.run()
     except (DemoError, SandboxError) as exc:
