@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from policy.model import ALLOW, ANY, Policy, Rule
 from scoring.known_callers import comm
-from tracer.enforcer import ANY_UID, KIND_COMM, KIND_EXE_NAME, KernelRules, kernel_dev
+from tracer.enforcer import ANY_UID, KIND_COMM, KIND_EXE_NAME, KernelRules, kernel_file_id
 
 _GLOB = frozenset("*?[")
 MAX_FILES_PER_RULE = 64
@@ -60,17 +60,17 @@ def _uid(rule: Rule, names: dict[str, int]) -> int | None:
     return names.get(rule.user)
 
 
-def _files(pattern: str, root: str) -> list[os.stat_result]:
+def _files(pattern: str, root: str) -> list[tuple[int, int]]:
+    """The (dev_t, inode) the kernel sees for each regular file the pattern names."""
     path = os.path.join(root, pattern.lstrip("/"))
     found = glob.glob(path) if _GLOB & set(pattern) else [path]
     out = []
     for p in found[:MAX_FILES_PER_RULE]:
-        try:
-            st = os.stat(p)
-        except OSError:
+        if not os.path.isfile(p):
             continue
-        if os.path.isfile(p):
-            out.append(st)
+        file_id = kernel_file_id(p)
+        if file_id is not None:
+            out.append(file_id)
     return out
 
 
@@ -102,8 +102,8 @@ def _agents(root: str, kr: KernelRules) -> None:
     for agent in KNOWN_CALLERS:
         for exe in agent.executables:
             files = _files(exe, root) if agent.host else []
-            for st in files:
-                kr.allow_exe.add((kernel_dev(st.st_dev), st.st_ino, ANY_UID))
+            for file_id in files:
+                kr.allow_exe.add((*file_id, ANY_UID))
             if files and not agent.images:
                 continue
             base = os.path.basename(exe)
@@ -119,8 +119,8 @@ def _allow(rule: Rule, uid: int, root: str, kr: KernelRules, notes: list[str]) -
                      "(its allow covers the executable or process wherever it runs)")
     if rule.executable is not None:
         files = _files(rule.executable, root)
-        for st in files:
-            kr.allow_exe.add((kernel_dev(st.st_dev), st.st_ino, uid))
+        for file_id in files:
+            kr.allow_exe.add((*file_id, uid))
         base = os.path.basename(rule.executable)
         if not files or rule.container is not False:
             if base and not _GLOB & set(base):
@@ -154,8 +154,8 @@ def _deny(rule: Rule, number: int, uid: int | None, root: str, kr: KernelRules,
         files = _files(rule.executable, root)
         # Only a host-only rule is exact by inode; a copy in a container would escape it,
         # which is fine for a deny (the kernel may deny less than the policy).
-        for st in files:
-            kr.deny_exe[(kernel_dev(st.st_dev), st.st_ino, uid)] = number  # type: ignore[index]
+        for file_id in files:
+            kr.deny_exe[(*file_id, uid)] = number  # type: ignore[index]
         if files:
             return
     elif exact and uid is not None and uid != ANY_UID:

@@ -4,12 +4,15 @@ what the policy allows (allow entries may widen, deny entries never do)."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from policy.kernel_rules import project
 from policy.model import ALLOW, DENY, Policy, Rule
 from scoring.known_callers import KNOWN_CALLERS, comm
-from tracer.enforcer import ANY_UID, KIND_COMM, KIND_EXE_NAME, kernel_dev
+from tracer.enforcer import ANY_UID, KIND_COMM, KIND_EXE_NAME, kernel_file_id
 
 
 def test_host_only_executables_match_by_device_and_inode(tmp_path: Path) -> None:
@@ -28,8 +31,9 @@ def test_host_only_executables_match_by_device_and_inode(tmp_path: Path) -> None
     ), default=DENY, agents="policy")
     p = project(pol, str(passwd), str(tmp_path))
     k = p.rules
-    dev = kernel_dev(st.st_dev)
-    assert (dev, st.st_ino, 1000) in k.allow_exe and (dev, st.st_ino, ANY_UID) in k.allow_exe
+    dev, ino = kernel_file_id(str(exe))
+    assert ino == st.st_ino
+    assert (dev, ino, 1000) in k.allow_exe and (dev, ino, ANY_UID) in k.allow_exe
     # only the rule that may match containers is widened to the file name
     assert k.allow_name == {("agent", ANY_UID, KIND_EXE_NAME), ("tool", ANY_UID, KIND_EXE_NAME),
                             ("amazon-ssm-agen", ANY_UID, KIND_COMM)}
@@ -46,7 +50,6 @@ def test_deny_rules_enter_the_kernel_only_when_exact(tmp_path: Path) -> None:
     exe = tmp_path / "bin" / "curl"
     exe.parent.mkdir()
     exe.write_text("")
-    st = os.stat(exe)
     pol = Policy((
         Rule("curl", DENY, executable="/bin/curl"),
         Rule("nobody", DENY, user="uid:65534"),
@@ -55,7 +58,7 @@ def test_deny_rules_enter_the_kernel_only_when_exact(tmp_path: Path) -> None:
         Rule("by-name", DENY, process="wget"),
     ))
     p = project(pol, "/nonexistent", str(tmp_path))
-    assert p.rules.deny_exe == {(kernel_dev(st.st_dev), st.st_ino, ANY_UID): 1}
+    assert p.rules.deny_exe == {(*kernel_file_id(str(exe)), ANY_UID): 1}
     assert p.rules.deny_uid == {65534: 2}
     assert not p.rules.default_deny
     assert sum("not enforced in the kernel" in n for n in p.notes) == 3
@@ -66,9 +69,8 @@ def test_the_nodes_agents_are_allowed_in_the_kernel_unless_the_policy_takes_them
     exe = tmp_path / "usr" / "bin" / "amazon-ssm-agent"
     exe.parent.mkdir(parents=True)
     exe.write_text("")
-    st = os.stat(exe)
     k = project(Policy((), default=DENY), "/nonexistent", str(tmp_path)).rules
-    assert (kernel_dev(st.st_dev), st.st_ino, ANY_UID) in k.allow_exe
+    assert (*kernel_file_id(str(exe)), ANY_UID) in k.allow_exe
     assert ("aws-k8s-agent", ANY_UID, KIND_EXE_NAME) in k.allow_name  # shipped as an image
     globbed = [a for a in KNOWN_CALLERS if any("*" in os.path.basename(x)
                                                for x in a.executables)]
@@ -77,3 +79,26 @@ def test_the_nodes_agents_are_allowed_in_the_kernel_unless_the_policy_takes_them
     assert not k.allow_all and not k.allow_uid  # never everyone for the agents' sake
     assert not project(Policy((), default=DENY, agents="policy"), "/nonexistent",
                        str(tmp_path)).rules.allow_exe
+
+
+@pytest.mark.root
+def test_a_file_on_overlayfs_is_named_by_the_device_its_mount_shows(tmp_path: Path) -> None:
+    """The kernel reads an executable's device from its inode's superblock, which is the
+    device mountinfo shows for its mount; on overlayfs stat()'s st_dev can be a layer's."""
+    lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for d in (lower, upper, work, merged):
+        d.mkdir()
+    (lower / "tool").write_text("")
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)],
+                   check=True)
+    try:
+        line = next(x for x in Path("/proc/self/mountinfo").read_text().splitlines()
+                    if x.split()[4] == str(merged))
+        major, minor = (int(n) for n in line.split()[2].split(":"))
+        dev, ino = kernel_file_id(str(merged / "tool"))
+        assert dev == (major << 20) | minor
+        assert ino == os.stat(merged / "tool").st_ino
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+    assert kernel_file_id(str(tmp_path / "absent")) is None

@@ -70,6 +70,50 @@ def kernel_dev(st_dev: int) -> int:
     return (os.major(st_dev) << 20) | os.minor(st_dev)
 
 
+def _mount_devs() -> dict[int, int]:
+    """Mount id -> its superblock's dev_t, from /proc/self/mountinfo."""
+    devs = {}
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split(" ", 3)
+                major, _, minor = fields[2].partition(":")
+                devs[int(fields[0])] = (int(major) << 20) | int(minor)
+    except (OSError, ValueError, IndexError):
+        return {}
+    return devs
+
+
+def _mount_id(fd: int) -> int | None:
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def kernel_file_id(path: str) -> tuple[int, int] | None:
+    """(dev_t, inode) of the file at `path` as the kernel reads it from a running program's
+    mm->exe_file: the inode's superblock device, which is the device its mount shows in
+    mountinfo. stat()'s st_dev is not always that one (overlayfs, the root of every
+    container and of some hosts, reports a layer's device); None when `path` cannot be
+    opened."""
+    try:
+        fd = os.open(path, os.O_PATH)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        mount = _mount_id(fd)
+    finally:
+        os.close(fd)
+    dev = _mount_devs().get(mount) if mount is not None else None
+    return (dev if dev is not None else kernel_dev(st.st_dev), st.st_ino)
+
+
 def is_cgroup_root(path: str) -> bool:
     real = os.path.realpath(path)
     return any(os.path.realpath(m) == real for m in cgroup_attach.cgroup2_mounts())

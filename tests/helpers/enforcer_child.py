@@ -12,13 +12,13 @@ import os
 import sys
 
 from scoring.endpoints import EndpointCatalog
-from tracer.enforcer import ANY_UID, KernelEnforcer, KernelRules, kernel_dev
+from tracer.enforcer import ANY_UID, KernelEnforcer, KernelRules, kernel_file_id
 
 
 def main() -> None:
     cgroup, allowed = sys.argv[1], os.path.realpath(sys.argv[2])
-    st = os.stat(allowed)
-    rules = KernelRules(allow_exe={(kernel_dev(st.st_dev), st.st_ino, ANY_UID)},
+    dev, ino = kernel_file_id(allowed) or (0, 0)
+    rules = KernelRules(allow_exe={(dev, ino, ANY_UID)},
                         default_deny=True)
 
     def denied(rec) -> None:  # noqa: ANN001 - tracer.enforcer.DeniedConnect
