@@ -85,13 +85,20 @@ def test_the_nodes_agents_are_allowed_in_the_kernel_unless_the_policy_takes_them
 def test_a_file_on_overlayfs_is_named_by_the_device_its_mount_shows(tmp_path: Path) -> None:
     """The kernel reads an executable's device from its inode's superblock, which is the
     device mountinfo shows for its mount; on overlayfs stat()'s st_dev can be a layer's."""
-    lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    base = tmp_path / "base"  # on a tmpfs of its own: overlayfs takes no overlay as upper
+    base.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(base)], check=True)
+    lower, upper, work, merged = (base / n for n in ("lower", "upper", "work", "merged"))
     for d in (lower, upper, work, merged):
         d.mkdir()
     (lower / "tool").write_text("")
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)],
-                   check=True)
+    try:
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)],
+                       check=True)
+    except subprocess.CalledProcessError:
+        subprocess.run(["umount", str(base)], check=True)
+        raise
     try:
         line = next(x for x in Path("/proc/self/mountinfo").read_text().splitlines()
                     if x.split()[4] == str(merged))
@@ -101,4 +108,5 @@ def test_a_file_on_overlayfs_is_named_by_the_device_its_mount_shows(tmp_path: Pa
         assert ino == os.stat(merged / "tool").st_ino
     finally:
         subprocess.run(["umount", str(merged)], check=True)
+        subprocess.run(["umount", str(base)], check=True)
     assert kernel_file_id(str(tmp_path / "absent")) is None
