@@ -5,6 +5,7 @@ Events here are data: nothing connects to the metadata addresses they name."""
 from __future__ import annotations
 
 import gzip
+import http.client
 import json
 import subprocess
 import sys
@@ -120,7 +121,8 @@ def post(url: str, body: bytes, token: str | None = None, gz: bool = False,
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers), exc.read()
-    except OSError:
+    except (OSError, http.client.HTTPException):
+        # No answer, or one cut short (an IncompleteRead when serve is killed mid-reply).
         return 0, {}, b""
 
 

@@ -60,7 +60,9 @@ def test_scores_like_replay_and_survives_sigkill(tmp_path, output):
     batches = [b"\n".join(events[i:i + 150]) for i in range(0, len(events), 150)]
     serve = ServeProcess(tmp_path, *LEARN, "--save-interval", "1s", output=output).start()
     try:
-        sender = threading.Thread(target=_send_all, args=(serve.url, batches, None, 0.03))
+        answers: list = []
+        sender = threading.Thread(
+            target=lambda: answers.extend(_send_all(serve.url, batches, None, 0.03)))
         sender.start()
         # Kill it mid-stream, hard, after at least one checkpoint and with batches in flight.
         assert wait_for(lambda: serve.metric("imdswatch_ingest_events_total",
@@ -72,6 +74,7 @@ def test_scores_like_replay_and_survives_sigkill(tmp_path, output):
         serve.start()
         sender.join(120)
         assert not sender.is_alive()
+        assert len(answers) == len(batches), "the sender stopped before all were acknowledged"
         # A retry of already acknowledged batches is taken as duplicates, not scored again.
         status, _h, body = post(serve.url, batches[0] + b"\n" + batches[-1])
         assert status == 200 and json.loads(body)["accepted"] == 0
