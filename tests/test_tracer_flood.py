@@ -84,7 +84,9 @@ def test_flood_with_reader_loses_nothing(ns):
         comm = f"imdsw-g{secrets.token_hex(3)}"
         with Collector(t) as c:
             made = _flood(ns, comm, 3000)
-            assert wait_for(lambda: len(c.matching(name=comm)) >= made, 10)
+            # Reading is the test, not its speed: an emulated guest of the kernel matrix
+            # beside another test group decodes 3,000 events far slower than this machine.
+            assert wait_for(lambda: len(c.matching(name=comm)) >= made, 120)
         assert _ours(t, comm) == made == len(c.matching(name=comm))
         assert t.kernel_stats()["dropped"] == 0
     finally:
