@@ -219,7 +219,8 @@ def test_pod_names_from_the_kubernetes_api(ns, tmp_path, agent_factory):
                                   "--learning-period", "0s")
             assert wait_for(lambda: "Kubernetes enrichment: watching" in agent.log.read_text(),
                             5)
-            time.sleep(0.5)  # the first list (loopback, a few ms) is done
+            # A watch follows the first list: the pod is known before curl runs.
+            assert wait_for(lambda: any(q.get("watch") == "1" for q in api.queries()), 10)
             procs = cgroup / "cgroup.procs"
             # Joined before exec (`ip netns exec` remounts /sys, so not from inside).
             p = ns.popen(["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/latest/meta-data/"],
