@@ -71,6 +71,11 @@ BPF_HASH(enf_deny_exe, struct enf_exe_key, __u32, ENF_MAX_ENTRIES);
 BPF_HASH(enf_deny_uid, __u32, __u32, ENF_MAX_ENTRIES);
 BPF_PERCPU_ARRAY(enf_stats, __u64, ENF_STAT_MAX);
 BPF_PERCPU_ARRAY(enf_scratch, struct enf_event, 1);
+/* The enforcement scope (--enforce-scope): while key 0 is present only callers whose
+ * cgroup id is a key may be denied; every other caller is out of scope and allowed
+ * (user space still audits it). Kept current by user space from the cgroup tree and the
+ * pods it attributes; a cgroup it has not attributed yet is out of scope (fail open). */
+BPF_HASH(enf_scope, __u64, __u32, ENF_MAX_ENTRIES);
 #ifndef IMDS_USE_RINGBUF
 /* Denial records: imdswatch.h's ring buffer `events` where the kernel has one (the
  * helpers the tracer's cgroup programs already use on every kernel of the matrix), else
@@ -118,6 +123,16 @@ static __always_inline void enf_identity(struct enf_event *ev)
         imds_read_kernel(&dev, sizeof(dev), sb + ENF_OFF_SB_DEV);
         ev->dev = dev;
     }
+}
+
+/* 1 when the caller may be denied: no scope set, or its cgroup is in the scope. */
+static __always_inline int enf_in_scope(void)
+{
+    __u64 key = 0;
+    if (!enf_scope.lookup(&key))
+        return 1;
+    key = bpf_get_current_cgroup_id();
+    return enf_scope.lookup(&key) != 0;
 }
 
 /* 1 when an allow entry covers the caller. */
@@ -172,6 +187,8 @@ static __always_inline int enf_connect(struct bpf_sock_addr *ctx, __u16 family)
         return ENF_ALLOW;
     __u64 id = bpf_get_current_pid_tgid();
     if (enf_cfg(ENF_CFG_AGENT_TGID) == (id >> 32))
+        return ENF_ALLOW;
+    if (!enf_in_scope())
         return ENF_ALLOW;
     int zero = 0;
     struct enf_event *ev = enf_scratch.lookup(&zero);

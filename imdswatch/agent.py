@@ -41,6 +41,7 @@ from policy.toml_file import PolicyError, load_policy
 from scoring.scorer import Scorer
 from scoring.state import StateError, load_state, save_state, state_lock
 from tracer import doctor
+from tracer.enforce_scope import Scope
 from tracer.kubernetes import PodDirectory
 from tracer.probes import AUTO_ORDER, ProbeError
 from tracer.session import Tracer
@@ -133,12 +134,14 @@ class EnforceOptions:
     """`--enforce MODE --policy FILE` and, for deny, where and how."""
 
     def __init__(self, mode: str, policy_path: str, cgroup: str | None = None,
-                 off_file: str = "/run/imdswatch/enforce-off", max_callers: int = 20) -> None:
+                 off_file: str = "/run/imdswatch/enforce-off", max_callers: int = 20,
+                 scope: Scope | None = None) -> None:
         self.mode = mode
         self.policy_path = policy_path
         self.cgroup = cgroup
         self.off_file = off_file
         self.max_callers = max_callers
+        self.scope = scope or Scope()  # which callers deny mode may deny (--enforce-scope)
 
 
 class Agent:
@@ -379,7 +382,9 @@ class Agent:
         verdict = gate.judge(event)
         if verdict is None:
             return
-        if verdict.action != "request_denied" and gate.mode == "deny":
+        out_of_scope = self.deny is not None and not self.deny.covers(
+            event.container_id, event.pod, event.namespace)
+        if verdict.action != "request_denied" and gate.mode == "deny" and not out_of_scope:
             return  # the kernel refused this connect and reports it (DenyController)
         # User space refuses nothing: requests are not refused in the kernel (yet).
         action = WOULD_DENY
@@ -387,7 +392,10 @@ class Agent:
         folded = gate.admit_line(event, verdict)
         if folded is None or self.output_error is not None or self.writer is None:
             return
-        self._write_line(build_policy_alert(event, verdict, action, gate.mode, folded))
+        doc = build_policy_alert(event, verdict, action, gate.mode, folded)
+        if out_of_scope:  # allowed in the kernel: outside --enforce-scope
+            doc["imdswatch"]["policy"]["scope"] = "out"
+        self._write_line(doc)
 
     def _write_line(self, doc: dict) -> None:
         if self.output_error is not None or self.writer is None:
@@ -408,8 +416,13 @@ class Agent:
         assert e.cgroup is not None
         self.deny = DenyController(
             self.gate, self.policy_metrics, e.cgroup, e.off_file, e.max_callers,
-            self._write_line, self._learning, self.config.agent.passwd or "/etc/passwd")
+            self._write_line, self._learning, self.config.agent.passwd or "/etc/passwd",
+            e.scope, self._namespace_of)
         self.deny.start()
+
+    def _namespace_of(self, pod_uid: str) -> str | None:
+        found = self.pods.lookup(pod_uid) if self.pods is not None else None
+        return found[0] if found is not None else None
 
     def _learning(self) -> bool:
         return self.scorer.learning and self.config.scorer.learning_period > 0

@@ -136,12 +136,16 @@ def replay(events: str, output: str, threshold: float | None, state_path: str | 
 @click.option("--enforce-max-callers", type=click.IntRange(1), default=20, show_default=True,
               help="With --enforce deny: more distinct callers denied within a minute "
                    "disarm the node back to audit.")
+@click.option("--enforce-scope", metavar="all|hosts|pods|namespaces=NS[,NS...]", default=None,
+              help="With --enforce deny: only these callers can be denied, the others are "
+                   "audited [default: all, or the config's agent.enforce_scope].")
 def run(config_path: str | None, state_path: str | None, probe: str | None,
         metrics_address: str | None, output: str, learning_period: float | None,
         threshold: float | None, fleet_url: str | None, spool_dir: str | None,
         spool_max_size: int, fleet_token_file: str | None, fleet_ca: str | None,
         fleet_model_interval: float, enforce_mode: str, policy_path: str | None,
-        enforce_cgroup: str | None, enforce_off_file: str, enforce_max_callers: int) -> None:
+        enforce_cgroup: str | None, enforce_off_file: str, enforce_max_callers: int,
+        enforce_scope: str | None) -> None:
     """Trace metadata connections live with BPF and score them as they happen."""
     from imdswatch.agent import EnforceOptions, run_agent
 
@@ -166,6 +170,16 @@ def run(config_path: str | None, state_path: str | None, probe: str | None,
                                  enforce_max_callers)
     elif policy_path:
         fail("--policy goes with --enforce audit (report only) or --enforce deny")
+    scope = None
+    if enforce_scope is not None:
+        if enforce is None:
+            fail("--enforce-scope goes with --enforce deny (or audit, where it changes nothing)")
+        from tracer.enforce_scope import ScopeError, parse_scope
+
+        try:
+            scope = parse_scope(enforce_scope)
+        except ScopeError as exc:
+            fail(f"--enforce-scope: {exc}")
 
     fleet = None
     if fleet_url:
@@ -182,6 +196,8 @@ def run(config_path: str | None, state_path: str | None, probe: str | None,
         cfg.scorer.threshold = threshold
     if "max_entities" not in cfg.scoring_keys:
         cfg.scorer.max_entities = AGENT_MAX_ENTITIES
+    if enforce is not None:
+        enforce.scope = scope or cfg.agent.enforce_scope
     sys.exit(run_agent(cfg, state_path=state_path, probe=probe, metrics_address=metrics_address,
                        output=output, learning_period=learning_period, fleet=fleet,
                        enforce=enforce))

@@ -15,6 +15,7 @@ from scoring.detectors import DETECTOR_NAMES
 from scoring.durations import parse_duration
 from scoring.endpoints import EndpointCatalog
 from scoring.settings import ScorerSettings
+from tracer.enforce_scope import Scope, ScopeError, parse_scope
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,9 @@ class AgentSettings:
     # The cgroup v2 root the `cgroup` probe attaches to; None: the cgroup2 mount at
     # /sys/fs/cgroup, else /sys/fs/cgroup/unified, from /proc/self/mounts.
     cgroup_root: str | None = None
+    # With `run --enforce deny`: which callers may be denied (all, hosts, pods,
+    # namespaces=a,b); the others are only audited. `--enforce-scope` overrides it.
+    enforce_scope: Scope = field(default_factory=Scope)
 
 
 @dataclass
@@ -276,7 +280,7 @@ def _agent(t: dict) -> AgentSettings:
     t = _table(t, "agent")
     _check_keys(t, {"probe", "proc_root", "passwd", "state_save_interval", "summary_interval",
                     "node_name",
-                    "kubernetes", "kubernetes_api", "cgroup_root"}, "agent")
+                    "kubernetes", "kubernetes_api", "cgroup_root", "enforce_scope"}, "agent")
     a = AgentSettings()
     if "probe" in t:
         if t["probe"] not in PROBES:
@@ -297,6 +301,11 @@ def _agent(t: dict) -> AgentSettings:
         if not api.startswith(("http://", "https://")):
             raise ConfigError("agent.kubernetes_api must be an http:// or https:// URL")
         a.kubernetes_api = api
+    if "enforce_scope" in t:
+        try:
+            a.enforce_scope = parse_scope(_string(t["enforce_scope"], "agent.enforce_scope"))
+        except ScopeError as exc:
+            raise ConfigError(f"agent.enforce_scope: {exc}") from None
     if "state_save_interval" in t:
         a.state_save_interval = _duration(t["state_save_interval"],
                                           "agent.state_save_interval")

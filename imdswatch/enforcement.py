@@ -25,18 +25,22 @@ from policy.gate import CONNECTION_DENIED, PolicyGate, Verdict, build_policy_ale
 from policy.kernel_rules import project
 from policy.metrics import PolicyMetrics
 from policy.model import DEFAULT_RULE, DENY, Decision, Policy
+from tracer.enforce_scope import Scope, ScopeTracker
 from tracer.enforcer import DeniedConnect, EnforceError, KernelEnforcer
 
 log = logging.getLogger("imdswatch.enforce")
 
 DEFAULT_OFF_FILE = "/run/imdswatch/enforce-off"
 DISARM_WINDOW = 60.0
+SCOPE_SCAN_S = 1.0  # how often the scope's cgroups are listed again (new pods join it)
 
 
 class DenyController:
     def __init__(self, gate: PolicyGate, metrics: PolicyMetrics, cgroup: str, off_file: str,
                  max_callers: int, write: Callable[[dict], None],
-                 learning: Callable[[], bool], passwd: str = "/etc/passwd") -> None:
+                 learning: Callable[[], bool], passwd: str = "/etc/passwd",
+                 scope: Scope | None = None,
+                 namespace_of: Callable[[str], str | None] | None = None) -> None:
         self.gate = gate
         self.metrics = metrics
         self.cgroup = cgroup
@@ -51,6 +55,11 @@ class DenyController:
         self.break_glass = False
         self._recent: deque[tuple[float, tuple]] = deque(maxlen=100_000)
         self._said_learning = False
+        self.scope = scope or Scope()
+        self._scope_tracker = (None if self.scope.everyone
+                               else ScopeTracker(self.scope, cgroup, namespace_of))
+        self._scope_scanned = -SCOPE_SCAN_S
+        self._said_unattributed = False
 
     # -- start and policy ---------------------------------------------------------------
 
@@ -65,6 +74,10 @@ class DenyController:
             self.failed = str(exc)
             self.metrics.failed.set(1)
             log.error("enforcement in the kernel is unavailable, staying in audit: %s", exc)
+        self._scan_scope()
+        if not self.scope.everyone:
+            log.info("enforcement scope %s: only its callers can be denied; the others are "
+                     "audited", self.scope)
         self.tick()
 
     def _projection(self, policy: Policy):  # noqa: ANN202 - tracer.enforcer.KernelRules
@@ -93,7 +106,32 @@ class DenyController:
             return "deny"
         return "audit"
 
+    def covers(self, container_id: str | None, pod_uid: str | None,
+               namespace: str | None) -> bool:
+        """The caller is in the scope: the kernel refuses it when the policy denies."""
+        return self.scope.covers(container_id, pod_uid, namespace)
+
+    def _scan_scope(self) -> None:
+        """The kernel's scope map kept current (every SCOPE_SCAN_S), before arming."""
+        t = self._scope_tracker
+        if t is None or self.kernel is None:
+            return
+        now = time.monotonic()
+        if now - self._scope_scanned < SCOPE_SCAN_S:
+            return
+        self._scope_scanned = now
+        self.kernel.set_scope(t.scan())
+        if t.truncated:
+            log.warning("enforcement scope: more cgroups than the kernel map holds; the "
+                        "rest are out of scope (allowed, audited)")
+        if t.unattributed and not self._said_unattributed:
+            self._said_unattributed = True
+            log.warning("enforcement scope: %d pod cgroups have no known namespace yet (the "
+                        "Kubernetes API has not named their pods): out of scope, allowed "
+                        "and audited until it does", t.unattributed)
+
     def tick(self) -> None:
+        self._scan_scope()
         self.break_glass = os.path.exists(self.off_file)
         want = (self.kernel is not None and not self.break_glass and not self.disarmed
                 and not self.learning())

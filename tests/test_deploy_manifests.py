@@ -17,7 +17,7 @@ from imdswatch.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ["base", "overlays/production", "overlays/privileged", "overlays/per-node",
-            "overlays/fleet-bus", "overlays/enforcement"]
+            "overlays/fleet-bus", "overlays/enforcement", "overlays/enforcement-deny"]
 FLEET_OVERLAYS = ["overlays/production", "overlays/privileged"]
 # Versions the manifests must be valid for: an old supported release and the newest
 # schemas kubernetes-validate ships.
@@ -446,3 +446,15 @@ def test_enforcement_overlay_audits_with_the_configmaps_policy() -> None:
     assert volumes["policy"]["configMap"]["name"] == "imdswatch-policy"
     assert volumes["break-glass"]["hostPath"]["path"] == "/run/imdswatch"
 
+
+
+def test_enforcement_deny_overlay_denies_pods_on_labelled_nodes_only() -> None:
+    """Deny replaces audit (the last --enforce wins, as the CLI parses it), in the pods'
+    cgroup, for pods only, on nodes labelled imdswatch.io/enforce=deny."""
+    docs = render(K8S / "overlays/enforcement-deny")
+    spec = by_kind(docs, "DaemonSet")["spec"]["template"]["spec"]
+    args = spec["containers"][0]["args"]
+    ctx = main.get_command(None, args[0]).make_context(args[0], list(args[1:]))
+    assert ctx.params["enforce_mode"] == "deny" and ctx.params["enforce_scope"] == "pods"
+    assert ctx.params["enforce_cgroup"] == "/host/sys/fs/cgroup/kubepods.slice"
+    assert spec["nodeSelector"] == {"imdswatch.io/enforce": "deny"}

@@ -601,3 +601,59 @@ def test_credentials_file_forms_and_an_nkey_seed(tmp_path):
         assert seed.decode() not in r.log.read_text()
     finally:
         srv.stop()
+
+
+# -- the fleet's policy on the bus ---------------------------------------------------------------
+POLICY = '[policy]\ndefault = "deny"\n\n[[rule]]\nname = "ssm"\nprocess = "amazon-ssm-agent"\n'
+
+
+def policy_of(r: ServeProcess, etag: str | None = None) -> tuple[int, str | None, bytes]:
+    req = urllib.request.Request(f"{r.url}/v1/policy",
+                                 headers={"If-None-Match": etag} if etag else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.headers["ETag"], resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["ETag"], e.read()
+
+
+def test_the_policy_outlives_the_scoring_replica(tmp_path, nats_server):
+    """Replicas sharing one policy file (one ConfigMap) publish it with the same ETag (a hash
+    of its bytes), so an agent sent to whichever replica answers after the scoring one is
+    SIGKILLed sees it unchanged (304) and keeps it; a corrupt file on the survivor leaves
+    the previous policy published and counts the refusal (ImdswatchPolicyStale fires)."""
+    from fleet.policy_fetch import FleetPolicy
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    reps = [replica(tmp_path, f"r{i}", nats_server.url, "--policy", str(policy)).start()
+            for i in range(2)]
+    try:
+        lead = the_leader(reps)
+        follower = next(r for r in reps if r is not lead)
+        status, etag, body = policy_of(lead)
+        assert status == 200 and etag and body.decode() == POLICY
+        assert policy_of(follower)[:3] == (200, etag, body)
+        spool = tmp_path / "spool"
+        agent_view = FleetPolicy(lead.url, str(spool), None, None, ())
+        pol, source = agent_view.initial()
+        assert source == "the fleet scorer" and pol.rules[0].name == "ssm"
+        agent_view.close()
+
+        lead.kill()
+        assert the_leader([follower]) is follower
+        assert policy_of(follower)[:3] == (200, etag, body)
+        assert policy_of(follower, etag)[0] == 304
+        after = FleetPolicy(follower.url, str(spool), None, None, ())
+        after.etag = agent_view.etag
+        assert after._fetch() is None and after.take() == (None, [])  # unchanged: kept
+        after.close()
+
+        policy.write_text(POLICY + "[[rule]]\nname = 3\n")  # not a policy any more
+        # The file is read again on a request, at most once a second.
+        assert wait_for(lambda: policy_of(follower)[1] == etag and follower.metric(
+            "imdswatch_fleet_policy_refused_total") == 1, 10)
+        assert policy_of(follower)[:3] == (200, etag, body)
+        assert follower.metric("imdswatch_fleet_leader") == 1
+    finally:
+        kill_all(reps)

@@ -143,6 +143,7 @@ class KernelEnforcer:
         self._on_denied: Callable[[DeniedConnect], None] | None = None
         self.rules = KernelRules()
         self.ringbuf = False
+        self.scope: set[int] | None = None  # cgroup ids that may be denied; None: all
 
     def start(self, rules: KernelRules, on_denied: Callable[[DeniedConnect], None]) -> None:
         """Compile, load, fill, attach (disarmed). EnforceError says why it cannot."""
@@ -262,6 +263,28 @@ class KernelEnforcer:
         t = self.bpf["enf_stats"]
         return {name: sum(t[t.Key(i)]) for name, i in
                 (("judged", STAT_JUDGED), ("denied", STAT_DENIED), ("lost", STAT_LOST))}
+
+    def set_scope(self, cgroup_ids: set[int] | None) -> None:
+        """Only callers in these cgroups may be denied (None: every caller). Ids are never
+        reused, so the order of adds and removes cannot deny anyone out of scope; the
+        switch (key 0) goes on after the ids are in and off before they go."""
+        if self.bpf is None:
+            return
+        t = self.bpf["enf_scope"]
+        old = self.scope
+        if cgroup_ids is None:
+            _delete(t, t.Key(0))
+            for cg in old or ():
+                _delete(t, t.Key(cg))
+            self.scope = None
+            return
+        new = set(list(cgroup_ids - {0})[:MAX_ENTRIES - 1])
+        for cg in new - (old or set()):
+            t[t.Key(cg)] = t.Leaf(1)
+        t[t.Key(0)] = t.Leaf(1)
+        for cg in (old or set()) - new:
+            _delete(t, t.Key(cg))
+        self.scope = new
 
     def close(self) -> None:
         """Unlink and unload (idempotent). Disarmed first: nothing is denied from here."""
