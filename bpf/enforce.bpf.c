@@ -17,20 +17,32 @@
 #define ENF_ALLOW 1
 #define ENF_DENY 0
 #define ENF_ANY_UID 0xffffffffu
+#define ENF_KIND_CONNECT 0
+#define ENF_KIND_REQUEST 1
+#ifndef ENF_PATH_LEN
+#define ENF_PATH_LEN 128
+#endif
+#ifndef ENF_ALL_CLASSES
+#define ENF_ALL_CLASSES 0x7f
+#endif
 
 enum enf_cfg {
     ENF_CFG_ARMED = 0,        /* 0: every connect allowed (break glass, disarm, learning) */
     ENF_CFG_DEFAULT_DENY = 1, /* 1: deny what no allow entry covers */
     ENF_CFG_AGENT_TGID = 2,   /* never the agent itself */
     ENF_CFG_ALLOW_ALL = 3,    /* an allow rule the kernel cannot narrow: allow everyone */
-    ENF_CFG_MAX = 4,
+    ENF_CFG_REQUESTS = 4,     /* 1: the request programs are linked: restrict classes */
+    ENF_CFG_MAX = 5,
 };
 
 enum enf_stat {
     ENF_STAT_JUDGED = 0,      /* metadata connects judged while armed */
     ENF_STAT_DENIED = 1,
     ENF_STAT_LOST = 2,        /* denial records the buffer had no room for */
-    ENF_STAT_MAX = 4,
+    ENF_STAT_RESTRICTED = 3,  /* connects allowed for some request classes only */
+    ENF_STAT_REQ_JUDGED = 4,  /* messages judged on restricted sockets */
+    ENF_STAT_REQ_DENIED = 5,
+    ENF_STAT_MAX = 6,
 };
 
 struct enf_exe_key {
@@ -61,9 +73,14 @@ struct enf_event {
     __u8 daddr[16];
     char comm[IMDS_COMM_LEN]; /* the thread-group leader's name */
     char exe_name[IMDS_EXE_LEN];
+    __u32 kind;               /* ENF_KIND_CONNECT or ENF_KIND_REQUEST */
+    __u32 classes;            /* a request: the classes it may be; a connect: allowed ones */
+    char method[8];
+    char path[ENF_PATH_LEN];  /* a request's target as sent, cut */
 };
 
 BPF_ARRAY(enf_config, __u64, ENF_CFG_MAX);
+/* Allow entries: the value is the mask of request classes the entry's rules allow. */
 BPF_HASH(enf_allow_exe, struct enf_exe_key, __u32, ENF_MAX_ENTRIES);
 BPF_HASH(enf_allow_name, struct enf_name_key, __u32, ENF_MAX_ENTRIES);
 BPF_HASH(enf_allow_uid, __u32, __u32, ENF_MAX_ENTRIES);
@@ -135,31 +152,36 @@ static __always_inline int enf_in_scope(void)
     return enf_scope.lookup(&key) != 0;
 }
 
-/* 1 when an allow entry covers the caller. */
-static __always_inline int enf_allowed(struct enf_event *ev)
+/* The request classes the allow entries covering the caller allow together; 0 when none
+ * covers it. Every entry is looked at: a caller covered by several may use what any of
+ * them allows (the kernel may allow more than the policy, never less). */
+static __always_inline __u32 enf_allowed(struct enf_event *ev)
 {
+    __u32 mask = 0, *v;
     struct enf_exe_key ek = {.dev = ev->dev, .ino = ev->ino, .uid = ev->uid};
-    if (enf_allow_exe.lookup(&ek))
-        return 1;
+    if ((v = enf_allow_exe.lookup(&ek)))
+        mask |= *v;
     ek.uid = ENF_ANY_UID;
-    if (enf_allow_exe.lookup(&ek))
-        return 1;
+    if ((v = enf_allow_exe.lookup(&ek)))
+        mask |= *v;
     struct enf_name_key nk = {.uid = ev->uid, .kind = 1};
     __builtin_memcpy(nk.name, ev->exe_name, IMDS_EXE_LEN);
-    if (enf_allow_name.lookup(&nk))
-        return 1;
+    if ((v = enf_allow_name.lookup(&nk)))
+        mask |= *v;
     nk.uid = ENF_ANY_UID;
-    if (enf_allow_name.lookup(&nk))
-        return 1;
+    if ((v = enf_allow_name.lookup(&nk)))
+        mask |= *v;
     struct enf_name_key ck = {.uid = ev->uid, .kind = 2};
     __builtin_memcpy(ck.name, ev->comm, IMDS_COMM_LEN);
-    if (enf_allow_name.lookup(&ck))
-        return 1;
+    if ((v = enf_allow_name.lookup(&ck)))
+        mask |= *v;
     ck.uid = ENF_ANY_UID;
-    if (enf_allow_name.lookup(&ck))
-        return 1;
+    if ((v = enf_allow_name.lookup(&ck)))
+        mask |= *v;
     __u32 uid = ev->uid;
-    return enf_allow_uid.lookup(&uid) != 0;
+    if ((v = enf_allow_uid.lookup(&uid)))
+        mask |= *v;
+    return mask;
 }
 
 /* The deny entry's rule number + 1 covering the caller; 0 when none does. */
@@ -177,6 +199,8 @@ static __always_inline __u32 enf_denied_by(struct enf_event *ev)
     rule = enf_deny_uid.lookup(&uid);
     return rule ? *rule : 0;
 }
+
+#include "enforce_requests.h"
 
 static __always_inline int enf_connect(struct bpf_sock_addr *ctx, __u16 family)
 {
@@ -202,8 +226,13 @@ static __always_inline int enf_connect(struct bpf_sock_addr *ctx, __u16 family)
     ev->gid = ug >> 32;
     enf_stat_inc(ENF_STAT_JUDGED);
     enf_identity(ev);
-    if (enf_allowed(ev))
+    __u32 allowed = enf_allowed(ev);
+    if (allowed) {
+        if ((allowed & ENF_ALL_CLASSES) != ENF_ALL_CLASSES && enf_cfg(ENF_CFG_REQUESTS) &&
+            enf_cfg(ENF_CFG_DEFAULT_DENY))
+            enf_restrict(ctx, ev, &m, allowed);
         return ENF_ALLOW;
+    }
     __u32 rule = enf_denied_by(ev);
     if (!rule && !enf_cfg(ENF_CFG_DEFAULT_DENY))
         return ENF_ALLOW;

@@ -386,7 +386,8 @@ class Agent:
             event.container_id, event.pod, event.namespace)
         if verdict.action != "request_denied" and gate.mode == "deny" and not out_of_scope:
             return  # the kernel refused this connect and reports it (DenyController)
-        # User space refuses nothing: requests are not refused in the kernel (yet).
+        # What reaches here passed the kernel (connect-level only, or a request the kernel
+        # let through because its allow entries are wider than the rule): reported only.
         action = WOULD_DENY
         pm.decided(action, verdict.decision.rule, verdict.endpoint.id, verdict.request_class)
         folded = gate.admit_line(event, verdict)

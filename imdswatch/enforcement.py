@@ -21,12 +21,19 @@ from collections.abc import Callable
 from typing import Any
 
 from intake.parser import MalformedEvent, event_from_ecs
-from policy.gate import CONNECTION_DENIED, PolicyGate, Verdict, build_policy_alert
-from policy.kernel_rules import project
+from policy.gate import (
+    CONNECTION_DENIED,
+    REQUEST_DENIED,
+    PolicyGate,
+    Verdict,
+    build_policy_alert,
+)
+from policy.kernel_rules import project, request_patterns
 from policy.metrics import PolicyMetrics
-from policy.model import DEFAULT_RULE, DENY, Decision, Policy
+from policy.model import DEFAULT_RULE, DENY, Caller, Decision, Policy
+from scoring.endpoints import classify_request
 from tracer.enforce_scope import Scope, ScopeTracker
-from tracer.enforcer import DeniedConnect, EnforceError, KernelEnforcer
+from tracer.enforcer import KIND_REQUEST, DeniedConnect, EnforceError, KernelEnforcer
 
 log = logging.getLogger("imdswatch.enforce")
 
@@ -68,12 +75,15 @@ class DenyController:
         says why (log, imdswatch_enforcement_failed)."""
         try:
             self.kernel = KernelEnforcer(self.gate.catalog, self.cgroup)
-            self.kernel.start(self._projection(self.gate.policy), self._denied)
+            self.kernel.start(self._projection(self.gate.policy), self._denied,
+                              request_patterns())
         except (EnforceError, OSError) as exc:
             self.kernel = None
             self.failed = str(exc)
             self.metrics.failed.set(1)
             log.error("enforcement in the kernel is unavailable, staying in audit: %s", exc)
+        self.metrics.requests_failed.set(
+            0 if self.kernel is not None and self.kernel.requests_unavailable is None else 1)
         self._scan_scope()
         if not self.scope.everyone:
             log.info("enforcement scope %s: only its callers can be denied; the others are "
@@ -177,11 +187,20 @@ class DenyController:
         rule = DEFAULT_RULE
         if rec.rule and rec.rule <= len(self.gate.policy.rules):
             rule = self.gate.policy.rules[rec.rule - 1].name
-        verdict = Verdict(Decision(DENY, rule), endpoint, None, CONNECTION_DENIED)
-        self.metrics.decided(CONNECTION_DENIED, rule, endpoint.id, None)
+        action, cls = CONNECTION_DENIED, None
+        if rec.kind == KIND_REQUEST:
+            action = REQUEST_DENIED
+            cls = classify_request(endpoint, event.method, event.path, event.query)
+            d = self.gate.policy.decide(Caller.of_event(event), endpoint.id, cls,
+                                        endpoint.address)
+            # A request the kernel could not read whole and canonical is refused whatever
+            # it names: then the policy's own verdict may be an allow.
+            rule = d.rule if d.denied else DEFAULT_RULE
+        verdict = Verdict(Decision(DENY, rule), endpoint, cls, action)
+        self.metrics.decided(action, rule, endpoint.id, cls)
         folded = self.gate.admit_line(event, verdict)
         if folded is not None:
-            self.write(build_policy_alert(event, verdict, CONNECTION_DENIED, "deny", folded))
+            self.write(build_policy_alert(event, verdict, action, "deny", folded))
         self._spread((rec.uid, rec.dev, rec.ino, bytes(rec.comm), rec.cgroup_id))
 
     def _spread(self, caller: tuple) -> None:
@@ -236,4 +255,14 @@ def denied_doc(rec: DeniedConnect) -> dict[str, Any]:
         "user": {"id": str(rec.uid)},
         "event": {"action": CONNECTION_DENIED, "outcome": "failure"},
     }
+    if rec.kind == KIND_REQUEST:
+        doc["event"]["action"] = REQUEST_DENIED
+        method = rec.method.decode(errors="replace")
+        target = rec.path.decode(errors="replace")
+        path, _, query = target.partition("?")
+        if method:
+            doc["http"] = {"request": {"method": method}}
+        doc["url"] = {"path": path or "?"}
+        if query:
+            doc["url"]["query"] = query
     return doc

@@ -24,8 +24,16 @@ import os
 from dataclasses import dataclass, field
 
 from policy.model import ALLOW, ANY, Policy, Rule
+from policy.request_patterns import ALL_CLASSES, class_bit, patterns
 from scoring.known_callers import comm
-from tracer.enforcer import ANY_UID, KIND_COMM, KIND_EXE_NAME, KernelRules, kernel_file_id
+from tracer.enforcer import (
+    ANY_UID,
+    KIND_COMM,
+    KIND_EXE_NAME,
+    KernelRules,
+    RequestPattern,
+    kernel_file_id,
+)
 
 _GLOB = frozenset("*?[")
 MAX_FILES_PER_RULE = 64
@@ -74,6 +82,50 @@ def _files(pattern: str, root: str) -> list[tuple[int, int]]:
     return out
 
 
+def request_patterns() -> list[RequestPattern]:
+    """The request classifier's rules as the kernel's sk_msg program matches them."""
+    return [RequestPattern(tuple(p.hashes()), p.rest, p.flags, p.family, p.mask)
+            for p in patterns()]
+
+
+def _classes(rule: Rule) -> int:
+    if rule.all_classes():
+        return ALL_CLASSES
+    return sum(class_bit(c) for c in set(rule.classes))
+
+
+class _Entries:
+    """Adds allow entries with the rule's classes, merged (OR) with what the same entry
+    already allows."""
+
+    def __init__(self, kr: KernelRules, mask: int) -> None:
+        self.kr, self.mask = kr, mask
+
+    def _merge(self, key: object) -> None:
+        m = self.kr.mask(key) if self._present(key) else 0
+        m |= self.mask
+        if m == ALL_CLASSES:
+            self.kr.classes.pop(key, None)
+        else:
+            self.kr.classes[key] = m
+
+    def _present(self, key: object) -> bool:
+        kr = self.kr
+        return key in kr.allow_exe or key in kr.allow_name or key in kr.allow_uid
+
+    def exe(self, key: tuple[int, int, int]) -> None:
+        self._merge(key)
+        self.kr.allow_exe.add(key)
+
+    def name(self, key: tuple[str, int, int]) -> None:
+        self._merge(key)
+        self.kr.allow_name.add(key)
+
+    def uid(self, uid: int) -> None:
+        self._merge(uid)
+        self.kr.allow_uid.add(uid)
+
+
 def project(policy: Policy, passwd: str = "/etc/passwd", root: str = "/") -> Projection:
     names = _uids(passwd)
     kr = KernelRules(default_deny=policy.default != ALLOW)
@@ -99,45 +151,50 @@ def _agents(root: str, kr: KernelRules) -> None:
     process name: wider than the catalog, never narrower."""
     from scoring.known_callers import KNOWN_CALLERS
 
+    add = _Entries(kr, ALL_CLASSES)
     for agent in KNOWN_CALLERS:
         for exe in agent.executables:
             files = _files(exe, root) if agent.host else []
             for file_id in files:
-                kr.allow_exe.add((*file_id, ANY_UID))
+                add.exe((*file_id, ANY_UID))
             if files and not agent.images:
                 continue
             base = os.path.basename(exe)
             if base and not _GLOB & set(base):
-                kr.allow_name.add((base, ANY_UID, KIND_EXE_NAME))
+                add.name((base, ANY_UID, KIND_EXE_NAME))
             else:
-                kr.allow_name.add((comm(agent.name), ANY_UID, KIND_COMM))
+                add.name((comm(agent.name), ANY_UID, KIND_COMM))
 
 
 def _allow(rule: Rule, uid: int, root: str, kr: KernelRules, notes: list[str]) -> None:
+    """Allow entries for the rule's callers, each allowing the rule's request classes (the
+    kernel refuses a request of another class on their connections when the default is
+    deny; endpoints are not checked: every endpoint gets the rule's classes)."""
+    add = _Entries(kr, _classes(rule))
     if rule.image is not None or rule.namespace is not None:
         notes.append(f"rule {rule.name}: image and namespace are not checked in the kernel "
                      "(its allow covers the executable or process wherever it runs)")
     if rule.executable is not None:
         files = _files(rule.executable, root)
         for file_id in files:
-            kr.allow_exe.add((*file_id, uid))
+            add.exe((*file_id, uid))
         base = os.path.basename(rule.executable)
         if not files or rule.container is not False:
             if base and not _GLOB & set(base):
-                kr.allow_name.add((base, uid, KIND_EXE_NAME))
+                add.name((base, uid, KIND_EXE_NAME))
                 return
             for st_name in {os.path.basename(p) for p in glob.glob(
                     os.path.join(root, rule.executable.lstrip("/")))[:MAX_FILES_PER_RULE]}:
-                kr.allow_name.add((st_name, uid, KIND_EXE_NAME))
+                add.name((st_name, uid, KIND_EXE_NAME))
             if files:
                 return
         else:
             return
     if rule.process is not None:
-        kr.allow_name.add((comm(rule.process), uid, KIND_COMM))
+        add.name((comm(rule.process), uid, KIND_COMM))
         return
     if uid != ANY_UID:
-        kr.allow_uid.add(uid)
+        add.uid(uid)
         return
     kr.allow_all = True
     notes.append(f"rule {rule.name}: names no executable, process or user the kernel can "

@@ -15,6 +15,8 @@ catalog, classes from `scoring.endpoints.REQUEST_CLASSES`.
 - `imdswatch_enforcement_break_glass` - 1 while the break-glass file exists
 - `imdswatch_enforcement_disarmed` - 1 after denials spread past the bound (back in audit)
 - `imdswatch_enforcement_failed` - 1 when the kernel side could not load (audit instead)
+- `imdswatch_enforcement_requests_failed` - 1 when the request programs (sock_ops, sk_msg)
+  could not load or link: connects are still judged in the kernel, requests only reported
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ class PolicyMetrics:
             "imdswatch_enforcement_failed",
             "1 when the kernel side of --enforce deny could not load: audit instead.",
             registry=r)
+
+        self.requests_failed = Gauge(
+            "imdswatch_enforcement_requests_failed",
+            "1 when the kernel cannot judge requests (its sock_ops and sk_msg programs did "
+            "not load): connects are still judged, a request of a class a caller may not "
+            "use is only reported (would_deny).", registry=r)
 
     def set_mode(self, mode: str, requested: str) -> None:
         for m in MODES:

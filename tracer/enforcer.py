@@ -27,9 +27,20 @@ ANY_UID = 0xFFFFFFFF
 KIND_EXE_NAME = 1
 KIND_COMM = 2
 MAX_ENTRIES = 16384
-CFG_ARMED, CFG_DEFAULT_DENY, CFG_AGENT_TGID, CFG_ALLOW_ALL = 0, 1, 2, 3
+CFG_ARMED, CFG_DEFAULT_DENY, CFG_AGENT_TGID, CFG_ALLOW_ALL, CFG_REQUESTS = 0, 1, 2, 3, 4
 STAT_JUDGED, STAT_DENIED, STAT_LOST = 0, 1, 2
+STAT_RESTRICTED, STAT_REQ_JUDGED, STAT_REQ_DENIED = 3, 4, 5
+STATS = (("judged", STAT_JUDGED), ("denied", STAT_DENIED), ("lost", STAT_LOST),
+         ("restricted", STAT_RESTRICTED), ("requests_judged", STAT_REQ_JUDGED),
+         ("requests_denied", STAT_REQ_DENIED))
 PROGRAMS = (("imdsw_enforce4", CGROUP_INET4_CONNECT), ("imdsw_enforce6", CGROUP_INET6_CONNECT))
+CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
+SK_MSG_VERDICT = 7
+KIND_CONNECT, KIND_REQUEST = 0, 1
+PATH_LEN = 128
+MSG_MAX = 1024  # a restricted socket's message longer than this is refused
+PATTERNS = 192  # rows of the request-pattern table
+ALL_CLASSES = 0x7F  # one bit per scoring.endpoints.REQUEST_CLASSES entry
 EXTRA_FIELDS = (("ENF_OFF_INODE_SB", "inode", "i_sb"),
                 ("ENF_OFF_SB_DEV", "super_block", "s_dev"))
 
@@ -49,6 +60,23 @@ class KernelRules:
     deny_exe: dict[tuple[int, int, int], int] = field(default_factory=dict)  # -> rule + 1
     deny_uid: dict[int, int] = field(default_factory=dict)
     default_deny: bool = False
+    # Allow entries that allow some request classes only: entry -> class mask (an entry
+    # not here allows every class). Keys as in allow_exe, allow_name, allow_uid.
+    classes: dict[object, int] = field(default_factory=dict)
+
+    def mask(self, key: object) -> int:
+        return self.classes.get(key, ALL_CLASSES)
+
+
+@dataclass(frozen=True)
+class RequestPattern:
+    """One row of the kernel's request-pattern table (see policy.request_patterns)."""
+
+    segments: tuple[tuple[int, int], ...]  # (kind, hash)
+    rest: bool
+    flags: int
+    family: int
+    classes: int
 
 
 class DeniedConnect(ctypes.Structure):
@@ -62,6 +90,8 @@ class DeniedConnect(ctypes.Structure):
         ("rule", ctypes.c_uint32), ("family", ctypes.c_uint16), ("dport", ctypes.c_uint16),
         ("daddr", ctypes.c_uint8 * 16), ("comm", ctypes.c_char * 16),
         ("exe_name", ctypes.c_char * 48),
+        ("kind", ctypes.c_uint32), ("classes", ctypes.c_uint32),
+        ("method", ctypes.c_char * 8), ("path", ctypes.c_char * PATH_LEN),
     ]
 
 
@@ -144,8 +174,11 @@ class KernelEnforcer:
         self.rules = KernelRules()
         self.ringbuf = False
         self.scope: set[int] | None = None  # cgroup ids that may be denied; None: all
+        # Why requests are not judged in the kernel (None: they are, once armed).
+        self.requests_unavailable: str | None = "not started"
 
-    def start(self, rules: KernelRules, on_denied: Callable[[DeniedConnect], None]) -> None:
+    def start(self, rules: KernelRules, on_denied: Callable[[DeniedConnect], None],
+              patterns: Iterable[RequestPattern] = ()) -> None:
         """Compile, load, fill, attach (disarmed). EnforceError says why it cannot."""
         try:
             offsets = btf.task_offsets()
@@ -161,6 +194,8 @@ class KernelEnforcer:
         flags = sources.cflags(ringbuf=self.ringbuf, ringbuf_pages=16, offsets=offsets,
                                count_entries=64)
         flags.append(f"-DENF_MAX_ENTRIES={MAX_ENTRIES}")
+        flags += [f"-DENF_PATH_LEN={PATH_LEN}", f"-DENF_ALL_CLASSES={ALL_CLASSES}",
+                  f"-DENF_MSG_MAX={MSG_MAX}", f"-DENF_PATTERNS={PATTERNS}"]
         try:
             self.bpf = bcc.BPF(text=text.encode(), cflags=flags)
             fds = {}
@@ -187,7 +222,47 @@ class KernelEnforcer:
         except (CgroupError, OSError) as exc:
             self.close()
             raise EnforceError(str(exc)) from None
+        self.requests_unavailable = self._start_requests(list(patterns), bcc)
+        if self.requests_unavailable is not None:
+            log.error("requests are not judged in the kernel (connects still are): %s",
+                      self.requests_unavailable)
         log.info("enforcement programs linked to %s (disarmed until armed)", self.cgroup)
+
+    def _start_requests(self, patterns: list[RequestPattern], bcc: object) -> str | None:
+        """Load the sock_ops and sk_msg programs (bpf/enforce_requests.h) and link them;
+        the reason when they cannot be (the connect hooks go on without them)."""
+        b = self.bpf
+        assert b is not None and self.attachment is not None
+        if not patterns:
+            return "no request patterns"
+        try:
+            table = b["enf_patterns"]
+            for i, p in enumerate(patterns):
+                row = table.Leaf()
+                for j, (kind, value) in enumerate(p.segments):
+                    row.seg[j] = value
+                    row.kind[j] = kind
+                row.nseg, row.rest, row.flags = len(p.segments), int(p.rest), p.flags
+                row.family, row.classes, row.used = p.family, p.classes, 1
+                table[table.Key(i)] = row
+            sockops = b.load_func(b"imdsw_sockops", bcc.BPF.SOCK_OPS)  # type: ignore[attr-defined]
+            msg = b.load_func(b"imdsw_reqmsg", bcc.BPF.SK_MSG)  # type: ignore[attr-defined]
+            cls = b.load_func(b"imdsw_reqcls", bcc.BPF.SK_MSG)  # type: ignore[attr-defined]
+            progs = b["enf_progs"]
+            progs[progs.Key(0)] = progs.Leaf(cls.fd)
+            # The message program hangs on the socket map, which only our programs and
+            # descriptors hold: it goes with them.
+            from bcc.libbcc import lib  # type: ignore[import-not-found]
+
+            socks = lib.bpf_table_fd(b.module, b"enf_socks")  # type: ignore[attr-defined]
+            if socks < 0:
+                return "the socket map has no descriptor"
+            bcc.BPF.attach_func(msg, socks, SK_MSG_VERDICT)  # type: ignore[attr-defined]
+            self.attachment.attach_link(sockops.fd, CGROUP_SOCK_OPS)
+        except Exception as exc:  # BCC raises bare Exception; CgroupError, OSError
+            return f"the request programs did not load or link: {exc}"
+        self._cfg(CFG_REQUESTS, 1)
+        return None
 
     def _cfg(self, idx: int, value: int) -> None:
         t = self.bpf["enf_config"]  # type: ignore[index]
@@ -222,12 +297,14 @@ class KernelEnforcer:
         deny_exe, deny_uid = b["enf_deny_exe"], b["enf_deny_uid"]
         if new.allow_all:
             self._cfg(CFG_ALLOW_ALL, 1)
-        for k in new.allow_exe - old.allow_exe:
-            exe[_exe_key(exe, k)] = exe.Leaf(1)
-        for k in new.allow_name - old.allow_name:
-            name[_name_key(name, k)] = name.Leaf(1)
-        for u in new.allow_uid - old.allow_uid:
-            uid[uid.Key(u)] = uid.Leaf(1)
+        # Widen first: an entry in both keeps what either allows until the end.
+        for k in new.allow_exe:
+            exe[_exe_key(exe, k)] = exe.Leaf(new.mask(k) | _old_mask(old, old.allow_exe, k))
+        for k in new.allow_name:
+            name[_name_key(name, k)] = name.Leaf(new.mask(k) |
+                                                 _old_mask(old, old.allow_name, k))
+        for u in new.allow_uid:
+            uid[uid.Key(u)] = uid.Leaf(new.mask(u) | _old_mask(old, old.allow_uid, u))
         if not new.default_deny:
             self._cfg(CFG_DEFAULT_DENY, 0)
         for k in set(old.deny_exe) - set(new.deny_exe):
@@ -246,6 +323,12 @@ class KernelEnforcer:
             _delete(name, _name_key(name, k))
         for u in old.allow_uid - new.allow_uid:
             _delete(uid, uid.Key(u))
+        for k in new.allow_exe:  # narrowed last
+            exe[_exe_key(exe, k)] = exe.Leaf(new.mask(k))
+        for k in new.allow_name:
+            name[_name_key(name, k)] = name.Leaf(new.mask(k))
+        for u in new.allow_uid:
+            uid[uid.Key(u)] = uid.Leaf(new.mask(u))
         if not new.allow_all:
             self._cfg(CFG_ALLOW_ALL, 0)
         self.rules = new
@@ -259,10 +342,9 @@ class KernelEnforcer:
 
     def stats(self) -> dict[str, int]:
         if self.bpf is None:
-            return {"judged": 0, "denied": 0, "lost": 0}
+            return {name: 0 for name, _ in STATS}
         t = self.bpf["enf_stats"]
-        return {name: sum(t[t.Key(i)]) for name, i in
-                (("judged", STAT_JUDGED), ("denied", STAT_DENIED), ("lost", STAT_LOST))}
+        return {name: sum(t[t.Key(i)]) for name, i in STATS}
 
     def set_scope(self, cgroup_ids: set[int] | None) -> None:
         """Only callers in these cgroups may be denied (None: every caller). Ids are never
@@ -317,6 +399,10 @@ def _name_key(table: object, k: tuple[str, int, int]) -> object:
     key.name = raw
     key.uid, key.kind = k[1], k[2]
     return key
+
+
+def _old_mask(old: KernelRules, keys: object, k: object) -> int:
+    return old.mask(k) if k in keys else 0  # type: ignore[operator]
 
 
 def _delete(table: object, key: object) -> None:
