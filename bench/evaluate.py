@@ -163,7 +163,8 @@ def run_anchors(path: Path, labels: Labels, sc: Scenario, not_before: float) -> 
 @dataclass
 class ImdswatchRun:
     result: Result
-    alerts: list[tuple[int, str, float, str, float]]  # (line, detector, score, reason, time)
+    # (line, detector, score, reason, time, severity)
+    alerts: list[tuple[int, str, float, str, float, str]]
     learning_period: float
     model_size: dict[str, int]
     not_before: float  # alerts before it are not counted (the learning period)
@@ -180,7 +181,7 @@ def run_imdswatch(path: Path, labels: Labels, sc: Scenario, learning_period: flo
     if learning_period is not None:
         settings.learning_period = learning_period
     scorer = Scorer(settings)
-    alerts: list[tuple[int, str, float, str, float]] = []
+    alerts: list[tuple[int, str, float, str, float, str]] = []
     dets: list[tuple[float, int, object]] = []
 
     bursts: dict[str, int] = {}  # host -> line of its open burst's alert
@@ -188,7 +189,7 @@ def run_imdswatch(path: Path, labels: Labels, sc: Scenario, learning_period: flo
     def on_outcome(out) -> None:  # noqa: ANN001 - scoring.scorer.Outcome
         if out.alert:
             n = int(out.event.event_id.rsplit("-", 1)[1])
-            alerts.append((n, out.detector, out.score, out.reason, out.event.ts))
+            alerts.append((n, out.detector, out.score, out.reason, out.event.ts, out.severity))
             dets.append((out.event.ts, n, ("imdswatch", n)))
             if out.burst:
                 bursts[out.event.host or ""] = n
@@ -292,7 +293,7 @@ def details(ev: Evaluation, sources: int = 25) -> str:
     run = ev.imdswatch
     res = run.result
     first: dict[tuple, tuple[str, float, str]] = {}
-    for n, det, s, reason, ts in run.alerts:
+    for n, det, s, reason, ts, _ in run.alerts:
         if ts >= run.not_before and not ev.labels.attack[n]:
             first.setdefault(ev.labels.entity[n], (det, s, reason))
     out = [f"imdswatch false-positive entities ({len(res.fp_entities)}, as counted in the "

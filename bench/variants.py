@@ -175,9 +175,14 @@ ROLLOUT_TITLES = {
 }
 
 
-def _alerts_from(ev, source: str) -> list[tuple]:  # noqa: ANN001 - bench.evaluate.Evaluation
+def run_alerts(ev) -> list[tuple]:  # noqa: ANN001 - bench.evaluate.Evaluation
+    """imdswatch's alerts past its learning period, in time order."""
     run = ev.imdswatch
-    return [a for a in run.alerts if a[4] >= run.not_before and ev.labels.actor[a[0]] == source]
+    return [a for a in run.alerts if a[4] >= run.not_before]
+
+
+def _alerts_from(ev, source: str) -> list[tuple]:  # noqa: ANN001 - bench.evaluate.Evaluation
+    return [a for a in run_alerts(ev) if ev.labels.actor[a[0]] == source]
 
 
 def _short(r) -> str:  # noqa: ANN001 - bench.evaluate.Result
@@ -197,21 +202,28 @@ def variant_rows(seed: int, scale: float, base) -> tuple[list, list[tuple[str, s
     mine, anchors = ev.results[0], ev.results[1:]
     for source, title in ROLLOUT_TITLES.items():
         alerts = _alerts_from(ev, source)
-        upgrade = source.startswith("benign/upgrade")
-        low = all(a[3].startswith("upgrade of") for a in alerts)
+        severities = ", ".join(sorted({a[5] for a in alerts})) or "none"
+        low = all(a[5] == "low" for a in alerts)
         few = min(anchors, key=lambda r: len(r.fp_by_source.get(source, ())))
         rows.append(Row(
-            f"rollouts, seed {seed}: alerts for {title}", len(alerts), "",
-            f"fewest FP entities from it of the anchors ({_short(few)})",
-            len(few.fp_by_source.get(source, ())),
-            "<= 1, low severity naming the upgrade" if upgrade else "<= 1",
-            len(alerts) <= 1 and (low or not upgrade)))
+            f"rollouts, seed {seed}: alerts for {title} (severity: {severities})", len(alerts),
+            "", f"fewest FP entities from it of the anchors ({_short(few)})",
+            len(few.fp_by_source.get(source, ())), "<= 1, low severity naming the rollout",
+            len(alerts) <= 1 and low))
     one_offs = [a.id for a in sc.actors if a.kind == "rollout_one_off"]
     caught = sum(a in mine.detected for a in one_offs)
     best = max(anchors, key=lambda r: sum(a in r.detected for a in one_offs))
     rows.append(Row(f"rollouts, seed {seed}: attackers' one-offs in the middle of them caught",
                     caught, f"of {len(one_offs)}", f"best anchor ({_short(best)})",
                     sum(a in best.detected for a in one_offs), "all", caught == len(one_offs)))
+    first = {}
+    for a in run_alerts(ev):
+        if ev.labels.attack[a[0]]:
+            first.setdefault(ev.labels.actor[a[0]], a[5])
+    low_one_offs = sum(first.get(a) == "low" for a in one_offs)
+    rows.append(Row(f"rollouts, seed {seed}: of those, first alerted at low severity",
+                    low_one_offs, f"of {caught}", "", None, "0 (each at its own severity)",
+                    low_one_offs == 0))
     rows.append(Row(f"rollouts, seed {seed}: false-positive entities", len(mine.fp_entities),
                     "", "the same seed without the rollouts", len(base.fp_entities),
                     f"<= {len(base.fp_entities) + len(ROLLOUT_TITLES)} (one per rollout more)",

@@ -100,6 +100,10 @@ def build_alert(outcome: Outcome, scored_by: str = "agent") -> dict:
     if filled:
         own["identity"] = {"filled": filled}
     own["endpoint"] = outcome.endpoint.id
+    if outcome.rollout:
+        # The rollout this alert stands for (scoring.scorer: its other hosts are folded).
+        own["rollout"] = {"kind": outcome.rollout_kind, "name": redact(outcome.rollout_name),
+                          "hosts": outcome.rollout}
     if event.exe_mismatch:
         # The kernel's executable at connect time against /proc's (the caller's
         # process.executable is left out: /proc's is not the caller's).

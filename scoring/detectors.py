@@ -85,6 +85,33 @@ _VERSION = re.compile(r"\d+(?:\.\d+)+|(?<=/)\d+(?=/|$)")
 _WRITABLE = ("/tmp/", "/var/tmp/", "/dev/shm/", "/run/", "/home/", "/root/", "/proc/")
 
 
+def writable_path(exe: str) -> bool:
+    """True for a path where anyone can put a binary."""
+    return exe.startswith(_WRITABLE)
+
+
+# The suffixes controllers give the pods they make (Kubernetes' safe alphabet): a
+# DaemonSet's, Job's or ReplicaSet's `name-x7k2p`, a Deployment's `name-<template hash>-x7k2p`
+# (a CronJob's `name-<minute>-x7k2p`), a StatefulSet's `name-0`. A pod made by hand
+# (`kubectl run`) has none: it is no workload's rollout.
+_POD_SUFFIX = re.compile(r"-[bcdfghjklmnpqrstvwxz2456789]{5}$|-\d+$")
+_OWNER_SUFFIX = re.compile(r"-[bcdfghjklmnpqrstvwxz2456789]{6,10}$|-\d{6,}$")
+
+
+def workload_of(e: Event) -> str | None:
+    """The workload an event's pod belongs to (its name without the suffixes its controller
+    added), None when the event carries no Kubernetes workload identity (image, namespace
+    and a controller-made pod, contract section 1)."""
+    pod = e.pod
+    if not pod or not e.image or not e.namespace:
+        return None
+    m = _POD_SUFFIX.search(pod)
+    if m is None:
+        return None
+    owner = pod[:m.start()]
+    return _OWNER_SUFFIX.sub("", owner) or owner or None
+
+
 def version_key(exe: str | None) -> str | None:
     """The executable with its versions replaced by `#`: `/snap/x/1234/x` and `/snap/x/5678/x`
     are one program, as are `/usr/bin/python3.11` and `/usr/bin/python3.12`. None when

@@ -28,6 +28,8 @@ from scoring.detectors import (
     show_name,
     user_of,
     version_key,
+    workload_of,
+    writable_path,
 )
 from scoring.durations import format_duration
 from scoring.endpoints import SENSITIVE_CLASSES, Endpoint, EndpointCatalog
@@ -69,7 +71,7 @@ class Outcome:
     __slots__ = (
         "event", "endpoint", "score", "detector", "rule_name", "reason", "entity", "scores",
         "alert", "learning", "suppressed", "excepted", "known_caller", "novel", "burst",
-        "request_class", "rollout",
+        "request_class", "rollout", "rollout_kind", "rollout_name",
     )
 
     def __init__(self, event: Event, endpoint: Endpoint,
@@ -98,6 +100,9 @@ class Outcome:
         # spreading over the fleet, or a known caller's new version): low severity, and
         # folded into the rollout's one alert when `suppressed`.
         self.rollout = 0
+        # What spreads (ROLLOUT_KINDS) and its name, when `rollout`.
+        self.rollout_kind = ""
+        self.rollout_name = ""
 
     @property
     def severity(self) -> str:
@@ -120,6 +125,7 @@ GENERIC = "rare_combination"
 DECISIVE = "exe_mismatch"
 _DECISIVE = DETECTOR_NAMES.index(DECISIVE)
 _EXECUTABLE = DETECTOR_NAMES.index("rare_executable")
+_CONTAINER = DETECTOR_NAMES.index("rare_container")
 # Scores under QUIET_SCORE are noise and reported as 0.
 QUIET_SCORE = 10.0
 QUIET_P = probability_for_score(QUIET_SCORE)
@@ -165,7 +171,10 @@ BURST_NAMES = 8
 # happens); an executable that is a known one of the same name but for its version numbers
 # (a snap revision, a new interpreter on a new node image) is an upgrade: one low-severity
 # alert naming it, its other hosts folded. At most ROLLOUTS are followed at once, each
-# remembering ROLLOUT_HOSTS hosts.
+# remembering ROLLOUT_HOSTS hosts. The first host's alert is low severity, naming the
+# rollout, when the caller is the first the fleet sees of a new Kubernetes workload (a pod
+# of a controller, in an image and namespace never seen calling, running a path not
+# writable by anyone): the leading edge of a new DaemonSet or Deployment.
 ROLLOUT_GAP = 6 * HOUR
 ROLLOUTS = 10_000
 ROLLOUT_HOSTS = 256
@@ -174,9 +183,15 @@ ROLLOUT_DETECTORS = frozenset(("rare_process", "rare_executable", "rare_process_
                                "rare_combination"))
 # The detectors a new version of a known executable makes anomalous, and nothing else.
 UPGRADE_DETECTORS = frozenset(("rare_executable", "rare_combination"))
+# What a rollout spreads: a caller anomalous on further hosts (its first host alerts as
+# any anomaly), a known caller's new version, a new workload's first caller.
+SPREAD, UPGRADE, WORKLOAD = "spread", "upgrade", "workload"
 # Where rare_executable's table keeps each name's versions-replaced executables (learned
 # only; never scored): ("versions", name) -> version_key(exe).
 VERSIONS = "versions"
+# Where rare_container's table keeps the workloads seen calling (learned only; never
+# scored): WORKLOADS -> (image repository, namespace).
+WORKLOADS = ("workloads",)
 # The signatures (hashed) of new callers folded into a burst once and not learned; past
 # this many the set starts again (a name seen again after that is learned one sighting
 # later than it could have been, nothing more).
@@ -216,14 +231,15 @@ class _Caller:
 
 
 class _Rollout:
-    __slots__ = ("start", "last", "hosts", "first_host", "upgrade", "folded")
+    __slots__ = ("start", "last", "hosts", "first_host", "kind", "name", "folded")
 
-    def __init__(self, ts: float, host: str, upgrade: bool) -> None:
+    def __init__(self, ts: float, host: str, kind: str, name: str) -> None:
         self.start = ts
         self.last = ts
         self.hosts = {host}
         self.first_host = host
-        self.upgrade = upgrade
+        self.kind = kind
+        self.name = name
         self.folded = 0
 
 
@@ -403,6 +419,9 @@ class Scorer:
         vkey = version_key(event.exe)
         if vkey is not None:
             taught.append((_EXECUTABLE, (VERSIONS, event.name), vkey))
+        if event.image is not None:
+            taught.append((_CONTAINER, WORKLOADS, (image_repository(event.image),
+                                                   event.namespace)))
         known = self.known_callers.lookup_event(event) is not None
         if undecided and not known:
             # The executable is unknown, not new: a catalog agent's name where that agent
@@ -765,6 +784,20 @@ class Scorer:
             return None  # every call of this key was this very executable: nothing known
         return vkey
 
+    def _new_workload(self, out: Outcome) -> str | None:
+        """The workload `out`'s event is the first caller of, when the fleet has never seen
+        its image and namespace call and the event carries its workload identity (a
+        controller's pod) and runs a path not writable by anyone."""
+        event = out.event
+        workload = workload_of(event)
+        exe = event.exe
+        if workload is None or exe is None or writable_path(exe) or self.last_ts is None:
+            return None
+        seen = self.tables[_CONTAINER].count(
+            WORKLOADS, (image_repository(event.image), event.namespace),
+            self.clock.weight(self.last_ts))
+        return workload if seen <= 0 else None
+
     def _in_rollout(self, out: Outcome) -> bool:
         """Counts an anomaly in its caller's rollout across hosts; True when the rollout
         decided it (its one alert, or folded into it)."""
@@ -781,21 +814,34 @@ class Scorer:
         if r is None or not -ROLLOUT_GAP < ts - r.last < ROLLOUT_GAP:
             if len(self.rollouts) >= ROLLOUTS:
                 self.rollouts.pop(next(iter(self.rollouts)))
-            r = self.rollouts[key] = _Rollout(ts, host, upgrade is not None)
-            if upgrade is None:
+            workload = self._new_workload(out) if upgrade is None else None
+            kind = UPGRADE if upgrade is not None else WORKLOAD if workload else SPREAD
+            name = (f"{show_name(event.name)} {event.exe}" if upgrade is not None
+                    else f"{event.namespace}/{workload}" if workload else show_name(event.name))
+            r = self.rollouts[key] = _Rollout(ts, host, kind, name)
+            if kind == SPREAD:
                 return False  # its first host alerts as any anomaly would
             out.rollout = 1
+            out.rollout_kind = kind
+            out.rollout_name = name
             out.alert = True
-            usual = [v for v, _ in self.tables[_EXECUTABLE].top_values(event.name, self.clock
-                     .weight(ts)) if v != event.exe]
-            was = f" (it called from {usual[0]})" if usual else ""
-            out.reason = (f"upgrade of {show_name(event.name)}: {event.exe} is a new version "
-                          f"of {upgrade}{was}; one alert per upgrade, its other hosts are "
-                          f"folded into it. {out.reason}")
+            if upgrade is not None:
+                usual = [v for v, _ in self.tables[_EXECUTABLE].top_values(
+                    event.name, self.clock.weight(ts)) if v != event.exe]
+                was = f" (it called from {usual[0]})" if usual else ""
+                out.reason = (f"upgrade of {show_name(event.name)}: {event.exe} is a new "
+                              f"version of {upgrade}{was}; one alert per upgrade, its other "
+                              f"hosts are folded into it. {out.reason}")
+            else:
+                out.reason = (f"new workload {name} (image {event.image}) on "
+                              f"{host or 'an unnamed host'}: {show_name(event.name)} "
+                              f"({event.exe}) is the first caller of a workload the fleet has "
+                              f"never seen call; one alert per rollout, its other hosts are "
+                              f"folded into it. {out.reason}")
             return True
         if ts > r.last:
             r.last = ts
-        if host in r.hosts and len(r.hosts) < 2 and not r.upgrade:
+        if host in r.hosts and len(r.hosts) < 2 and r.kind == SPREAD:
             # The same host again, before any other showed it: not spreading, so
             # suppression decides, as for any anomaly (a one-host newcomer re-alerts).
             return False
@@ -803,8 +849,10 @@ class Scorer:
             r.hosts.add(host)
         r.folded += 1
         out.rollout = len(r.hosts)
+        out.rollout_kind = r.kind
+        out.rollout_name = r.name
         out.suppressed = True
-        what = "upgrade" if r.upgrade else "rollout"
+        what = "upgrade" if r.kind == UPGRADE else "rollout"
         out.reason = (f"{what} across hosts: {show_name(event.name)} anomalous on "
                       f"{len(r.hosts)} hosts within {format_duration(ts - r.start)}, first on "
                       f"{r.first_host or 'an unnamed host'}; folded into that alert. "

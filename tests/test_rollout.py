@@ -5,6 +5,8 @@ the middle of it still alerts."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from helpers_events import DAY, HOUR, MINUTE, T0, Agent, ev, fleet_events
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -147,3 +149,140 @@ def test_at_threshold_0_a_detector_that_did_not_score_does_not_rule_out_an_upgra
     out = Outcome(e, EndpointCatalog.from_config().match(e.dst_ip, e.dst_port))
     out.scores.update({"rare_executable": 80.0, "rare_combination": 70.0})
     assert s._upgrade_of(out) == version_key(e.exe)
+
+
+# -- a new workload's rollout (a DaemonSet or Deployment the fleet has never seen) ----------
+
+VECTOR = "timberio/vector:0.38.0-debian"
+
+
+def in_pod(e, pod: str):
+    e.pod = pod
+    return e
+
+
+def daemonset(start: float, hosts: int = HOSTS, step: float = 25 * MINUTE,
+              until: float = 10 * HOUR) -> list:
+    """A new DaemonSet's pods reaching one more node every `step` (a rolling start)."""
+    return [in_pod(e, f"vector-{'bcdfg'[int(e.host.split('-')[1]) % 5] * 5}")
+            for e in spread(start, "vector", "/usr/bin/vector", image=VECTOR,
+                            namespace="observability", parent="containerd-shim", hosts=hosts,
+                            step=step, until=until)]
+
+
+def test_workload_of():
+    from scoring.detectors import workload_of
+
+    def w(pod, image="a/b:1", namespace="ns"):
+        return workload_of(in_pod(ev(T, "x", image=image, namespace=namespace), pod))
+
+    assert w("vector-x7k2p") == "vector"  # a DaemonSet's or a Job's pod
+    assert w("web-frontend-6d4cf56db6-x7k2p") == "web-frontend"  # a Deployment's
+    assert w("nightly-backup-28512345-x7k2p") == "nightly-backup"  # a CronJob's
+    assert w("postgres-0") == "postgres"  # a StatefulSet's
+    assert w("debug") is None  # made by hand: no controller
+    assert w("vector-x7k2p", image=None) is None
+    assert w("vector-x7k2p", namespace=None) is None
+
+
+def test_a_new_daemonset_is_one_low_severity_alert_naming_the_workload():
+    from exporters.alerts import build_alert
+
+    s = warm()
+    alerts = run(s, daemonset(T))
+    assert len(alerts) == 1, [a.reason for a in alerts]
+    a = alerts[0]
+    assert a.severity == "low" and a.rollout == 1 and a.rollout_kind == "workload"
+    assert a.event.host == "node-0"
+    assert a.reason.startswith("new workload observability/vector (image timberio/vector:")
+    doc = build_alert(a)
+    assert doc["imdswatch"]["rollout"] == {"kind": "workload", "name": "observability/vector",
+                                           "hosts": 1}
+    assert doc["anomaly"]["severity"] == "low"
+
+
+def test_a_known_workloads_new_caller_is_not_a_new_workload():
+    """Once the fleet has seen the image call, a new caller in it is judged as any other."""
+    s = warm()
+    run(s, daemonset(T, hosts=1, until=HOUR))
+    e = in_pod(ev(T + 5 * HOUR, "curl", exe="/usr/bin/curl", image=VECTOR,
+                  namespace="observability", parent="containerd-shim", host="node-3"),
+               "vector-hhhhh")
+    out = s.process(e)
+    assert out.alert and not out.rollout and out.severity != "low", out
+
+
+def test_attackers_one_offs_in_the_middle_of_a_new_daemonset_still_alert_at_their_severity():
+    s = warm()
+    events = daemonset(T)
+    mid = T + 2 * HOUR + 30
+    one_offs = [
+        # The workload's name on the host, from /tmp, started by a shell.
+        ev(mid, "vector", exe="/tmp/.v/vector", parent="bash", host="node-2"),
+        # A new image in a pod made by hand (no controller).
+        in_pod(ev(mid + 60, "python3", exe="/usr/local/bin/python3.12", image="evil/tool:1",
+                  namespace="default", parent="sh", host="node-4"), "debug"),
+        # A new workload's pod whose caller runs from a path anyone can write.
+        in_pod(ev(mid + 120, "x", exe="/dev/shm/x", image="evil/miner:2",
+                  namespace="default", parent="containerd-shim", host="node-6"),
+               "miner-x7k2p"),
+    ]
+    alerts = run(s, events + one_offs)
+    caught = [a for a in alerts if a.event in one_offs]
+    assert len(caught) == len(one_offs), [a.reason for a in alerts]
+    for a in caught:
+        assert a.severity != "low" and not a.rollout, a.reason
+    assert len(alerts) == 1 + len(one_offs), [a.reason for a in alerts]
+
+
+def test_a_new_workload_survives_a_saved_state_as_known():
+    s = warm()
+    run(s, daemonset(T, hosts=1, until=HOUR))
+    t = Scorer()
+    model_from_bytes(t, model_to_bytes(s))
+    e = in_pod(ev(T + 30 * HOUR, "vector-helper", exe="/usr/bin/vector-helper", image=VECTOR,
+                  namespace="observability", parent="containerd-shim", host="node-3"),
+               "vector-hhhhh")
+    out = t.process(e)
+    assert out.alert and out.rollout_kind != "workload", out
+
+
+def test_replay_of_a_generated_fleet_with_rollouts(tmp_path):
+    """`imdswatch replay` over the bench's rollout scenario (bench/variants.py): each rollout
+    (a new DaemonSet, an agent's upgrade, a new interpreter with a node image) is at most one
+    low-severity alert naming it, and each attacker's one-off in the middle of one is caught
+    at its own severity."""
+    import subprocess
+
+    import orjson
+
+    from bench.evaluate import labels_of
+    from bench.variants import ROLLOUT_SOURCES, rollouts
+
+    sc = rollouts(seed=3, scale=0.3)
+    labels = labels_of(sc)
+    path = tmp_path / "rollouts.ndjson.gz"
+    sc.write(path, labels=False)
+    imdswatch = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "imdswatch"
+    r = subprocess.run([str(imdswatch), "replay", str(path)], capture_output=True,
+                       timeout=600, check=True)
+    alerts = [orjson.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    by_actor: dict[str, list] = {}
+    for a in alerts:
+        n = int(a["event"]["id"].rsplit("-", 1)[1])
+        by_actor.setdefault(labels.actor[n], []).append(a)
+    for source in ROLLOUT_SOURCES:
+        got = by_actor.get(source, [])
+        assert len(got) <= 1, [a["anomaly"]["reason"] for a in got]
+        for a in got:
+            assert a["anomaly"]["severity"] == "low"
+            assert a["imdswatch"]["rollout"]["kind"] in ("workload", "upgrade")
+    assert by_actor.get("benign/rollout-vector"), "the new DaemonSet's first host alerts"
+    assert by_actor["benign/rollout-vector"][0]["imdswatch"]["rollout"]["name"] == \
+        "observability/vector"
+    one_offs = [a.id for a in sc.actors if a.kind == "rollout_one_off"]
+    assert len(one_offs) == 3
+    for aid in one_offs:
+        got = by_actor.get(aid)
+        assert got, f"{aid} not caught"
+        assert got[0]["anomaly"]["severity"] != "low" and "rollout" not in got[0]["imdswatch"]
