@@ -24,7 +24,7 @@ SERVE_DEPLOYMENT = ROOT / "deploy" / "kubernetes" / "components" / "fleet" / \
     "serve-deployment.yaml"
 
 # Pod-level fields that only a cluster acts on (scheduling, API identity): nothing to run.
-POD_CLUSTER_ONLY = {"serviceAccountName", "tolerations", "priorityClassName",
+POD_CLUSTER_ONLY = {"serviceAccountName", "tolerations", "priorityClassName", "nodeSelector",
                     "automountServiceAccountToken"}
 # Container fields with no effect on how the process runs; the probes and port are returned
 # for the test to exercise, and requests only inform the scheduler.
@@ -102,10 +102,12 @@ def security(ctx: dict) -> list[str]:
 
 
 def volumes(pod: dict, container: dict, state_dir: str | None,
-            secret_dirs: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
+            secret_dirs: dict[str, str] | None = None,
+            host_paths: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
     """(flags, host directories to create) for the container's volume mounts. A
-    persistentVolumeClaim is the state directory; a secret is the host directory the caller
-    filled with its keys (`secret_dirs`: volume name -> directory)."""
+    persistentVolumeClaim is the state directory; a secret or a configMap is the host
+    directory the caller filled with its keys (`secret_dirs`: volume name -> directory); a
+    hostPath named in `host_paths` is that directory instead of the host's."""
     by_name = {v["name"]: v for v in pod.get("volumes", [])}
     flags: list[str] = []
     create: list[str] = []
@@ -113,13 +115,19 @@ def volumes(pod: dict, container: dict, state_dir: str | None,
         _unknown(f"volumeMount {m['name']}", set(m) - {"name", "mountPath", "readOnly"})
         vol = by_name[m["name"]]
         _unknown(f"volume {m['name']}", set(vol) - {"name", "hostPath", "emptyDir",
-                                                     "persistentVolumeClaim", "secret"})
+                                                     "persistentVolumeClaim", "secret",
+                                                     "configMap"})
         ro = ":ro" if m.get("readOnly") else ""
         if "persistentVolumeClaim" in vol:
             if not state_dir:
                 raise Untranslatable(f"volume {m['name']}: a claim needs a state directory")
             create.append(state_dir)
             flags.append(f"--volume={state_dir}:{m['mountPath']}{ro}")
+        elif "configMap" in vol:
+            _unknown(f"configMap {m['name']}", set(vol["configMap"]) - {"name"})
+            if not (secret_dirs or {}).get(m["name"]):
+                raise Untranslatable(f"volume {m['name']}: no directory for the configMap")
+            flags.append(f"--volume={secret_dirs[m['name']]}:{m['mountPath']}:ro")
         elif "secret" in vol:
             _unknown(f"secret {m['name']}", set(vol["secret"]) - {"secretName", "defaultMode"})
             if not (secret_dirs or {}).get(m["name"]):
@@ -129,6 +137,11 @@ def volumes(pod: dict, container: dict, state_dir: str | None,
             hp = vol["hostPath"]
             _unknown(f"hostPath {m['name']}", set(hp) - {"path", "type"})
             path = hp["path"]
+            if m["name"] in (host_paths or {}):
+                path = host_paths[m["name"]]  # type: ignore[index]
+                flags.append(f"--volume={path}:{m['mountPath']}" + (":ro" if m.get("readOnly")
+                                                                      else ""))
+                continue
             # The model's state is the one host directory the agent writes: a test keeps its
             # own instead of the host's.
             if state_dir and hp.get("type") == "DirectoryOrCreate":
@@ -149,7 +162,8 @@ def volumes(pod: dict, container: dict, state_dir: str | None,
 
 def translate(daemonset: dict, state_dir: str | None = None,
               node_name: str = "imdswatch-test-node",
-              secret_dirs: dict[str, str] | None = None) -> PodmanRun:
+              secret_dirs: dict[str, str] | None = None,
+              host_paths: dict[str, str] | None = None) -> PodmanRun:
     """`daemonset`: the DaemonSet, or any workload with one container in its pod template
     (the serve Deployment)."""
     pod = daemonset["spec"]["template"]["spec"]
@@ -197,7 +211,7 @@ def translate(daemonset: dict, state_dir: str | None = None,
         r.run.append(f"--cpus={limits['cpu']}")
     inherited, pod_flags = pod_security(pod.get("securityContext", {}))
     r.run += security({**inherited, **container.get("securityContext", {})}) + pod_flags
-    flags, r.host_dirs = volumes(pod, container, state_dir, secret_dirs)
+    flags, r.host_dirs = volumes(pod, container, state_dir, secret_dirs, host_paths)
     r.run += flags
     return r
 

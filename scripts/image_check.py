@@ -4,20 +4,26 @@ checked from outside as a kubelet and an operator would: doctor, liveness and re
 connect from a private network namespace seen and alerted, the metrics, SIGTERM within the
 grace period, and the learnt state surviving a restart. Then the same image as the fleet
 scorer, run as its Deployment runs it (deploy/kubernetes/components/fleet): an event batch
-posted from the host over loopback with the bearer token, the alert, SIGTERM. One line per
-step with its time.
+posted from the host over loopback with the bearer token, the alert, SIGTERM. Then the
+agent with the enforcement components' patches: audit with the shipped example policy (a
+user-data request is a would_deny line), and deny in a cgroup of this script's own (a pod-
+named cgroup's curl refused, wget allowed, a host-named cgroup's curl out of scope). One
+line per step with its time.
 
     .venv/bin/python scripts/image_check.py IMAGE
-SAFETY: the only metadata traffic is a curl inside this script's own network namespace,
-to its own mock IMDS on that namespace's loopback.
+SAFETY: the only metadata traffic is a curl (or wget) inside this script's own network
+namespace, to its own mock IMDS on that namespace's loopback. Enforcement is linked only
+to a cgroup this script creates, holding only its own clients, removed at the end.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,12 +40,15 @@ import yaml  # noqa: E402
 from daemonset_podman import DAEMONSET, SERVE_DEPLOYMENT, translate  # noqa: E402
 from fleet_fixtures import post  # noqa: E402
 from test_compiled import setup_list  # noqa: E402
+from test_deploy_manifests import json_patch  # noqa: E402
 
 from lab.agent_process import free_port  # noqa: E402
 from lab.history import warm_state  # noqa: E402
 from lab.sandbox import Sandbox as MetadataNamespace  # noqa: E402
 from lab.wait import wait_for  # noqa: E402
 
+ENFORCEMENT = ROOT / "deploy" / "kubernetes" / "components" / "enforcement"
+ENFORCEMENT_DENY = ROOT / "deploy" / "kubernetes" / "components" / "enforcement-deny"
 COMPILED_MODULES = [p.removesuffix(".py").replace("/", ".") for p in setup_list()]
 
 IMDS = "169.254.169.254"
@@ -125,6 +134,24 @@ class Container:
 
     def remove(self) -> None:
         podman("rm", "--force", "--time=5", self.name, check_rc=False)
+
+
+def remove_cgroups(cgroups: list[Path]) -> None:
+    """The test's own cgroups, deepest first, their processes killed."""
+    for d in cgroups:
+        for _ in range(50):
+            try:
+                for pid in (d / "cgroup.procs").read_text().split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.1)
 
 
 def run_steps(steps: list[tuple[str, Callable[[], str]]]) -> bool:
@@ -367,6 +394,105 @@ def main() -> int:
             srv.stop()
         return "nats-py and nkeys import; serve --bus on a real nats-server, SIGTERM exit 0"
 
+    enforce_dirs: list[Path] = []
+
+    def enforcing_container(*patches: Path, policy: str, args: list[str]) -> Container:
+        """The DaemonSet with the enforcement components' patches applied, its policy
+        ConfigMap and break-glass hostPath in directories of this test's own."""
+        ds = yaml.safe_load(DAEMONSET.read_text())
+        for patch in patches:
+            json_patch(ds, yaml.safe_load(patch.read_text()))
+        base = Path(tempfile.mkdtemp(prefix="imdswatch-image-enforce-"))
+        enforce_dirs.append(base)
+        base.chmod(0o755)
+        for d in ("policy", "run", "state"):
+            (base / d).mkdir(mode=0o755)
+        (base / "policy" / "policy.toml").write_text(policy)
+        (base / "policy" / "policy.toml").chmod(0o644)
+        espec = translate(ds, str(base / "state"), NODE, {"policy": str(base / "policy")},
+                          {"break-glass": str(base / "run")})
+        c = Container(image, espec.run, espec.args + args, espec.port)
+        containers.append(c)
+        c.start()
+        check(wait_for(lambda: c.get(ready_path)[0] == 200 or not c.running(),
+                       START_TIMEOUT, 0.5) and c.running(),
+              f"not ready: {c.logs()[1][-2000:]}")
+        return c
+
+    def enforcement_audit() -> str:
+        # components/enforcement as shipped: audit with its example policy (no user-data).
+        policy = (ENFORCEMENT / "policy.toml").read_text()
+        c = enforcing_container(ENFORCEMENT / "daemonset-enforce-patch.yaml", policy=policy,
+                                args=["--learning-period=0s"])
+        with MetadataNamespace(v4=(IMDS,), v6=()) as ns:
+            p = ns.popen(["curl", "-s", "-o", "/dev/null", f"http://{IMDS}/latest/user-data"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rc = p.wait(30)
+        check(rc == 0, f"curl exited {rc} in audit: audit must touch nothing")
+
+        def mine() -> list[dict]:
+            return [a for a in c.alerts() if a.get("process", {}).get("pid") == p.pid
+                    and a.get("event", {}).get("action") == "would_deny"]
+
+        check(wait_for(mine, 20, 0.5), f"no would_deny line for curl pid {p.pid}: "
+              f"{c.logs()[0][-1500:]} {c.logs()[1][-1500:]}")
+        rule = mine()[0]["imdswatch"]["policy"]["rule"]
+        check(rule == "no-user-data", f"decided by {rule}")
+        check(c.metric("imdswatch_enforcement_mode", mode="audit") == 1, "mode is not audit")
+        podman("stop", f"--time={spec.grace}", c.name, timeout=spec.grace + 60)
+        check(c.exit_code() == 0, f"exit {c.exit_code()}: {c.logs()[1][-1500:]}")
+        return f"curl of user-data (pid {p.pid}) connected and is a would_deny line (rule {rule})"
+
+    def enforcement_deny() -> str:
+        # components/enforcement-deny: deny, pods only; its cgroup (the host's kubepods)
+        # replaced by one of this test's own holding a pod-named and a host-named cgroup.
+        from tracer.cgroup_attach import cgroup2_root
+
+        top = Path(cgroup2_root()) / f"imdsw-image-enforce-{secrets.token_hex(4)}"
+        pod = top / "kubepods-besteffort-pod0f6c1f8e_8d0b_4b8e_9a39_6c3c1a1e0a01.slice" / \
+            f"cri-containerd-{'a1' * 32}.scope"
+        host = top / "host.scope"
+        ctx["cgroups"] = [pod, pod.parent, host, top]
+        pod.mkdir(parents=True)
+        host.mkdir()
+        policy = '[policy]\ndefault = "deny"\n\n[[rule]]\nname = "wget"\n' \
+                 'executable = "/usr/bin/wget"\n'
+        c = enforcing_container(ENFORCEMENT / "daemonset-enforce-patch.yaml",
+                                ENFORCEMENT_DENY / "daemonset-deny-patch.yaml", policy=policy,
+                                args=[f"--enforce-cgroup=/host{top}", "--learning-period=0s"])
+        check(wait_for(lambda: c.metric("imdswatch_enforcement_mode", mode="deny") == 1, 20),
+              f"never armed: {c.logs()[1][-2000:]}")
+
+        def client(argv: list[str], cgroup: Path) -> tuple[int, int, str]:
+            procs = cgroup / "cgroup.procs"
+            with MetadataNamespace(v4=(IMDS,), v6=()) as ns:
+                p = ns.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: procs.write_text(str(os.getpid())))
+                _, err = p.communicate(timeout=30)
+            return p.pid, p.returncode, err
+
+        curl = ["env", "LC_ALL=C", "curl", "-v", "-o", "/dev/null", "--max-time", "5",
+                f"http://{IMDS}/latest/meta-data/instance-id"]
+        wget = ["wget", "-q", "-O", "/dev/null", f"http://{IMDS}/latest/meta-data/instance-id"]
+        # In scope once the agent's scan (every second) has listed the pod's cgroup.
+        check(wait_for(lambda: client(curl, pod)[1] == 7, 20, 0.5),
+              f"curl in the pod's cgroup never refused: {c.logs()[1][-2000:]}")
+        _, rc, err = client(curl, pod)
+        check(rc == 7 and "Operation not permitted" in err, f"curl: {rc} {err[-500:]}")
+        _, rc, err = client(wget, pod)
+        check(rc == 0, f"wget (allowed) exited {rc}: {err[-500:]}")
+        _, rc, err = client(curl, host)
+        check(rc == 0, f"curl out of scope (a host process) exited {rc}: {err[-500:]}")
+        check(wait_for(lambda: [a for a in c.alerts()
+                                if a.get("event", {}).get("action") == "connection_denied"],
+                       10, 0.5), f"no connection_denied line: {c.logs()[0][-1500:]}")
+        podman("stop", f"--time={spec.grace}", c.name, timeout=spec.grace + 60)
+        check(c.exit_code() == 0, f"exit {c.exit_code()}: {c.logs()[1][-1500:]}")
+        _, rc, err = client(curl, pod)
+        check(rc == 0, f"curl still refused after the agent stopped: {rc} {err[-300:]}")
+        return "curl in a pod cgroup EPERM, wget there allowed, curl in a host cgroup " \
+               "allowed (out of scope), connection_denied line; stopped: nothing denied"
+
     def compiled() -> str:
         # The hot path as `make bench` measures it: mypyc's builds, not the sources.
         code = ("import importlib; print(' '.join(importlib.import_module(m).__file__ "
@@ -388,6 +514,8 @@ def main() -> int:
         ("restart keeps the state", restart),
         ("fleet scorer (serve Deployment)", fleet_scorer),
         ("fleet scorer on a bus (serve --bus)", bus_client),
+        ("enforcement overlay: audit", enforcement_audit),
+        ("enforcement-deny overlay: deny", enforcement_deny),
     ]
     try:
         ok = run_steps(steps)
@@ -398,6 +526,9 @@ def main() -> int:
         for key in ("serve_dir", "bus_dir"):
             if key in ctx:
                 shutil.rmtree(str(ctx[key]), ignore_errors=True)
+        for d in enforce_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        remove_cgroups(ctx.get("cgroups", []))  # type: ignore[arg-type]
     return 0 if ok else 1
 
 

@@ -104,3 +104,24 @@ def test_the_serve_deployment_translates_too():
     bad["spec"]["template"]["spec"]["securityContext"]["seccompProfile"] = {"type": "Unconfined"}
     with pytest.raises(Untranslatable, match="seccomp"):
         translate(bad, state_dir="/tmp/s", secret_dirs={"fleet-token": "/tmp/t"})
+
+
+def test_the_enforcement_patches_translate():
+    """components/enforcement and enforcement-deny on the DaemonSet: the policy ConfigMap and
+    the break-glass hostPath as directories the image test gives, the node selector a
+    cluster-only field, deny's args after audit's (the last --enforce wins)."""
+    from test_deploy_manifests import json_patch
+
+    comps = ROOT / "deploy" / "kubernetes" / "components"
+    ds = copy.deepcopy(SPEC)
+    json_patch(ds, yaml.safe_load((comps / "enforcement" / "daemonset-enforce-patch.yaml")
+                                  .read_text()))
+    json_patch(ds, yaml.safe_load((comps / "enforcement-deny" / "daemonset-deny-patch.yaml")
+                                  .read_text()))
+    with pytest.raises(Untranslatable, match="configMap"):
+        translate(ds, state_dir="/tmp/s")
+    r = translate(ds, state_dir="/tmp/s", secret_dirs={"policy": "/tmp/p"},
+                  host_paths={"break-glass": "/tmp/run"})
+    assert "--volume=/tmp/p:/etc/imdswatch/policy:ro" in r.run
+    assert "--volume=/tmp/run:/run/imdswatch" in r.run
+    assert r.args.index("--enforce=deny") > r.args.index("--enforce=audit")

@@ -109,10 +109,13 @@ def pods(enforce_cgroup) -> Iterator[tuple[Path, Path]]:  # noqa: F811 - a fixtu
             for _ in range(50):
                 try:
                     for p in (d / "cgroup.procs").read_text().split():
-                        os.kill(int(p), signal.SIGKILL)
+                        try:
+                            os.kill(int(p), signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
                     d.rmdir()
                     break
-                except (FileNotFoundError, ProcessLookupError):
+                except FileNotFoundError:
                     break
                 except OSError:
                     time.sleep(0.1)
