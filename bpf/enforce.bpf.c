@@ -93,6 +93,10 @@ BPF_PERCPU_ARRAY(enf_scratch, struct enf_event, 1);
  * (user space still audits it). Kept current by user space from the cgroup tree and the
  * pods it attributes; a cgroup it has not attributed yet is out of scope (fail open). */
 BPF_HASH(enf_scope, __u64, __u32, ENF_MAX_ENTRIES);
+/* Deny rules that name only a Kubernetes namespace: the cgroup ids of that namespace's
+ * pods -> the rule number + 1, kept current by user space as enf_scope is (a pod not yet
+ * attributed is not in it: fail open). */
+BPF_HASH(enf_deny_cgroup, __u64, __u32, ENF_MAX_ENTRIES);
 #ifndef IMDS_USE_RINGBUF
 /* Denial records: imdswatch.h's ring buffer `events` where the kernel has one (the
  * helpers the tracer's cgroup programs already use on every kernel of the matrix), else
@@ -150,6 +154,14 @@ static __always_inline int enf_in_scope(void)
         return 1;
     key = bpf_get_current_cgroup_id();
     return enf_scope.lookup(&key) != 0;
+}
+
+/* The namespace deny rule's number + 1 covering the caller's cgroup; 0 when none does. */
+static __always_inline __u32 enf_denied_by_cgroup(void)
+{
+    __u64 id = bpf_get_current_cgroup_id();
+    __u32 *rule = enf_deny_cgroup.lookup(&id);
+    return rule ? *rule : 0;
 }
 
 /* The request classes the allow entries covering the caller allow together; 0 when none
@@ -234,6 +246,8 @@ static __always_inline int enf_connect(struct bpf_sock_addr *ctx, __u16 family)
         return ENF_ALLOW;
     }
     __u32 rule = enf_denied_by(ev);
+    if (!rule)
+        rule = enf_denied_by_cgroup();
     if (!rule && !enf_cfg(ENF_CFG_DEFAULT_DENY))
         return ENF_ALLOW;
     ev->rule = rule;

@@ -63,8 +63,7 @@ class DenyController:
         self._recent: deque[tuple[float, tuple]] = deque(maxlen=100_000)
         self._said_learning = False
         self.scope = scope or Scope()
-        self._scope_tracker = (None if self.scope.everyone
-                               else ScopeTracker(self.scope, cgroup, namespace_of))
+        self._scope_tracker = ScopeTracker(self.scope, cgroup, namespace_of)
         self._scope_scanned = -SCOPE_SCAN_S
         self._said_unattributed = False
 
@@ -94,6 +93,8 @@ class DenyController:
         p = project(policy, self.passwd)
         for note in p.notes:
             log.warning("policy: %s", note)
+        self._scope_tracker.namespace_rules = p.deny_namespaces
+        self._scope_scanned = -SCOPE_SCAN_S  # the namespace denials follow at once
         return p.rules
 
     def set_policy(self, policy: Policy) -> None:
@@ -101,6 +102,7 @@ class DenyController:
         an automatic disarm is lifted."""
         if self.kernel is not None:
             self.kernel.set_rules(self._projection(policy))
+            self._scan_scope()
         if self.disarmed:
             log.info("policy reloaded: the automatic disarm is lifted")
         self.disarmed = False
@@ -122,23 +124,28 @@ class DenyController:
         return self.scope.covers(container_id, pod_uid, namespace)
 
     def _scan_scope(self) -> None:
-        """The kernel's scope map kept current (every SCOPE_SCAN_S), before arming."""
+        """The kernel's scope and namespace-denial maps kept current (every SCOPE_SCAN_S),
+        before arming."""
         t = self._scope_tracker
-        if t is None or self.kernel is None:
+        if self.kernel is None or not (t.needed or self.kernel.cgroup_denials):
             return
         now = time.monotonic()
         if now - self._scope_scanned < SCOPE_SCAN_S:
             return
         self._scope_scanned = now
-        self.kernel.set_scope(t.scan())
+        ids = t.scan()
+        self.kernel.set_cgroup_denials(t.denials)
+        if not self.scope.everyone:
+            self.kernel.set_scope(ids)
         if t.truncated:
             log.warning("enforcement scope: more cgroups than the kernel map holds; the "
                         "rest are out of scope (allowed, audited)")
         if t.unattributed and not self._said_unattributed:
             self._said_unattributed = True
             log.warning("enforcement scope: %d pod cgroups have no known namespace yet (the "
-                        "Kubernetes API has not named their pods): out of scope, allowed "
-                        "and audited until it does", t.unattributed)
+                        "Kubernetes API has not named their pods): out of a namespaces= scope and "
+                        "of namespace deny rules (allowed, audited) until it does",
+                        t.unattributed)
 
     def tick(self) -> None:
         self._scan_scope()

@@ -6,7 +6,8 @@ allows. An allow rule's entries may cover more callers than the rule (fields the
 cannot read, image, namespace, endpoints and classes, are dropped, which widens it); a
 deny rule is put in the kernel only when its entries cover exactly its callers (an
 executable that resolves on this host, a user, and nothing else, for every class and
-endpoint); the rest stay audit-only (reported as would-be denials). The kernel applies
+endpoint; or a namespace alone, denied by the cgroups of that namespace's pods); the rest
+stay audit-only (reported as would-be denials). The kernel applies
 every allow entry before any deny entry, which can only allow more than the policy's
 first-match order.
 
@@ -43,6 +44,9 @@ MAX_FILES_PER_RULE = 64
 class Projection:
     rules: KernelRules
     notes: list[str] = field(default_factory=list)  # what the kernel does differently
+    # Deny rules naming only a namespace (glob, rule number), in policy order: the kernel
+    # denies them by the caller's cgroup, which the agent attributes to a pod's namespace.
+    deny_namespaces: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _uids(path: str) -> dict[str, int]:
@@ -132,8 +136,12 @@ def project(policy: Policy, passwd: str = "/etc/passwd", root: str = "/") -> Pro
     notes: list[str] = []
     if policy.agents == "allow" and kr.default_deny:
         _agents(root, kr)
+    deny_namespaces: list[tuple[str, int]] = []
     for number, rule in enumerate(policy.rules, 1):
         uid = _uid(rule, names)
+        if rule.action != ALLOW and _namespace_only(rule):
+            deny_namespaces.append((rule.namespace, number))  # type: ignore[arg-type]
+            continue
         if rule.action == ALLOW:
             _allow(rule, ANY_UID if uid is None else uid, root, kr, notes)
             if uid is None:
@@ -141,7 +149,15 @@ def project(policy: Policy, passwd: str = "/etc/passwd", root: str = "/") -> Pro
                              "for every user in the kernel")
         else:
             _deny(rule, number, uid, root, kr, notes)
-    return Projection(kr, notes)
+    return Projection(kr, notes, deny_namespaces)
+
+
+def _namespace_only(rule: Rule) -> bool:
+    """A deny of every class and endpoint for the pods of a namespace, and nothing else:
+    exact by the caller's cgroup once the agent knows the pod's namespace."""
+    return (rule.namespace is not None and rule.all_classes() and ANY in rule.endpoints
+            and rule.executable is None and rule.process is None and rule.image is None
+            and rule.user is None and rule.container is not False)
 
 
 def _agents(root: str, kr: KernelRules) -> None:

@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from tracer.cgroups import identify
 
@@ -80,7 +81,10 @@ def parse_scope(text: str) -> Scope:
 
 class ScopeTracker:
     """The ids of the cgroups below `cgroup` (itself included) whose processes are in
-    `scope`. `namespace_of(pod_uid)` names a pod's namespace, or None when unknown."""
+    `scope` and, in the same walk, `denials`: the cgroups of pods whose namespace a deny
+    rule names alone (`namespace_rules`: (glob, rule number) in policy order) -> the first
+    such rule's number. `namespace_of(pod_uid)` names a pod's namespace, or None when
+    unknown."""
 
     def __init__(self, scope: Scope, cgroup: str,
                  namespace_of: Callable[[str], str | None] | None = None) -> None:
@@ -89,9 +93,17 @@ class ScopeTracker:
         self.namespace_of = namespace_of
         self.truncated = False
         self.unattributed = 0  # pod cgroups whose namespace was unknown at the last scan
+        self.namespace_rules: list[tuple[str, int]] = []
+        self.denials: dict[int, int] = {}
+
+    @property
+    def needed(self) -> bool:
+        """Whether the kernel needs the walk at all."""
+        return not self.scope.everyone or bool(self.namespace_rules)
 
     def scan(self) -> set[int]:
         ids: set[int] = set()
+        denials: dict[int, int] = {}
         self.truncated = False
         self.unattributed = 0
         stack = [self.cgroup]
@@ -108,18 +120,28 @@ class ScopeTracker:
                     stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
             except OSError:
                 continue  # removed meanwhile
-            if self._covers(d):
+            covered, rule = self._judge(d)
+            if rule and len(denials) < MAX_CGROUPS:
+                denials[ino] = rule
+            if covered:
                 if len(ids) >= MAX_CGROUPS:
                     self.truncated = True
                     break
                 ids.add(ino)
+        self.denials = denials
         return ids
 
-    def _covers(self, path: str) -> bool:
+    def _judge(self, path: str) -> tuple[bool, int]:
+        """(in scope, the namespace deny rule's number or 0) for one cgroup."""
         ident = identify(f"0::{path}\n")
         namespace = None
-        if self.scope.kind == "namespaces" and ident.pod_uid is not None:
+        wants = self.scope.kind == "namespaces" or self.namespace_rules
+        if wants and ident.pod_uid is not None:
             namespace = self.namespace_of(ident.pod_uid) if self.namespace_of else None
             if namespace is None:
                 self.unattributed += 1
-        return self.scope.covers(ident.container_id, ident.pod_uid, namespace)
+        rule = 0
+        if namespace is not None:
+            rule = next((n for glob, n in self.namespace_rules if fnmatchcase(namespace, glob)),
+                        0)
+        return self.scope.covers(ident.container_id, ident.pod_uid, namespace), rule

@@ -176,6 +176,7 @@ class KernelEnforcer:
         self.scope: set[int] | None = None  # cgroup ids that may be denied; None: all
         # Why requests are not judged in the kernel (None: they are, once armed).
         self.requests_unavailable: str | None = "not started"
+        self.cgroup_denials: dict[int, int] = {}  # cgroup id -> namespace deny rule + 1
 
     def start(self, rules: KernelRules, on_denied: Callable[[DeniedConnect], None],
               patterns: Iterable[RequestPattern] = ()) -> None:
@@ -367,6 +368,21 @@ class KernelEnforcer:
         for cg in (old or set()) - new:
             _delete(t, t.Key(cg))
         self.scope = new
+
+    def set_cgroup_denials(self, rules: dict[int, int]) -> None:
+        """Cgroup id -> the namespace deny rule's number + 1 (rules naming only a
+        namespace, attributed by user space). Removals first: a cgroup no longer covered is
+        not denied by a stale entry while the new ones go in."""
+        if self.bpf is None:
+            return
+        t = self.bpf["enf_deny_cgroup"]
+        new = dict(list(rules.items())[:MAX_ENTRIES])
+        for cg in set(self.cgroup_denials) - set(new):
+            _delete(t, t.Key(cg))
+        for cg, rule in new.items():
+            if self.cgroup_denials.get(cg) != rule:
+                t[t.Key(cg)] = t.Leaf(rule)
+        self.cgroup_denials = new
 
     def close(self) -> None:
         """Unlink and unload (idempotent). Disarmed first: nothing is denied from here."""
