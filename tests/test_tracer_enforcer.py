@@ -3,7 +3,9 @@ the kernel matrix runs it: linked to a cgroup the test creates and fills with it
 clients only, in a process the test SIGKILLs. Default deny refuses curl's connect with
 EPERM and reports it with the caller's identity; the allowed executable connects; a
 client outside the cgroup is untouched; after SIGKILL nothing is attached and curl
-connects (fail open). The cgroup v2 root is refused."""
+connects (fail open). With a scope, only the in-scope sibling cgroup's curl is refused; a
+cgroup denial (a namespace deny rule's entry) refuses its cgroup's curl under default
+allow and nobody else's. The cgroup v2 root is refused."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +79,54 @@ def test_the_kernel_denies_in_its_cgroup_only_and_fails_open(enforce_cgroup):  #
     finally:
         child.kill()
         child.wait(10)
+
+
+def start_child(cgroup: Path, *opts: str) -> subprocess.Popen:
+    wget = os.path.realpath(shutil.which("wget") or "/usr/bin/wget")
+    child = subprocess.Popen(
+        [sys.executable, str(HERE / "helpers" / "enforcer_child.py"), str(cgroup), wget,
+         *opts], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    line = child.stdout.readline()
+    assert line.strip() == "ready", child.stderr.read()
+    return child
+
+
+def test_scope_and_cgroup_denials_by_cgroup_id(enforce_cgroup):  # noqa: F811
+    require_bcc()
+    inside, outside = enforce_cgroup / "in-scope", enforce_cgroup / "out-of-scope"
+    inside.mkdir()
+    outside.mkdir()
+    child = None
+    try:
+        with MetadataNamespace(v4=(IMDS,), v6=()) as ns:
+            child = start_child(enforce_cgroup, "--scope", str(inside))
+            pid, rc, err = run(ns, CURL, inside)
+            assert rc == 7 and "Operation not permitted" in err, err
+            assert json.loads(child.stdout.readline())["tgid"] == pid
+            assert run(ns, CURL, outside)[1] == 0
+            assert run(ns, ["wget", "-q", "-O", "/dev/null", URL], inside)[1] == 0
+            child.kill()
+            child.wait(10)
+            child = start_child(enforce_cgroup, "--deny-cgroup", str(outside))
+            pid, rc, err = run(ns, CURL, outside)
+            assert rc == 7 and "Operation not permitted" in err, err
+            rec = json.loads(child.stdout.readline())
+            assert rec["tgid"] == pid and rec["rule"] == 7
+            assert run(ns, CURL, inside)[1] == 0
+    finally:
+        if child is not None:
+            child.kill()
+            child.wait(10)
+        for d in (inside, outside):
+            for _ in range(50):  # an exited member leaves the cgroup a moment later
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
 
 
 def test_the_root_cgroup_is_refused():
