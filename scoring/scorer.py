@@ -50,6 +50,8 @@ from scoring.rarity import (
     add_host,
     assess,
     drop_hosts,
+    exact_hosts,
+    hosts_len,
     probability,
 )
 from scoring.settings import ScorerSettings
@@ -185,10 +187,20 @@ ROLLOUT_DETECTORS = frozenset(("rare_process", "rare_executable", "rare_process_
 UPGRADE_DETECTORS = frozenset(("rare_executable", "rare_combination"))
 # What a rollout spreads: a caller anomalous on further hosts (its first host alerts as
 # any anomaly), a known caller's new version, a new workload's first caller.
-SPREAD, UPGRADE, WORKLOAD = "spread", "upgrade", "workload"
+SPREAD, UPGRADE, WORKLOAD, BRING_UP = "spread", "upgrade", "workload", "bring-up"
+# Node bring-up: what runs at a node's boot (its user data, its configure script) runs at
+# every new node's boot, days apart, past ROLLOUT_GAP. A caller anomalous within BOOT_WINDOW
+# of its host's first event, that was anomalous within that window of another host's first
+# event before, is folded like a rollout's further host: the fleet's first such boot alerted.
+BOOT_WINDOW = 30 * 60.0
 # Where rare_executable's table keeps each name's versions-replaced executables (learned
 # only; never scored): ("versions", name) -> version_key(exe).
 VERSIONS = "versions"
+# Where rare_executable's table keeps when each host was first seen (BORN -> host name), and
+# the callers anomalous in a host's first BOOT_WINDOW, with those hosts (BOOTED -> the
+# caller's rollout_key); learned only, never scored.
+BORN = ("born",)
+BOOTED = ("booted",)
 # Where rare_container's table keeps the workloads seen calling (learned only; never
 # scored): WORKLOADS -> (image repository, namespace).
 WORKLOADS = ("workloads",)
@@ -394,6 +406,10 @@ class Scorer:
         host = self.hosts.get(name)
         if host is None:
             host = self.hosts[name] = Host(name, ts)
+            c, e = self.tables[_EXECUTABLE].ensure(BORN, name, ts)
+            w = self.clock.weight(ts)
+            c.n += w
+            e.n += w
         keys = []
         taught = []
         level = identity_level(event)
@@ -798,6 +814,28 @@ class Scorer:
             self.clock.weight(self.last_ts))
         return workload if seen <= 0 else None
 
+    def _booted_before(self, event: Event, key: tuple) -> int:
+        """When the event being judged is in its host's first BOOT_WINDOW: records its
+        caller (rollout `key`) as anomalous at that host's boot, and returns how many other
+        hosts it was anomalous at the boot of before (0 when none, or not booting)."""
+        name = event.host or ""
+        host = self.hosts.get(name)
+        table = self.tables[_EXECUTABLE]
+        _, born = table.lookup(BORN, name)
+        ts = event.ts
+        if host is None or born is None or not 0 <= ts - born.first_seen < BOOT_WINDOW:
+            return 0
+        c, e = table.ensure(BOOTED, key, ts)
+        before = sum(1 for h in exact_hosts(e.hosts) if h is not host) \
+            if e.hosts.__class__ is not Sketch else hosts_len(e.hosts)
+        w = self.clock.weight(ts)
+        c.n += w
+        e.n += w
+        e.hosts = add_host(e.hosts, host, int(ts // self._epoch_len))
+        if self.entities > self.settings.max_entities:
+            self._over_cap = True
+        return before
+
     def _in_rollout(self, out: Outcome) -> bool:
         """Counts an anomaly in its caller's rollout across hosts; True when the rollout
         decided it (its one alert, or folded into it)."""
@@ -814,13 +852,26 @@ class Scorer:
         if r is None or not -ROLLOUT_GAP < ts - r.last < ROLLOUT_GAP:
             if len(self.rollouts) >= ROLLOUTS:
                 self.rollouts.pop(next(iter(self.rollouts)))
-            workload = self._new_workload(out) if upgrade is None else None
-            kind = UPGRADE if upgrade is not None else WORKLOAD if workload else SPREAD
+            booted = self._booted_before(event, key) if upgrade is None else 0
+            workload = self._new_workload(out) if upgrade is None and not booted else None
+            kind = (UPGRADE if upgrade is not None else BRING_UP if booted
+                    else WORKLOAD if workload else SPREAD)
             name = (f"{show_name(event.name)} {event.exe}" if upgrade is not None
                     else f"{event.namespace}/{workload}" if workload else show_name(event.name))
             r = self.rollouts[key] = _Rollout(ts, host, kind, name)
             if kind == SPREAD:
                 return False  # its first host alerts as any anomaly would
+            if kind == BRING_UP:
+                out.rollout = booted + 1
+                out.rollout_kind = kind
+                out.rollout_name = name
+                out.suppressed = True
+                out.reason = (f"node bring-up: {show_name(event.name)} ({event.exe}) anomalous "
+                              f"in {host or 'an unnamed host'}'s first "
+                              f"{format_duration(BOOT_WINDOW)}, as it was at the boot of "
+                              f"{booted} other host{'s' if booted > 1 else ''} before (the "
+                              f"first of them alerted); folded. {out.reason}")
+                return True
             out.rollout = 1
             out.rollout_kind = kind
             out.rollout_name = name

@@ -286,3 +286,52 @@ def test_replay_of_a_generated_fleet_with_rollouts(tmp_path):
         got = by_actor.get(aid)
         assert got, f"{aid} not caught"
         assert got[0]["anomaly"]["severity"] != "low" and "rollout" not in got[0]["imdswatch"]
+
+
+# -- node bring-up: what runs at every new node's boot, days apart --------------------------
+
+def boot(t: float, host: str, parent: str = "part-001", user: str = "root") -> list:
+    """A node joining at `t`: its agents start, its user data curls the metadata service."""
+    from helpers_events import FLEET_AGENTS, agent_event
+
+    out = [agent_event(a, t + 5 + i, host) for i, a in enumerate(FLEET_AGENTS[:3])]
+    out += [ev(t + 45 + k * 0.3, "curl", exe="/usr/bin/curl", user=user, parent=parent,
+               host=host) for k in range(3)]
+    return out
+
+
+def test_a_boot_caller_on_every_new_node_alerts_once():
+    s = warm()
+    outs = [s.process(e) for e in sorted(
+        boot(T, "node-new-1") + boot(T + 2 * DAY, "node-new-2") + boot(T + 5 * DAY, "node-new-3"),
+        key=lambda e: e.ts)]
+    curls = [o for o in outs if o is not None and o.event.name == "curl"]
+    alerts = [o for o in curls if o.alert]
+    assert [a.event.host for a in alerts] == ["node-new-1"], [o.reason for o in curls]
+    folded = [o for o in curls if o.event.host == "node-new-2" and o.anomalous]
+    assert folded and all(o.rollout_kind == "bring-up" and o.suppressed for o in folded)
+    assert folded[0].reason.startswith("node bring-up: curl (/usr/bin/curl) anomalous in "
+                                       "node-new-2's first 30 minutes, as it was at the boot "
+                                       "of 1 other host before")
+
+
+def test_a_boot_caller_outside_a_boot_still_alerts():
+    """Seen at a node's boot is no licence on a running node, nor for another caller."""
+    s = warm()
+    run(s, boot(T, "node-new-1"))
+    later = [
+        ev(T + DAY, "curl", exe="/usr/bin/curl", parent="part-001", host="node-3"),
+        *boot(T + 2 * DAY, "node-new-2", parent="bash"),  # a shell at a new node's boot
+    ]
+    alerts = run(s, later)
+    assert {a.event.host for a in alerts if a.event.name == "curl"} == {"node-3", "node-new-2"}
+    assert all(not a.rollout for a in alerts)
+
+
+def test_bring_up_survives_a_saved_state():
+    s = warm()
+    run(s, boot(T, "node-new-1"))
+    t = Scorer()
+    model_from_bytes(t, model_to_bytes(s))
+    alerts = run(t, boot(T + 2 * DAY, "node-new-2"))
+    assert not [a for a in alerts if a.event.name == "curl"], [a.reason for a in alerts]
