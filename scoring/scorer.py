@@ -128,6 +128,7 @@ DECISIVE = "exe_mismatch"
 _DECISIVE = DETECTOR_NAMES.index(DECISIVE)
 _EXECUTABLE = DETECTOR_NAMES.index("rare_executable")
 _CONTAINER = DETECTOR_NAMES.index("rare_container")
+_USER = DETECTOR_NAMES.index("rare_user")
 # Scores under QUIET_SCORE are noise and reported as 0.
 QUIET_SCORE = 10.0
 QUIET_P = probability_for_score(QUIET_SCORE)
@@ -201,6 +202,10 @@ VERSIONS = "versions"
 # caller's rollout_key); learned only, never scored.
 BORN = ("born",)
 BOOTED = ("booted",)
+# Where rare_user's table keeps the names each uid had where it ran (learned only; never
+# scored): (UIDS, host, image repository, uid) -> user name. An event with a uid but no
+# name is judged as the user the uid is there, not as `uid:N`, another user.
+UIDS = "uids"
 # Where rare_container's table keeps the workloads seen calling (learned only; never
 # scored): WORKLOADS -> (image repository, namespace).
 WORKLOADS = ("workloads",)
@@ -253,6 +258,10 @@ class _Rollout:
         self.kind = kind
         self.name = name
         self.folded = 0
+
+
+def _uid_context(event: Event) -> tuple:
+    return (UIDS, event.host or "", image_repository(event.image), event.uid)
 
 
 def rollout_key(event: Event) -> tuple:
@@ -346,6 +355,8 @@ class Scorer:
             raise ValueError(f"event time {ts!r} is not an epoch time in seconds")
         if self.first_ts is None:
             self.first_ts = ts
+        if event.user is None and event.uid:
+            event.user = self._user_named(event)
         if self.last_ts is None or ts > self.last_ts:
             self.last_ts = ts
         w = self.clock.weight(ts)
@@ -435,6 +446,8 @@ class Scorer:
         vkey = version_key(event.exe)
         if vkey is not None:
             taught.append((_EXECUTABLE, (VERSIONS, event.name), vkey))
+        if event.user is not None and event.uid:
+            taught.append((_USER, _uid_context(event), event.user))
         if event.image is not None:
             taught.append((_CONTAINER, WORKLOADS, (image_repository(event.image),
                                                    event.namespace)))
@@ -799,6 +812,15 @@ class Scorer:
         if table.count((VERSIONS, event.name), vkey, w) <= table.count(event.name, event.exe, w):
             return None  # every call of this key was this very executable: nothing known
         return vkey
+
+    def _user_named(self, event: Event) -> str | None:
+        """The name `event`'s uid had where it ran (its host and image), None when no
+        event there carried both."""
+        c = self.tables[_USER].contexts.get(_uid_context(event))
+        if c is None or not c.values:
+            return None
+        name, _ = max(c.values.items(), key=lambda kv: kv[1].n)
+        return name if isinstance(name, str) else None
 
     def _new_workload(self, out: Outcome) -> str | None:
         """The workload `out`'s event is the first caller of, when the fleet has never seen

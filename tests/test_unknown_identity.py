@@ -224,3 +224,51 @@ def test_losing_exe_parent_or_command_line_never_raises_a_score(history, probe, 
     """The short-lived caller's usual loss, with several users per name: judged as name,
     user and container, never above the complete event."""
     _check(history, probe, drop)
+
+
+def with_uid(e: Event, uid: str, user: str | None) -> Event:
+    e.uid, e.user = uid, user
+    return e
+
+
+def uid_fleet() -> list[Event]:
+    """The fleet, where ec2-user (uid 1000) runs the aws CLI on node-1 every hour."""
+    events = fleet_events(hosts=4, days=2)
+    events += [with_uid(ev(T0 + k * HOUR + 17, "aws", exe="/usr/local/bin/aws", host="node-1"),
+                        "1000", "ec2-user") for k in range(48)]
+    return sorted(events, key=lambda e: e.ts)
+
+
+def test_a_uid_without_its_name_is_the_user_it_names_there_not_another():
+    """`uid:1000` where uid 1000 is ec2-user is ec2-user: the agent that could not read the
+    name must not make a new user of it (nor the alert show one)."""
+    s = warm(uid_fleet())
+    e = with_uid(ev(T0 + 2 * DAY + 10, "aws", exe="/usr/local/bin/aws", host="node-1"),
+                 "1000", None)
+    out = s.process(e)
+    assert e.user == "ec2-user"
+    assert not out.alert and out.score < 50, out
+    assert not any(d in out.scores and out.scores[d] >= 50
+                   for d in ("rare_user", "rare_process_user"))
+
+
+def test_a_uid_is_named_only_where_that_name_was_seen():
+    """uid 1000 is someone else on another host, or in a container image: there it stays
+    `uid:1000`, judged as a user of its own."""
+    s = warm(uid_fleet())
+    elsewhere = with_uid(ev(T0 + 2 * DAY + 10, "aws", exe="/usr/local/bin/aws", host="node-2"),
+                         "1000", None)
+    in_image = with_uid(ev(T0 + 2 * DAY + 20, "aws", exe="/usr/local/bin/aws", host="node-1",
+                           image="amazon/aws-cli:2.15.30", namespace="backup"), "1000", None)
+    for e in (elsewhere, in_image):
+        s.process(e)
+        assert e.user is None
+
+
+def test_a_uids_name_survives_a_saved_state():
+    s = Scorer()
+    model_from_bytes(s, model_to_bytes(warm(uid_fleet())))
+    e = with_uid(ev(T0 + 2 * DAY + 10, "aws", exe="/usr/local/bin/aws", host="node-1"),
+                 "1000", None)
+    s.process(e)
+    assert e.user == "ec2-user"
