@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from tracer.cgroups import identify
+from tracer.cgroups import CgroupIdentity, identify
 
 KINDS = ("all", "hosts", "pods", "namespaces")
 MAX_NAMESPACES = 256
@@ -95,6 +95,7 @@ class ScopeTracker:
         self.unattributed = 0  # pod cgroups whose namespace was unknown at the last scan
         self.namespace_rules: list[tuple[str, int]] = []
         self.denials: dict[int, int] = {}
+        self._identities: dict[str, CgroupIdentity] = {}  # path -> what it names
 
     @property
     def needed(self) -> bool:
@@ -106,18 +107,22 @@ class ScopeTracker:
         denials: dict[int, int] = {}
         self.truncated = False
         self.unattributed = 0
-        stack = [self.cgroup]
+        try:
+            stack = [(self.cgroup, os.stat(self.cgroup).st_ino)]
+        except OSError:
+            stack = []
         seen = 0
         while stack:
-            d = stack.pop()
+            d, ino = stack.pop()
             seen += 1
             if seen > MAX_CGROUPS * 4:
                 self.truncated = True
                 break
             try:
-                ino = os.stat(d).st_ino
+                # A directory entry's inode number is its cgroup's id (kernfs): no stat.
                 with os.scandir(d) as it:
-                    stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
+                    stack.extend((e.path, e.inode()) for e in it
+                                 if e.is_dir(follow_symlinks=False))
             except OSError:
                 continue  # removed meanwhile
             covered, rule = self._judge(d)
@@ -133,7 +138,11 @@ class ScopeTracker:
 
     def _judge(self, path: str) -> tuple[bool, int]:
         """(in scope, the namespace deny rule's number or 0) for one cgroup."""
-        ident = identify(f"0::{path}\n")
+        ident = self._identities.get(path)
+        if ident is None:
+            if len(self._identities) > MAX_CGROUPS * 4:
+                self._identities.clear()  # bounded: paths of removed cgroups go
+            ident = self._identities[path] = identify(f"0::{path}\n")
         namespace = None
         wants = self.scope.kind == "namespaces" or self.namespace_rules
         if wants and ident.pod_uid is not None:
