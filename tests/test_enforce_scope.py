@@ -190,8 +190,9 @@ def test_only_callers_in_scope_are_denied(enforce_cgroup, pods, tmp_path):  # no
         pid, rc, err = curl(ns, web)
         assert rc == 7 and "Operation not permitted" in err, err
         # One line per caller and rule a while (the first refusal's, above).
-        assert [a for a in agent.alert_lines() if a["event"]["action"] ==
-                "connection_denied" and a["process"]["name"] == "curl"], agent.log_tail()
+        assert wait_for(lambda: [a for a in agent.alert_lines() if a["event"]["action"] ==
+                                 "connection_denied" and a["process"]["name"] == "curl"],
+                        10), agent.log_tail()
         pid, rc, err = curl(ns, data)  # namespace data: out of scope, allowed
         assert rc == 0, err
 
@@ -220,8 +221,13 @@ def test_a_namespace_deny_rule_is_enforced_by_cgroup(enforce_cgroup, pods, tmp_p
                     'action = "deny"\nnamespace = "data"\n') as (agent, ns):
         assert wait_for(lambda: curl(ns, data)[1] == 7, 20), agent.log_tail()
         assert curl(ns, web)[1] == 0
-        denied = [a for a in agent.alert_lines() if a["event"]["action"] == "connection_denied"]
-        assert denied and denied[0]["imdswatch"]["policy"]["rule"] == "no-data"
+
+        def denied() -> list[dict]:
+            return [a for a in agent.alert_lines()
+                    if a["event"]["action"] == "connection_denied"]
+
+        assert wait_for(denied, 10), agent.log_tail()
+        assert denied()[0]["imdswatch"]["policy"]["rule"] == "no-data"
         (tmp_path / "policy.toml").write_text(allow)
         agent.proc.send_signal(signal.SIGHUP)
         assert wait_for(lambda: curl(ns, data)[1] == 0, 10), agent.log_tail()
