@@ -12,10 +12,12 @@ class), beside the static equivalents an operator has today:
 Counted after the learning days: attack actors blocked (one of their calls denied), and
 benign calls denied, with the distinct benign callers (host, process, user) listed.
 
-What other traffic pays (`overhead`): the enforcement program's kernel run time per
-non-metadata connect (bpf_stats) beside an empty connect4 program linked to the same cgroup
-in the same runs (the accounting floor), and a connect loop's rate in the enforced cgroup
-with the programs linked vs not, in alternating paired rounds.
+What other traffic pays (`overhead`): the enforcement programs' kernel run time per
+non-metadata connect (bpf_stats: the connect4 program, and the sock_ops program that picks
+the sockets whose requests are judged) beside empty programs of the same types linked to
+the same cgroup in the same runs (the accounting floor), and a connect loop's rate in the
+enforced cgroup with the programs linked vs not, in alternating paired rounds; per message,
+bench/enforce_msg_bench.py.
 `run(quick, seed)` returns a bench.rows.Section.
 """
 
@@ -132,6 +134,9 @@ def run(quick: bool, seed: int = 7) -> Section:
     listed = "\n".join(f"{h} {p} {u}: {c} calls" for (h, p, u), c in
                        sorted(mine.benign_callers.items(), key=lambda kv: -kv[1]))
     rows += overhead(quick)
+    from bench.enforce_msg_bench import message_rows
+
+    rows += message_rows(quick)
     return Section(
         rows,
         notes=[f"A policy learned from the first {LEARN_DAYS} days of the scenario (callers "
@@ -161,13 +166,25 @@ print(n / (time.perf_counter() - t))
 
 _EMPTY_CONNECT = """
 int empty4(struct bpf_sock_addr *ctx) { return 1; }
+int empty_sockops(struct bpf_sock_ops *ctx) { return 1; }
 """
 
 
-def _runs(fd: int) -> tuple[int, int]:
+def prog_runs(fd: int) -> tuple[int, int]:
+    """(run count, total run time in ns) of a loaded program, from its fdinfo."""
     fields = dict(line.split(":\t", 1) for line in
                   Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines() if ":\t" in line)
     return int(fields.get("run_cnt", 0)), int(fields.get("run_time_ns", 0))
+
+
+def remove_cgroup(cg: Path) -> None:
+    """Remove a bench cgroup once its processes have gone (bounded wait)."""
+    for _ in range(50):
+        try:
+            cg.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
 
 
 def overhead(quick: bool) -> list[Row]:
@@ -183,8 +200,9 @@ def overhead(quick: bool) -> list[Row]:
 
     import bcc
 
+    from policy.kernel_rules import request_patterns
     from tracer import cgroup_attach
-    from tracer.enforcer import KernelEnforcer, KernelRules
+    from tracer.enforcer import CGROUP_SOCK_OPS, KernelEnforcer, KernelRules
 
     n = 2000 if quick else 20000
     rounds = 3 if quick else 7
@@ -223,36 +241,58 @@ def overhead(quick: bool) -> list[Row]:
     att = None
     rows: list[Row] = []
     try:
-        enf.start(KernelRules(default_deny=True), lambda rec: None)
+        enf.start(KernelRules(default_deny=True), lambda rec: None, request_patterns())
+        if enf.requests_unavailable is not None:
+            raise RuntimeError(enf.requests_unavailable)
         enf.arm(True)
+        programs = (("imdsw_enforce4", 10), ("imdsw_enforce6", 11),
+                    ("imdsw_sockops", CGROUP_SOCK_OPS))
+
+        def link() -> None:
+            enf.attachment = cgroup_attach.CgroupAttachment(str(cg))
+            for name, hook in programs:
+                enf.attachment.attach_link(enf.bpf.funcs[name.encode()].fd, hook)
+
         on, off = [], []
         linked = True
         for r in range(rounds):
             for want in ((True, False) if r % 2 else (False, True)):
                 if want != linked:
                     if want:
-                        enf.attachment = cgroup_attach.CgroupAttachment(str(cg))
-                        for name, hook in (("imdsw_enforce4", 10), ("imdsw_enforce6", 11)):
-                            enf.attachment.attach_link(enf.bpf.funcs[name.encode()].fd, hook)
+                        link()
                     else:
                         enf.attachment.close()
                     linked = want
                 (on if want else off).append(rate(n))
         if not linked:
-            enf.attachment = cgroup_attach.CgroupAttachment(str(cg))
-            for name, hook in (("imdsw_enforce4", 10), ("imdsw_enforce6", 11)):
-                enf.attachment.attach_link(enf.bpf.funcs[name.encode()].fd, hook)
+            link()
         fn = empty.load_func(b"empty4", bcc.BPF.CGROUP_SOCK_ADDR, attach_type=10)
+        ops = empty.load_func(b"empty_sockops", bcc.BPF.SOCK_OPS)
         att = cgroup_attach.CgroupAttachment(str(cg))
         att.attach_link(fn.fd, 10)
+        att.attach_link(ops.fd, CGROUP_SOCK_OPS)
         ours_fd = enf.bpf.funcs[b"imdsw_enforce4"].fd
-        n0, t0 = _runs(ours_fd)
-        e0, et0 = _runs(fn.fd)
+        ours_ops = enf.bpf.funcs[b"imdsw_sockops"].fd
+        n0, t0 = prog_runs(ours_fd)
+        e0, et0 = prog_runs(fn.fd)
+        o0, ot0 = prog_runs(ours_ops)
+        p0, pt0 = prog_runs(ops.fd)
         knob.write_text("1")
         rate(n)
         knob.write_text("0")
-        n1, t1 = _runs(ours_fd)
-        e1, et1 = _runs(fn.fd)
+        n1, t1 = prog_runs(ours_fd)
+        e1, et1 = prog_runs(fn.fd)
+        o1, ot1 = prog_runs(ours_ops)
+        p1, pt1 = prog_runs(ops.fd)
+        if o1 > o0 and p1 > p0:
+            per_conn, floor_conn = (ot1 - ot0) / n, (pt1 - pt0) / n
+            rows.append(Row(f"enforcement: sock_ops time per non-metadata connect "
+                            f"({(o1 - o0) / n:.1f} runs each)", round(per_conn, 1), "ns",
+                            "empty sock_ops program, same cgroup and runs",
+                            round(floor_conn, 1), "report", None))
+            rows.append(Row("enforcement: sock_ops cost per non-metadata connect "
+                            "(ours - empty)", round(per_conn - floor_conn, 1), "ns", "", None,
+                            "nothing above the floor", None))
         if n1 > n0 and e1 > e0:
             mine, floor = (t1 - t0) / (n1 - n0), (et1 - et0) / (e1 - e0)
             rows.append(Row(f"enforcement: program time per non-metadata connect "
@@ -276,10 +316,5 @@ def overhead(quick: bool) -> list[Row]:
         enf.close()
         empty.cleanup()
         server.close()
-        for _ in range(50):
-            try:
-                cg.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        remove_cgroup(cg)
     return rows

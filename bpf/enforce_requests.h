@@ -10,7 +10,8 @@
  *    (the socket's addresses and ports) and puts the socket in `enf_socks` (SOCKHASH). Its
  *    other callbacks (a few per connection, none per packet: we ask for no per-packet
  *    callback) return at the first compare; a connection to anything else stops at the
- *    first-byte array lookup;
+ *    first-byte array lookup. For the restricted sockets only it asks for state-change
+ *    callbacks, to forget the socket's record when it closes;
  * 3. `imdsw_reqmsg`, the sk_msg verdict program of `enf_socks`, runs on each sendmsg of
  *    those sockets only. It reads the request line and lets the message through only when
  *    it is one whole request head (request line to the blank line, nothing after: no
@@ -46,6 +47,9 @@
 #define ENF_SK_PASS 1
 #define ENF_SK_DROP 0
 #define ENF_OP_ACTIVE_ESTABLISHED 4
+#define ENF_OP_STATE 10           /* BPF_SOCK_OPS_STATE_CB: args[1] is the new state */
+#define ENF_STATE_CB_FLAG 4       /* BPF_SOCK_OPS_STATE_CB_FLAG */
+#define ENF_TCP_CLOSE 7
 #define ENF_FNV_BASIS 2166136261u
 #define ENF_FNV_PRIME 16777619u
 
@@ -129,50 +133,73 @@ static __always_inline void enf_restrict(struct bpf_sock_addr *ctx, struct enf_e
     enf_stat_inc(ENF_STAT_RESTRICTED);
 }
 
+static __always_inline void enf_sockops_key(struct bpf_sock_ops *skops,
+                                            struct enf_sk_key *key)
+{
+    if (key->family == IMDS_AF_INET) {
+        key->raddr[0] = skops->remote_ip4;
+        key->laddr[0] = skops->local_ip4;
+    } else {
+        key->raddr[0] = skops->remote_ip6[0];
+        key->raddr[1] = skops->remote_ip6[1];
+        key->raddr[2] = skops->remote_ip6[2];
+        key->raddr[3] = skops->remote_ip6[3];
+        key->laddr[0] = skops->local_ip6[0];
+        key->laddr[1] = skops->local_ip6[1];
+        key->laddr[2] = skops->local_ip6[2];
+        key->laddr[3] = skops->local_ip6[3];
+    }
+    key->lport = skops->local_port;
+    key->rport = skops->remote_port;
+}
+
 int imdsw_sockops(struct bpf_sock_ops *skops)
 {
-    if (skops->op != ENF_OP_ACTIVE_ESTABLISHED)
+    __u32 op = skops->op;
+    if (op == ENF_OP_STATE) {
+        /* Asked for on restricted sockets only: forget the record when one closes. */
+        if (skops->args[1] == ENF_TCP_CLOSE) {
+            struct enf_sk_key key = {};
+            key.family = skops->family;
+            enf_sockops_key(skops, &key);
+            enf_restricted.delete(&key);
+        }
         return 1;
-    struct enf_sk_key key = {};
-    key.family = skops->family;
-    __u8 daddr[16] = {};
-    __u32 *w = (__u32 *)daddr;
-    if (key.family == IMDS_AF_INET) {
-        key.raddr[0] = skops->remote_ip4;
-        key.laddr[0] = skops->local_ip4;
-        w[0] = key.raddr[0];
-    } else if (key.family == IMDS_AF_INET6) {
-        key.raddr[0] = skops->remote_ip6[0];
-        key.raddr[1] = skops->remote_ip6[1];
-        key.raddr[2] = skops->remote_ip6[2];
-        key.raddr[3] = skops->remote_ip6[3];
-        key.laddr[0] = skops->local_ip6[0];
-        key.laddr[1] = skops->local_ip6[1];
-        key.laddr[2] = skops->local_ip6[2];
-        key.laddr[3] = skops->local_ip6[3];
-        w[0] = key.raddr[0];
-        w[1] = key.raddr[1];
-        w[2] = key.raddr[2];
-        w[3] = key.raddr[3];
+    }
+    if (op != ENF_OP_ACTIVE_ESTABLISHED)
+        return 1;
+    /* Other destinations stop at the first-byte array of imdswatch.h, before anything
+     * else is read. */
+    __u32 family = skops->family, idx, *first;
+    if (family == IMDS_AF_INET) {
+        idx = skops->remote_ip4 & 0xff;
+        first = first4.lookup(&idx);
+    } else if (family == IMDS_AF_INET6) {
+        __u32 r0 = skops->remote_ip6[0], r1 = skops->remote_ip6[1];
+        __u32 r2 = skops->remote_ip6[2];
+        if (r0 == 0 && r1 == 0 && r2 == bpf_htonl(0x0000ffff)) {
+            idx = skops->remote_ip6[3] & 0xff;
+            first = first4.lookup(&idx);
+        } else {
+            idx = r0 & 0xff;
+            first = first6.lookup(&idx);
+        }
     } else {
         return 1;
     }
-    /* Other destinations stop here: the first-byte array of imdswatch.h. */
-    __u32 idx = daddr[0];
-    if (key.family == IMDS_AF_INET6 && imds_is_v4_mapped(daddr))
-        idx = daddr[12];
-    __u32 *first = (key.family == IMDS_AF_INET6 && !imds_is_v4_mapped(daddr))
-        ? first6.lookup(&idx) : first4.lookup(&idx);
     if (!first || !*first)
         return 1;
     __u64 cookie = bpf_get_socket_cookie(skops);
     struct enf_sock *s = enf_pending.lookup(&cookie);
     if (!s)
         return 1;
-    key.lport = skops->local_port;
-    key.rport = skops->remote_port;
-    if (enf_restricted.update(&key, s) == 0)
+    struct enf_sk_key key = {};
+    key.family = family;
+    enf_sockops_key(skops, &key);
+    if (enf_restricted.update(&key, s) == 0) {
+        bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | ENF_STATE_CB_FLAG);
         enf_socks.sock_hash_update(skops, &key, BPF_ANY);
+    }
     enf_pending.delete(&cookie);
     return 1;
 }

@@ -183,9 +183,13 @@ def test_doctor_takes_the_config_whose_cgroup_root_its_fix_names(tmp_path):
 
 
 def test_doctor_says_whether_enforcement_can_deny_here() -> None:
+    from tracer import btf
     from tracer.doctor import check_enforcement
 
     assert not check_enforcement("5.4.0-100-generic").ok  # no cgroup BPF links yet
     if os.path.exists("/sys/kernel/btf/vmlinux"):
         c = check_enforcement()
         assert c.ok and "--enforce deny available" in c.detail, c.detail
+        # Whether requests are judged in the kernel too, read from the same BTF.
+        assert ("requests judged in the kernel" in c.detail) == (
+            "sk_psock" in btf.BTF.kernel().structs), c.detail

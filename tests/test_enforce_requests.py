@@ -5,15 +5,17 @@ in a private namespace call the mock IMDS.
 
 A caller the policy allows plain metadata only gets its instance-id answered while its
 credentials request and its token PUT are refused by the kernel (curl's own send error),
-each reported as a `request_denied` alert line and metric; a second request on a kept-alive
-connection is judged too; a caller allowed every class is untouched; after SIGKILL of the
-agent everything works again (fail open)."""
+each reported as a `request_denied` alert line and metric, over IPv4 and IPv6; a second
+request on a kept-alive connection is judged too; a caller allowed every class is untouched;
+break glass lets the requests through within a second; after SIGKILL of the agent everything
+works again (fail open)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from netns_fixtures import (  # noqa: F401 - enforce_cgroup: a fixture
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
 IMDS = "169.254.169.254"
+IMDS6 = "fd00:ec2::254"
 BASE = f"http://{IMDS}"
 INSTANCE_ID = f"{BASE}/latest/meta-data/instance-id"
 CREDENTIALS = f"{BASE}/latest/meta-data/iam/security-credentials/"
@@ -38,7 +41,7 @@ TOKEN = f"{BASE}/latest/api/token"
 @pytest.fixture(scope="module")
 def ns():
     require_bcc()
-    with MetadataNamespace(v4=(IMDS,), v6=()) as n:
+    with MetadataNamespace(v4=(IMDS,), v6=(IMDS6,)) as n:
         yield n
 
 
@@ -52,7 +55,7 @@ def client(ns: MetadataNamespace, argv: list[str], cgroup: Path | None
 
 def curl(*urls: str, put: bool = False) -> list[str]:
     extra = ["-X", "PUT", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 60"] if put else []
-    return ["env", "LC_ALL=C", "curl", "-sS", "--max-time", "5", *extra, *urls]
+    return ["env", "LC_ALL=C", "curl", "-gsS", "--max-time", "5", *extra, *urls]
 
 
 def request_lines(agent: AgentProcess, pid: int) -> list[dict]:
@@ -117,6 +120,24 @@ executable = "{wget}"
             "imdswatch_policy_decisions_total", action="request_denied",
             **{"class": "credentials"}) >= 2, 5), agent.log_tail()
 
+        # IPv6: the same judgement on the same caller.
+        v6 = f"http://[{IMDS6}]"
+        _, rc, out, err = client(ns, curl(f"{v6}/latest/meta-data/instance-id"), cgroup)
+        assert rc == 0 and out.startswith("i-"), (rc, out, err)
+        _, rc, out, err = client(ns, curl(f"{v6}/latest/meta-data/iam/security-credentials/"),
+                                 cgroup)
+        assert rc == 55 and "Send failure" in err, (rc, out, err)
+
+        # Break glass: one second after the file appears, requests go through; removed,
+        # they are judged again.
+        off = tmp_path / "enforce-off"
+        off.touch()
+        time.sleep(1.0)
+        _, rc, _, err = client(ns, curl(CREDENTIALS), cgroup)
+        assert rc == 0, err
+        off.unlink()
+        assert wait_for(lambda: client(ns, curl(CREDENTIALS), cgroup)[1] == 55, 5)
+
         # A caller allowed every class, and curl outside the cgroup: untouched.
         _, rc, _, err = client(ns, ["wget", "-q", "-O", "-", CREDENTIALS], cgroup)
         assert rc == 0, err
@@ -130,3 +151,4 @@ executable = "{wget}"
         assert rc == 0, err
     finally:
         agent.kill()
+

@@ -5,7 +5,8 @@ EPERM and reports it with the caller's identity; the allowed executable connects
 client outside the cgroup is untouched; after SIGKILL nothing is attached and curl
 connects (fail open). With a scope, only the in-scope sibling cgroup's curl is refused; a
 cgroup denial (a namespace deny rule's entry) refuses its cgroup's curl under default
-allow and nobody else's. The cgroup v2 root is refused."""
+allow and nobody else's. The cgroup v2 root is refused. Requests are judged one by one on
+a restricted caller's socket (sock_ops and sk_msg), on loopback."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from netns_fixtures import (  # noqa: F401 - enforce_cgroup: a fixture
     enforce_cgroup,
     in_cgroup,
     require_bcc,
+    wait_for,
 )
 
 from tracer import cgroup_attach
@@ -132,3 +134,88 @@ def test_scope_and_cgroup_denials_by_cgroup_id(enforce_cgroup):  # noqa: F811
 def test_the_root_cgroup_is_refused():
     with pytest.raises(EnforceError, match="cgroup v2 root"):
         check_cgroup(cgroup_attach.cgroup2_root())
+
+
+_CLIENT = """
+import socket, sys
+s = socket.create_connection(("127.0.0.2", int(sys.argv[1])))
+for path in sys.argv[2:]:
+    try:
+        s.sendall(f"GET {path} HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n".encode())
+        print("sent", path, flush=True)
+    except PermissionError:
+        print("refused", path, flush=True)
+s.close()
+"""
+
+
+def test_the_kernel_side_judges_each_message_and_forgets_closed_sockets(enforce_cgroup):  # noqa: F811
+    """tracer.enforcer on its own, on loopback (the catalog it is given holds one endpoint,
+    127.0.0.2 on a port of the test's own): a Python client allowed plain metadata only
+    sends an instance-id request (let through), a credentials request (EACCES, and a
+    record with the caller, method and path), then anything (refused: the socket had a
+    refusal). Once it closes, its socket's record is gone from the kernel's table."""
+    import socket
+    import threading
+    from ipaddress import ip_network
+
+    from policy.kernel_rules import request_patterns
+    from policy.request_patterns import class_bit
+    from scoring.endpoints import METADATA, Endpoint, EndpointCatalog
+    from tracer.enforcer import KIND_REQUEST, KernelEnforcer, KernelRules
+
+    require_bcc()
+    srv = socket.socket()
+    srv.bind(("127.0.0.2", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            with c:
+                while c.recv(65536):
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    catalog = EndpointCatalog([Endpoint("test-loopback", "custom", ip_network("127.0.0.2/32"),
+                                        frozenset({port}))])
+    uid = os.getuid()
+    records: list = []
+    enf = KernelEnforcer(catalog, str(enforce_cgroup))
+    try:
+        enf.start(KernelRules(allow_uid={uid}, default_deny=True,
+                              classes={uid: class_bit(METADATA)}),
+                  records.append, request_patterns())
+        assert enf.requests_unavailable is None, enf.requests_unavailable
+        enf.arm(True)
+        p = subprocess.run([sys.executable, "-c", _CLIENT, str(port),
+                            "/latest/meta-data/instance-id",
+                            "/latest/meta-data/iam/security-credentials/role",
+                            "/latest/meta-data/instance-id"],
+                           capture_output=True, text=True, timeout=60,
+                           preexec_fn=in_cgroup(enforce_cgroup))
+        assert p.stdout.split("\n")[:3] == [
+            "sent /latest/meta-data/instance-id",
+            "refused /latest/meta-data/iam/security-credentials/role",
+            "refused /latest/meta-data/instance-id"], (p.stdout, p.stderr)
+        assert wait_for(lambda: (enf.poll(100), records)[1], 5), enf.stats()
+        first = records[0]
+        assert first.kind == KIND_REQUEST and first.method == b"GET"
+        assert first.path == b"/latest/meta-data/iam/security-credentials/role"
+        assert first.comm.startswith(b"python")
+        assert first.uid == uid and first.dport == port
+        assert first.classes == class_bit("credentials")
+        # The message after a refusal is refused by our program (the socket's record says
+        # it refused) or, where the kernel keeps a socket's drop verdict, before it runs.
+        stats = enf.stats()
+        assert stats["restricted"] == 1 and stats["requests_judged"] in (2, 3), stats
+        assert stats["requests_denied"] == stats["requests_judged"] - 1, stats
+        table = enf.bpf["enf_restricted"]
+        assert wait_for(lambda: len(list(table.keys())) == 0, 5)
+    finally:
+        enf.close()
+        srv.close()

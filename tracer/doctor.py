@@ -316,8 +316,14 @@ def check_enforcement(release: str | None = None) -> Check:
     if kernel.kernel_version(release) < (5, 7):
         return Check("enforcement", False, "--enforce deny unavailable: no cgroup BPF links "
                      f"before Linux 5.7 ({release or platform.release()})", fix)
+    # Socket maps (sk_psock) come with CONFIG_BPF_STREAM_PARSER (NET_SOCK_MSG from 5.13):
+    # without them the sock_ops and sk_msg programs that judge requests cannot run.
+    requests = ("requests judged in the kernel too (sock_ops, sk_msg)"
+                if "sk_psock" in b.structs else
+                "requests only reported (would_deny): this kernel has no socket maps "
+                "(CONFIG_BPF_STREAM_PARSER)")
     return Check("enforcement", True, "--enforce deny available: the caller's executable "
-                 "(device, inode) from BTF, cgroup BPF links")
+                 f"(device, inode) from BTF, cgroup BPF links; {requests}")
 
 
 def checks(try_load: bool = True, cgroup_root: str | None = None) -> list[Check]:
