@@ -3,7 +3,7 @@ loopback: replicas that all ingest and one that scores, equal to `imdswatch repl
 faults (a window re-sent, the scoring replica SIGKILLed, a NATS node killed, the scoring
 replica cut off from the bus), alerts exactly once on the ledger, on `imdswatch.alerts` and
 in the replicas' outputs, the bus lost and back, credentials, TLS, corrupt checkpoints and
-foreign messages."""
+foreign messages, the fleet's policy served alike by every replica and after a takeover."""
 
 from __future__ import annotations
 

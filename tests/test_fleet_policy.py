@@ -1,7 +1,8 @@
 """The fleet's policy (contract section 7): `serve --policy FILE` publishes it at
 `GET /v1/policy` with an ETag and keeps the last good one when the file goes bad; agents
 with `--policy fleet` take it whole, keep a last good copy for a restart while serve is
-away, and refuse a corrupt one with an alert; a live agent applies it (audit)."""
+away, and refuse a corrupt one with an alert; a live agent applies it (audit), and keeps its last
+good copy with a policy_rejected alert line when the fleet's does not read."""
 
 from __future__ import annotations
 
@@ -163,3 +164,30 @@ def test_a_live_agent_audits_with_the_fleet_policy(tmp_path):
     finally:
         agent.kill()
         serve.kill()
+
+
+def test_a_live_agent_keeps_its_policy_and_alerts_when_the_fleets_is_corrupt(tmp_path):
+    """The fleet answers a policy that does not read: the agent starts with its last good
+    copy (still in force: one rule), writes one policy_rejected alert line naming the error
+    and counts it (ImdswatchPolicyStale fires on the count)."""
+    require_bcc()
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "policy.toml").write_text(POLICY)
+    with Stub(b'[policy]\ndefault = "deny"\n[[rule]]\nname = 1\n') as url:
+        agent = AgentProcess(tmp_path, "--fleet", url, "--spool", str(spool),
+                             "--enforce", "audit", "--policy", "fleet")
+        try:
+            agent.start()
+
+            def rejected() -> list[dict]:
+                return [a for a in agent.alert_lines()
+                        if a["event"].get("action") == "policy_rejected"]
+
+            assert wait_for(rejected, 10), agent.log_tail()
+            assert "'name'" in rejected()[0]["imdswatch"]["policy"]["error"]
+            assert agent.metric("imdswatch_policy_reload_failures_total") == 1
+            assert agent.metric("imdswatch_policy_rules") == 1  # the last good copy
+            assert (spool / "policy.toml").read_text() == POLICY
+        finally:
+            agent.kill()
