@@ -77,7 +77,7 @@ def caller_fields(e: Event) -> tuple:
     return (e.dst_ip, e.name, e.dst_port, e.exe, e.command_line, e.parent_name,
             e.parent_exe, e.user, e.uid, e.host, e.container_id, e.image, e.namespace, e.pod,
             e.cloud, e.action, e.method, e.path, e.query, e.user_agent, e.guarded,
-            e.thread_name, e.exe_mismatch, e.kernel_exe, e.proc_exe)
+            e.thread_name, e.exe_mismatch, e.kernel_exe, e.proc_exe, e.container_unknown)
 
 
 _HEADER = struct.Struct("<I")  # size of the message (marshal) that follows
@@ -192,11 +192,11 @@ class ForkedReader:
                 # Unpacked and passed by position: this line runs once per replayed event.
                 (ip, name, port, exe, cmd, pname, pexe, user, uid, host, cid, image, ns, pod,
                  cloud, action, method, path, query, ua, guarded, thread, mismatch, kexe,
-                 pexe2) = callers[i]
+                 pexe2, unknown_cid) = callers[i]
                 append((lineno, Event(ts, ip, name, port, pid, exe, cmd, ppid, pname, pexe,
                                       user, uid, host, cid, image, ns, pod, cloud, event_id,
                                       action, method, path, query, ua, guarded, thread,
-                                      mismatch, kexe, pexe2, doc, raw)))
+                                      mismatch, kexe, pexe2, unknown_cid, doc, raw)))
             if slot >= 0:
                 self._give_back()
             yield out

@@ -272,7 +272,7 @@ def read_doc(
         (d.user_agent.original or None) if d.user_agent is not None else None,
         request.guarded if request is not None else None,
         (p.thread.name or None) if p.thread is not None else None,
-        mismatch, kernel_exe, proc_exe,
+        mismatch, kernel_exe, proc_exe, None,
         doc, raw,
     )
     ident = d.imdswatch.identity if d.imdswatch is not None else None
@@ -302,6 +302,11 @@ def forget_missing(ev: Event, missing: list[str] | str) -> None:
         slot = MISSING_SLOTS.get(name) if isinstance(name, str) else None
         if slot is not None:
             setattr(ev, slot, None)
+        elif name == "container.id" and ev.image is None and ev.namespace is None \
+                and ev.pod is None:
+            # Whether it runs in a container is unknown: not "in the host".
+            ev.container_id = None
+            ev.container_unknown = True
 
 
 # -- other forms of the same document -----------------------------------------------------------

@@ -192,7 +192,7 @@ def identity_level(e: Event) -> int:
 
 def identity_gaps(e: Event) -> list[str]:
     """The judged identity fields the event lacks, as a reason names them."""
-    gaps = []
+    gaps = ["container"] if e.container_unknown else []
     if e.exe is None:
         gaps.append("executable")
     if e.parent_name is None:
@@ -204,11 +204,13 @@ def identity_gaps(e: Event) -> list[str]:
 
 def coarsened(e: Event, level: int) -> Event:
     """`e` as a coarser level knows it: the fields that level does not judge dropped."""
-    return Event(e.ts, e.dst_ip, e.name, e.dst_port, None, None, None, None, None, None,
+    c = Event(e.ts, e.dst_ip, e.name, e.dst_port, None, None, None, None, None, None,
                  e.user if level < WITHOUT_USER else None,
                  e.uid if level < WITHOUT_USER else None,
                  e.host, e.container_id, e.image, e.namespace, e.pod, e.cloud, None,
                  e.action, e.method, e.path, e.query, e.user_agent, e.guarded)
+    c.container_unknown = e.container_unknown
+    return c
 
 
 def _span(history: float, hosts: int) -> str:
@@ -216,6 +218,8 @@ def _span(history: float, hosts: int) -> str:
 
 
 def _container_value(e: Event) -> Hashable:
+    if e.container_unknown:
+        return None  # unknown, not "the host": rare_container abstains
     return (image_repository(e.image), e.namespace)
 
 
@@ -400,6 +404,8 @@ def _rare_container(e: Event, r: Rarity, others: list, span: str) -> str:
 
 
 def _combination_value(e: Event) -> Hashable:
+    if e.container_unknown:
+        return None  # the combination needs where it runs: unknown, so it abstains
     return (e.name, e.exe, user_of(e), e.parent_name, image_repository(e.image), e.namespace)
 
 

@@ -19,7 +19,7 @@ EVENT_FIELDS = (
     "parent_name", "parent_exe", "user", "uid", "host", "container_id", "image",
     "namespace", "pod", "cloud", "event_id", "action", "method", "path", "query",
     "user_agent", "guarded", "thread_name", "exe_mismatch", "kernel_exe", "proc_exe",
-    "_doc", "_raw",
+    "container_unknown", "_doc", "_raw",
 )
 
 
@@ -61,6 +61,7 @@ class Event:
         exe_mismatch: bool | None = None,
         kernel_exe: str | None = None,
         proc_exe: str | None = None,
+        container_unknown: bool | None = None,
         doc: dict | None = None,
         raw: bytes | None = None,
     ) -> None:
@@ -102,6 +103,10 @@ class Event:
         self.exe_mismatch = exe_mismatch
         self.kernel_exe = kernel_exe
         self.proc_exe = proc_exe
+        # True when the agent could not tell whether the caller runs in a container
+        # (`container.id` in `imdswatch.identity.missing`, no image or pod either): the
+        # container is unknown, not "the host".
+        self.container_unknown = container_unknown
         # The raw line until `doc` decodes it, then the marker that `_doc` is safe.
         self._doc: Any = doc
         self._raw: Any = raw
@@ -140,6 +145,8 @@ class Event:
                       self.namespace, self.host)
         if self.exe_mismatch is not None:  # judged by the exe_mismatch detector
             sig = (*sig, self.exe_mismatch, self.kernel_exe, self.proc_exe)
+        if self.container_unknown:
+            sig = (*sig, "container unknown")
         if self.method is None and self.path is None:
             return sig
         # A request is judged on what it asks too (scoring.detectors): two requests of

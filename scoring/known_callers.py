@@ -225,9 +225,11 @@ class KnownCallerCatalog:
 
     def lookup_event(self, event: Event) -> KnownCaller | None:
         """The entry vouching for the event's caller; a container id or an image puts the
-        caller in a container."""
+        caller in a container, and so does an unknown container: a host agent is vouched
+        for only where it is known to run outside one."""
         return self.lookup(event.name, event.exe, event.image,
-                           event.container_id is not None or event.image is not None,
+                           event.container_id is not None or event.image is not None
+                           or bool(event.container_unknown),
                            self.script_key(event))
 
     def lookup(self, name: str, exe: str | None, image: str | None = None,

@@ -458,7 +458,9 @@ class Scorer:
             # judge what runs (the no-history rule, which would need the catalog's word on
             # the executable, abstains above; who runs it and how are judged in full).
             known = self.known_callers.runs_here(
-                event.name, event.image, event.container_id is not None or event.image is not None)
+                event.name, event.image,
+                event.container_id is not None or event.image is not None
+                or bool(event.container_unknown))
         if len(self._callers) >= self._caller_limit:
             self._flush()
             self._callers.clear()

@@ -64,6 +64,8 @@ def _lines() -> list[bytes]:
             "request": {"guarded": True},
             "process": {"exe_mismatch": True, "kernel_executable": {"name": "kx"},
                         "proc_executable": "/px"}})))
+    # Where it runs unknown (the agent could not read its cgroup).
+    out.append(orjson.dumps(_doc(56, imdswatch={"identity": {"missing": ["container.id"]}})))
     out.append(orjson.dumps({"_id": "hit-1",
                              "_source": _doc(51, event={"action": "connection_attempted"})}))
     out.append(b'{"@timestamp": "2024-05-01T12:01:00Z", "destination.ip": "169.254.169.254",'
@@ -131,7 +133,9 @@ def test_every_field_every_report_and_count_as_in_process():
     assert any(e.event_id == "hit-1" for e in evs)
     full = next(e for e in evs if e.name == "full")
     values = [v for v in _fields(full).values() if v is not None]
-    assert len(values) == len(EVENT_FIELDS) - 1  # all but the copied document
+    # All but the copied document, and container_unknown (it has a container).
+    assert len(values) == len(EVENT_FIELDS) - 2
+    assert any(e.container_unknown for e in evs)
     dotted = next(e for e in evs if e.name == "dotted")
     assert dotted._raw is None and dotted.doc["process"]["name"] == "dotted"
     # An alert's document comes from the raw line handed over as a slice of its batch.
@@ -147,7 +151,7 @@ def test_the_transport_covers_every_event_field():
     # field's own type (the compiled Event refuses any other).
     ev = Event(0.0, "x", "y")
     values = []
-    flags = iter((True, False))
+    flags = iter((True, False, None))  # the three flags: guarded, exe_mismatch, container_unknown
     for k, name in enumerate(fields):
         for v in (f"v{k}", 1000 + k, None):
             try:

@@ -272,3 +272,38 @@ def test_a_uids_name_survives_a_saved_state():
                  "1000", None)
     s.process(e)
     assert e.user == "ec2-user"
+
+
+def test_a_missing_container_id_is_an_unknown_container_not_the_host():
+    doc = to_ecs(ev(T0, "python3", exe="/usr/bin/python3", user="app", parent="supervisord"))
+    doc["imdswatch"] = {"identity": {"missing": ["container.id"]}}
+    e = event_from_ecs(doc)
+    assert e.container_unknown and e.container_id is None
+    # A container's image or pod says it runs in one: only the id is missing then.
+    in_pod = to_ecs(ev(T0, "python3", image="registry.local/shop/api:2.3.1", namespace="shop"))
+    in_pod["imdswatch"] = {"identity": {"missing": ["container.id"]}}
+    assert not event_from_ecs(in_pod).container_unknown
+
+
+def test_an_app_whose_container_is_unknown_is_not_judged_as_a_host_process():
+    """The shop's python3 only ever ran in its image: with its container unknown it is not
+    "python3 in the host (no container)", a place it never called from."""
+    s = warm(fleet_events(hosts=4, days=2))
+    e = ev(T0 + 2 * DAY + 10, "python3", exe="/usr/bin/python3", user="app",
+           parent="supervisord", host="node-1")
+    host = s.process(ev(T0 + 2 * DAY + 5, "python3", exe="/usr/bin/python3", user="app",
+                        parent="supervisord", host="node-2"))
+    assert host.alert  # read as a host process, it is new there
+    e.container_unknown = True
+    out = s.process(e)
+    assert not out.alert and "rare_container" not in out.scores and \
+        "rare_combination" not in out.scores, out
+
+
+def test_a_caller_with_an_unknown_container_is_still_judged_on_the_rest():
+    s = warm(fleet_events(hosts=4, days=2))
+    e = ev(T0 + 2 * DAY + 10, "python3", exe="/tmp/python3", user="app", parent="sh",
+           host="node-1")
+    e.container_unknown = True
+    out = s.process(e)
+    assert out.alert and out.reason.endswith("(container unknown: judged without it)"), out
