@@ -137,6 +137,8 @@ class DenyController:
         self.kernel.set_cgroup_denials(t.denials)
         if not self.scope.everyone:
             self.kernel.set_scope(ids)
+            self.metrics.scope_cgroups.labels(state="in_scope").set(len(ids))
+        self.metrics.scope_cgroups.labels(state="unattributed").set(t.unattributed)
         if t.truncated:
             log.warning("enforcement scope: more cgroups than the kernel map holds; the "
                         "rest are out of scope (allowed, audited)")

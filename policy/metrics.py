@@ -67,6 +67,11 @@ class PolicyMetrics:
             "1 when the kernel cannot judge requests (its sock_ops and sk_msg programs did "
             "not load): connects are still judged, a request of a class a caller may not "
             "use is only reported (would_deny).", registry=r)
+        self.scope_cgroups = Gauge(
+            "imdswatch_enforcement_scope_cgroups",
+            "Cgroups whose callers --enforce-scope lets the kernel deny (with a scope), "
+            "and pod cgroups whose namespace is not known yet (out of scope: fail open).",
+            ["state"], registry=r)
 
     def set_mode(self, mode: str, requested: str) -> None:
         for m in MODES:

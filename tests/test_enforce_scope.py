@@ -189,6 +189,8 @@ def test_only_callers_in_scope_are_denied(enforce_cgroup, pods, tmp_path):  # no
         assert wait_for(lambda: curl(ns, web)[1] == 7, 20), agent.log_tail()
         pid, rc, err = curl(ns, web)
         assert rc == 7 and "Operation not permitted" in err, err
+        # The web pod's two cgroups (pod slice and container scope).
+        assert agent.metric("imdswatch_enforcement_scope_cgroups", state="in_scope") == 2
         # One line per caller and rule a while (the first refusal's, above).
         assert wait_for(lambda: [a for a in agent.alert_lines() if a["event"]["action"] ==
                                  "connection_denied" and a["process"]["name"] == "curl"],
