@@ -110,3 +110,22 @@ def test_a_file_on_overlayfs_is_named_by_the_device_its_mount_shows(tmp_path: Pa
         subprocess.run(["umount", str(merged)], check=True)
         subprocess.run(["umount", str(base)], check=True)
     assert kernel_file_id(str(tmp_path / "absent")) is None
+
+
+def test_allow_entries_carry_their_rules_request_classes() -> None:
+    """An entry allows the union of the classes of every rule that put it there; one that
+    allows every class is not listed (the kernel restricts nothing for it)."""
+    from policy.request_patterns import class_bit
+
+    pol = Policy((
+        Rule("curl-metadata", ALLOW, process="curl", classes=("metadata",)),
+        Rule("curl-token", ALLOW, process="curl", classes=("session",)),
+        Rule("app", ALLOW, user="uid:1000", classes=("metadata", "credentials")),
+        Rule("app-all", ALLOW, user="uid:1001"),
+        Rule("wget", ALLOW, process="wget", classes=("metadata",)),
+        Rule("wget-all", ALLOW, process="wget"),
+    ), default=DENY, agents="policy")
+    k = project(pol, "/nonexistent", "/nonexistent").rules
+    assert k.mask(("curl", ANY_UID, KIND_COMM)) == class_bit("metadata") | class_bit("session")
+    assert k.mask(1000) == class_bit("metadata") | class_bit("credentials")
+    assert 1001 not in k.classes and ("wget", ANY_UID, KIND_COMM) not in k.classes
