@@ -63,6 +63,7 @@ struct enf_event {
     __u64 cgroup_id;
     __u64 dev;
     __u64 ino;
+    __u64 cookie;             /* a refused connect: its socket's cookie (0: a request) */
     __u32 pid;
     __u32 tgid;
     __u32 uid;
@@ -253,6 +254,10 @@ static __always_inline int enf_connect(struct bpf_sock_addr *ctx, __u16 family)
     ev->rule = rule;
     ev->ts_ns = bpf_ktime_get_ns();
     ev->cgroup_id = bpf_get_current_cgroup_id();
+    /* The tracer's cgroup-mode program on the root runs after this one in the same
+     * connect() and reports the attempt with this cookie: the agent tells by it that the
+     * kernel refused the call it traced. */
+    ev->cookie = bpf_get_socket_cookie(ctx);
     ev->family = m.family;
     ev->dport = m.dport;
     __builtin_memcpy(ev->daddr, m.daddr, 16);

@@ -373,21 +373,21 @@ class Agent:
         log.info("policy reloaded from %s: %d rules, default %s", self.enforce.policy_path,
                  len(pol.rules), pol.default)
 
-    def _judge(self, event: Any) -> None:
+    def _judge(self, event: Any, cookie: int | None = None) -> None:
         """Apply the policy to one traced call: a metric and a (rate-limited) alert line
-        for a call it denies."""
+        for a call it denies. A call the kernel refused is reported by DenyController
+        (connection_denied); every other call the policy denies passed the kernel and is a
+        would_deny line, marked why it passed."""
         gate, pm = self.gate, self.policy_metrics
         if gate is None or pm is None:
             return
         verdict = gate.judge(event)
         if verdict is None:
             return
+        if self.deny is not None and self.deny.refused(cookie):
+            return  # the kernel refused this connect and reported it (DenyController)
         out_of_scope = self.deny is not None and not self.deny.covers(
             event.container_id, event.pod, event.namespace)
-        if verdict.action != "request_denied" and gate.mode == "deny" and not out_of_scope:
-            return  # the kernel refused this connect and reports it (DenyController)
-        # What reaches here passed the kernel (connect-level only, or a request the kernel
-        # let through because its allow entries are wider than the rule): reported only.
         action = WOULD_DENY
         pm.decided(action, verdict.decision.rule, verdict.endpoint.id, verdict.request_class)
         folded = gate.admit_line(event, verdict)
@@ -396,6 +396,11 @@ class Agent:
         doc = build_policy_alert(event, verdict, action, gate.mode, folded)
         if out_of_scope:  # allowed in the kernel: outside --enforce-scope
             doc["imdswatch"]["policy"]["scope"] = "out"
+        elif gate.mode == "deny":
+            # Armed and in scope, yet the kernel let it through: its maps allow more than
+            # the policy (a widened allow entry, an audit-only deny rule, a request class
+            # it could not tell) or the caller's cgroup had not entered the scope map yet.
+            doc["imdswatch"]["policy"]["kernel"] = "not_enforced"
         self._write_line(doc)
 
     def _write_line(self, doc: dict) -> None:
@@ -472,7 +477,7 @@ class Agent:
         self.metrics.observe(outcome)
         if self.gate is not None:
             try:
-                self._judge(event)
+                self._judge(event, _socket_cookie(doc))
             except Exception:
                 self.metrics.observe_failed()
                 log.exception("applying the policy to an event failed; the event is skipped")
@@ -697,3 +702,10 @@ def run_agent(
               "what this run learnt is lost", file=sys.stderr, flush=True)
         status = status or 1
     return status
+
+
+def _socket_cookie(doc: dict) -> int | None:
+    """The traced connect's socket cookie (`imdswatch.socket_cookie`, cgroup probe mode)."""
+    imds = doc.get("imdswatch")
+    cookie = imds.get("socket_cookie") if isinstance(imds, dict) else None
+    return cookie if isinstance(cookie, int) and not isinstance(cookie, bool) else None

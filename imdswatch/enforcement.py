@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +40,9 @@ log = logging.getLogger("imdswatch.enforce")
 DEFAULT_OFF_FILE = "/run/imdswatch/enforce-off"
 DISARM_WINDOW = 60.0
 SCOPE_SCAN_S = 1.0  # how often the scope's cgroups are listed again (new pods join it)
+# Refused connects remembered by socket cookie until the tracer's event for them is judged;
+# a cgroup-mode tracer's event follows its denial record at once, so a bound is enough.
+REFUSED_KEPT = 4096
 
 
 class DenyController:
@@ -66,6 +69,7 @@ class DenyController:
         self._scope_tracker = ScopeTracker(self.scope, cgroup, namespace_of)
         self._scope_scanned = -SCOPE_SCAN_S
         self._said_unattributed = False
+        self._refused: OrderedDict[int, None] = OrderedDict()
 
     # -- start and policy ---------------------------------------------------------------
 
@@ -123,6 +127,23 @@ class DenyController:
         """The caller is in the scope: the kernel refuses it when the policy denies."""
         return self.scope.covers(container_id, pod_uid, namespace)
 
+    def refused(self, cookie: int | None) -> bool:
+        """The kernel refused the connect of the socket with this cookie (and reported it
+        as a connection_denied line). A fact from the kernel, not the policy: the enforcer
+        records the cookie of each connect it refuses. Only the tracer's cgroup mode sees
+        refused connects (its root program runs after the enforcer's, which is on a
+        descendant cgroup, in the same connect()); the tracepoint, kprobe and fentry modes
+        fire only in tcp_v4/v6_connect, which a refused connect never reaches, so their
+        events are calls the kernel let through. The denial buffer is read first: the
+        record was written before the tracer's event."""
+        if not cookie or self.kernel is None:
+            return False
+        self.kernel.poll(0)
+        if cookie in self._refused:
+            del self._refused[cookie]
+            return True
+        return False
+
     def _scan_scope(self) -> None:
         """The kernel's scope and namespace-denial maps kept current (every SCOPE_SCAN_S),
         before arming."""
@@ -178,6 +199,10 @@ class DenyController:
     # -- the kernel's denials -----------------------------------------------------------
 
     def _denied(self, rec: DeniedConnect) -> None:
+        if rec.kind != KIND_REQUEST and rec.cookie:
+            self._refused[rec.cookie] = None
+            while len(self._refused) > REFUSED_KEPT:
+                self._refused.popitem(last=False)
         try:
             self._report(rec)
         except Exception:  # a report must never stop the loop

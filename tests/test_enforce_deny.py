@@ -5,7 +5,8 @@ failure), real curl and wget in a private namespace calling the mock IMDS.
 A caller the policy allows connects; one it does not gets curl's own EPERM and an alert
 line; a client outside the cgroup is untouched; break glass lets everything through within
 a second and back; a reload swaps the kernel's rules; SIGKILL of the agent leaves nothing
-attached (fail open); denials spreading past the bound disarm the node."""
+attached (fail open); denials spreading past the bound disarm the node; each call the
+policy denies is reported once, whether the kernel refused it or let it through."""
 
 from __future__ import annotations
 
@@ -177,3 +178,58 @@ def test_deny_refuses_the_root_cgroup_and_needs_a_cgroup(tmp_path):
     r = subprocess.run([*base, "--enforce-cgroup", root], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "is the cgroup v2 root" in r.stderr, r.stderr
+
+
+def lines(agent: AgentProcess, pid: int, action: str) -> list[dict]:
+    return [a for a in agent.alert_lines() if a.get("process", {}).get("pid") == pid
+            and a["event"].get("action") == action]
+
+
+WIDENED = """
+[policy]
+default = "deny"
+
+[[rule]]
+name = "curl-in-the-app-image"
+process = "curl"
+image = "registry.example/app:*"
+"""
+
+
+@pytest.mark.parametrize("probe", ["tracepoint", "cgroup"])
+def test_each_denied_call_is_reported_once(ns, cgroup, tmp_path, probe):
+    """The kernel's projection may allow more than the policy: the image rule is widened to
+    curl by name, so a host curl (no image) passes the kernel though the policy denies it:
+    one would_deny line saying so. wget, allowed by nothing, is refused in the kernel: one
+    connection_denied line, no would_deny. In both probe modes every kernel of the matrix
+    offers: the cgroup mode's root program sees the refused attempt too (it runs after the
+    enforcer's, in the same connect()); the tracepoint fires only for connects that passed."""
+    (tmp_path / "policy.toml").write_text(WIDENED)
+    agent = start_agent(tmp_path, cgroup, "--probe", probe)
+    try:
+        assert wait_for(lambda: agent.metric("imdswatch_enforcement_mode", mode="deny") == 1,
+                        5), agent.log_tail()
+        seen = agent.metric("imdswatch_events_seen_total")
+        wget, rc, err = client(ns, ["wget", "-q", "-T", "5", "-t", "1", "-O", "/dev/null",
+                                    URL], cgroup)
+        assert rc != 0, err
+        curl_pid, rc, err = client(ns, curl(), cgroup)
+        assert rc == 0, err
+        assert wait_for(lambda: lines(agent, wget, "connection_denied")
+                        and lines(agent, curl_pid, "would_deny"), 10), agent.log_tail()
+        # Every traced call judged before looking for extra lines: the cgroup mode traces
+        # wget's refused attempt too.
+        traced = 2 if probe == "cgroup" else 1
+        assert wait_for(lambda: agent.metric("imdswatch_events_seen_total") - seen >= traced,
+                        10)
+        agent.stop()
+        (denied,) = lines(agent, wget, "connection_denied")
+        assert denied["imdswatch"]["policy"]["rule"] == "default"
+        assert lines(agent, wget, "would_deny") == []
+        (would,) = lines(agent, curl_pid, "would_deny")
+        assert would["imdswatch"]["policy"]["kernel"] == "not_enforced"
+        assert would["imdswatch"]["policy"]["mode"] == "deny"
+        assert "scope" not in would["imdswatch"]["policy"]
+        assert lines(agent, curl_pid, "connection_denied") == []
+    finally:
+        agent.kill()

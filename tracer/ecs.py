@@ -148,6 +148,8 @@ def to_ecs(
     if result:
         event["outcome"] = result
     imds: dict = {"probe": ev.probe, "cgroup_id": ev.cgroup_id, "kernel_uid": ev.uid}
+    if ev.cookie:  # the cgroup mode: the agent tells by it a connect the enforcer refused
+        imds["socket_cookie"] = ev.cookie
     if kernel_process:
         imds["process"] = kernel_process
     if ev.kind == KIND_SYN and ev.flags & F_NAT and ev.sock_ip is not None:

@@ -84,7 +84,7 @@ class DeniedConnect(ctypes.Structure):
 
     _fields_ = [
         ("ts_ns", ctypes.c_uint64), ("cgroup_id", ctypes.c_uint64),
-        ("dev", ctypes.c_uint64), ("ino", ctypes.c_uint64),
+        ("dev", ctypes.c_uint64), ("ino", ctypes.c_uint64), ("cookie", ctypes.c_uint64),
         ("pid", ctypes.c_uint32), ("tgid", ctypes.c_uint32),
         ("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32),
         ("rule", ctypes.c_uint32), ("family", ctypes.c_uint16), ("dport", ctypes.c_uint16),
