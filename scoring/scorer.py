@@ -44,6 +44,7 @@ from scoring.rarity import (
     Context,
     Entry,
     Host,
+    HostSet,
     Rarity,
     RarityTable,
     Sketch,
@@ -193,6 +194,9 @@ SPREAD, UPGRADE, WORKLOAD, BRING_UP = "spread", "upgrade", "workload", "bring-up
 # every new node's boot, days apart, past ROLLOUT_GAP. A caller anomalous within BOOT_WINDOW
 # of its host's first event, that was anomalous within that window of another host's first
 # event before, is folded like a rollout's further host: the fleet's first such boot alerted.
+# A caller whose executable is unknown (an export that lost it) falls back to the coarser
+# caller (name, user, image, namespace) of boots whose executable was known and not in a
+# writable place: unknown is judged by what is known, never as new.
 BOOT_WINDOW = 30 * 60.0
 # Where rare_executable's table keeps each name's versions-replaced executables (learned
 # only; never scored): ("versions", name) -> version_key(exe).
@@ -269,6 +273,12 @@ def rollout_key(event: Event) -> tuple:
     exe = event.exe
     return (event.name, version_key(exe) or exe, user_of(event), event.parent_name,
             image_repository(event.image), event.namespace)
+
+
+def boot_caller(event: Event) -> tuple:
+    """The coarser caller node bring-up falls back to when the executable is unknown."""
+    return ("caller", event.name, user_of(event), image_repository(event.image),
+            event.namespace)
 
 
 class _Burst:
@@ -840,8 +850,10 @@ class Scorer:
 
     def _booted_before(self, event: Event, key: tuple) -> int:
         """When the event being judged is in its host's first BOOT_WINDOW: records its
-        caller (rollout `key`) as anomalous at that host's boot, and returns how many other
-        hosts it was anomalous at the boot of before (0 when none, or not booting)."""
+        caller (rollout `key`, and its coarser boot_caller when its executable is known and
+        not writable) as anomalous at that host's boot, and returns how many other hosts it
+        was anomalous at the boot of before (0 when none, or not booting). An event whose
+        executable is unknown only reads the coarser record."""
         name = event.host or ""
         host = self.hosts.get(name)
         table = self.tables[_EXECUTABLE]
@@ -849,9 +861,18 @@ class Scorer:
         ts = event.ts
         if host is None or born is None or not 0 <= ts - born.first_seen < BOOT_WINDOW:
             return 0
+        exe = event.exe
+        if exe is None:
+            _, coarse = table.lookup(BOOTED, boot_caller(event))
+            return 0 if coarse is None else self._other_hosts(coarse.hosts, host)
+        before = self._record_boot(table, key, host, ts)
+        if not writable_path(exe):
+            self._record_boot(table, boot_caller(event), host, ts)
+        return before
+
+    def _record_boot(self, table: RarityTable, key: tuple, host: Host, ts: float) -> int:
         c, e = table.ensure(BOOTED, key, ts)
-        before = sum(1 for h in exact_hosts(e.hosts) if h is not host) \
-            if e.hosts.__class__ is not Sketch else hosts_len(e.hosts)
+        before = self._other_hosts(e.hosts, host)
         w = self.clock.weight(ts)
         c.n += w
         e.n += w
@@ -860,12 +881,37 @@ class Scorer:
             self._over_cap = True
         return before
 
+    @staticmethod
+    def _other_hosts(hosts: HostSet, host: Host) -> int:
+        if hosts.__class__ is Sketch:
+            return hosts_len(hosts)
+        return sum(1 for h in exact_hosts(hosts) if h is not host)
+
+    def _boot_without_exe(self, out: Outcome) -> bool:
+        event = out.event
+        booted = self._booted_before(event, ())
+        if not booted:
+            return False
+        out.rollout = booted + 1
+        out.rollout_kind = BRING_UP
+        out.rollout_name = show_name(event.name)
+        out.suppressed = True
+        out.reason = (f"node bring-up: {show_name(event.name)} (executable unknown) anomalous "
+                      f"in {event.host or 'an unnamed host'}'s first "
+                      f"{format_duration(BOOT_WINDOW)}; by name, user and image it was "
+                      f"anomalous at the boot of {booted} other "
+                      f"host{'s' if booted > 1 else ''} before, from a known executable (the "
+                      f"first of them alerted); folded. {out.reason}")
+        return True
+
     def _in_rollout(self, out: Outcome) -> bool:
         """Counts an anomaly in its caller's rollout across hosts; True when the rollout
         decided it (its one alert, or folded into it)."""
         event = out.event
         if event.exe is None:
-            return False  # who it is is not known well enough to say it is spreading
+            # Not known well enough to say it is spreading; only a node's boot, by the
+            # coarser caller of boots whose executable was known, folds it.
+            return self._boot_without_exe(out)
         ts = event.ts
         host = event.host or ""
         upgrade = self._upgrade_of(out)

@@ -86,6 +86,17 @@ def ev(
     )
 
 
+def stripped(e: Event, fields: tuple[str, ...] | list[str]) -> Event:
+    """A copy of `e` without `fields` (as an export that lost them has it)."""
+    out = Event(e.ts, e.dst_ip, e.name, e.dst_port, e.pid, e.exe, e.command_line, e.ppid,
+                e.parent_name, e.parent_exe, e.user, e.uid, e.host, e.container_id, e.image,
+                e.namespace, e.pod, e.cloud, e.event_id, e.action, e.method, e.path,
+                e.query, e.user_agent, e.guarded)
+    for f in fields:
+        setattr(out, f, None)
+    return out
+
+
 def agent_event(agent: Agent, ts: float, host: str) -> Event:
     return ev(ts, agent.name, exe=agent.exe, user=agent.user, parent=agent.parent, host=host,
               image=agent.image, namespace=agent.namespace, dst_ip=agent.dst_ip,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helpers_events import DAY, HOUR, MINUTE, T0, Agent, ev, fleet_events
+from helpers_events import DAY, HOUR, MINUTE, T0, Agent, ev, fleet_events, stripped
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -335,3 +335,33 @@ def test_bring_up_survives_a_saved_state():
     model_from_bytes(t, model_to_bytes(s))
     alerts = run(t, boot(T + 2 * DAY, "node-new-2"))
     assert not [a for a in alerts if a.event.name == "curl"], [a.reason for a in alerts]
+
+
+def _lost(events: list, name: str) -> list:
+    """`events` where `name`'s lack executable, parent and command line."""
+    return [stripped(e, ("exe", "parent_name", "command_line")) if e.name == name else e
+            for e in events]
+
+
+def test_a_boot_caller_without_its_executable_folds_by_name_user_and_image():
+    """Unknown is judged by what is known: a boot caller whose executable an export lost is
+    folded into the boots its known executable alerted at, never a new alert."""
+    s = warm()
+    first = [o for o in run(s, boot(T, "node-new-1")) if o.event.name == "curl"]
+    assert [a.event.host for a in first] == ["node-new-1"]
+    outs = [s.process(e) for e in _lost(boot(T + 2 * DAY, "node-new-2"), "curl")]
+    curls = [o for o in outs if o is not None and o.event.name == "curl" and o.anomalous]
+    assert curls and not [o for o in curls if o.alert], [o.reason for o in curls]
+    assert curls[0].rollout_kind == "bring-up"
+    assert curls[0].reason.startswith("node bring-up: curl (executable unknown) anomalous in "
+                                      "node-new-2's first 30 minutes; by name, user and image")
+    # Past a node's boot the fallback is no licence: nothing is folded as bring-up there.
+    (late,) = _lost([ev(T + 3 * DAY, "curl", parent="part-001", host="node-3")], "curl")
+    out = s.process(late)
+    assert out is None or out.rollout_kind != "bring-up"
+    # Boots from a writable path lend nothing to a caller whose executable is unknown.
+    t = warm()
+    run(t, [ev(e.ts, "curl", exe="/tmp/curl", parent="part-001", host=e.host)
+            if e.name == "curl" else e for e in boot(T, "node-new-1")])
+    later = run(t, _lost(boot(T + 2 * DAY, "node-new-2"), "curl"))
+    assert [a.event.host for a in later if a.event.name == "curl"] == ["node-new-2"]

@@ -6,7 +6,7 @@ judged on what it carries; no detector treats the missing field as a new value."
 from __future__ import annotations
 
 import orjson
-from helpers_events import DAY, HOUR, MINUTE, T0, ev, fleet_events, to_ecs
+from helpers_events import DAY, HOUR, MINUTE, T0, ev, fleet_events, stripped, to_ecs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,16 +24,6 @@ def warm(events: list[Event]) -> Scorer:
     for e in events:
         s.process(e)
     return s
-
-
-def stripped(e: Event, fields: tuple[str, ...] | list[str]) -> Event:
-    out = Event(e.ts, e.dst_ip, e.name, e.dst_port, e.pid, e.exe, e.command_line, e.ppid,
-                e.parent_name, e.parent_exe, e.user, e.uid, e.host, e.container_id, e.image,
-                e.namespace, e.pod, e.cloud, e.event_id, e.action, e.method, e.path,
-                e.query, e.user_agent, e.guarded)
-    for f in fields:
-        setattr(out, f, None)
-    return out
 
 
 def test_a_known_caller_whose_repeats_lack_exe_and_parent_stays_quiet():
