@@ -36,6 +36,8 @@ BASE = f"http://{IMDS}"
 INSTANCE_ID = f"{BASE}/latest/meta-data/instance-id"
 CREDENTIALS = f"{BASE}/latest/meta-data/iam/security-credentials/"
 TOKEN = f"{BASE}/latest/api/token"
+# Under the kernel matrix's emulation a BCC compile takes tens of seconds (kernel-guest.sh).
+START_TIMEOUT = float(os.environ.get("IMDSWATCH_TEST_AGENT_START_TIMEOUT", "180"))
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +83,14 @@ classes = ["metadata"]
 name = "wget-everything"
 executable = "{wget}"
 """)
-    agent = AgentProcess(tmp_path, "--learning-period", "0s", "--enforce", "deny",
-                         "--policy", str(policy), "--enforce-cgroup", str(cgroup),
-                         "--enforce-off-file", str(tmp_path / "enforce-off")).start()
+    agent = AgentProcess(tmp_path, "--probe", "cgroup", "--learning-period", "0s",
+                         "--enforce", "deny", "--policy", str(policy),
+                         "--enforce-cgroup", str(cgroup),
+                         "--enforce-off-file", str(tmp_path / "enforce-off")
+                         ).start(timeout=START_TIMEOUT)
     try:
         assert wait_for(lambda: agent.metric("imdswatch_enforcement_mode", mode="deny") == 1,
-                        10), agent.log_tail()
+                        30), agent.log_tail()
         assert agent.metric("imdswatch_enforcement_requests_failed") == 0, agent.log_tail()
 
         _, rc, out, err = client(ns, curl(INSTANCE_ID), cgroup)
@@ -95,7 +99,7 @@ executable = "{wget}"
         pid, rc, out, err = client(ns, curl(CREDENTIALS), cgroup)
         # sk_msg's SK_DROP fails the sendmsg: curl's own "Send failure" (exit 55)
         assert rc == 55 and "Send failure" in err, (rc, out, err)
-        assert wait_for(lambda: request_lines(agent, pid), 5), agent.log_tail()
+        assert wait_for(lambda: request_lines(agent, pid), 30), agent.log_tail()
         (line,) = request_lines(agent, pid)
         assert line["event"]["outcome"] == "failure"
         assert line["url"]["path"] == "/latest/meta-data/iam/security-credentials/"
@@ -106,7 +110,7 @@ executable = "{wget}"
 
         pid, rc, out, err = client(ns, curl(TOKEN, put=True), cgroup)
         assert rc == 55 and "Send failure" in err, (rc, out, err)
-        assert wait_for(lambda: request_lines(agent, pid), 5), agent.log_tail()
+        assert wait_for(lambda: request_lines(agent, pid), 30), agent.log_tail()
         assert request_lines(agent, pid)[0]["http"]["request"]["method"] == "PUT"
 
         # Kept alive: curl sends both requests on one connection; the second is judged.
@@ -118,7 +122,7 @@ executable = "{wget}"
         # the metric counts it.
         assert wait_for(lambda: agent.metric(
             "imdswatch_policy_decisions_total", action="request_denied",
-            **{"class": "credentials"}) >= 2, 5), agent.log_tail()
+            **{"class": "credentials"}) >= 2, 30), agent.log_tail()
 
         # IPv6: the same judgement on the same caller.
         v6 = f"http://[{IMDS6}]"
@@ -136,7 +140,7 @@ executable = "{wget}"
         _, rc, _, err = client(ns, curl(CREDENTIALS), cgroup)
         assert rc == 0, err
         off.unlink()
-        assert wait_for(lambda: client(ns, curl(CREDENTIALS), cgroup)[1] == 55, 5)
+        assert wait_for(lambda: client(ns, curl(CREDENTIALS), cgroup)[1] == 55, 30)
 
         # A caller allowed every class, and curl outside the cgroup: untouched.
         _, rc, _, err = client(ns, ["wget", "-q", "-O", "-", CREDENTIALS], cgroup)
