@@ -190,6 +190,7 @@ UPGRADE_DETECTORS = frozenset(("rare_executable", "rare_combination"))
 # What a rollout spreads: a caller anomalous on further hosts (its first host alerts as
 # any anomaly), a known caller's new version, a new workload's first caller.
 SPREAD, UPGRADE, WORKLOAD, BRING_UP = "spread", "upgrade", "workload", "bring-up"
+ROLLOUT_KINDS = frozenset((SPREAD, UPGRADE, WORKLOAD, BRING_UP))
 # Node bring-up: what runs at a node's boot (its user data, its configure script) runs at
 # every new node's boot, days apart, past ROLLOUT_GAP. A caller anomalous within BOOT_WINDOW
 # of its host's first event, that was anomalous within that window of another host's first
@@ -251,7 +252,7 @@ class _Caller:
         self.last_ts = -1e300
 
 
-class _Rollout:
+class Rollout:
     __slots__ = ("start", "last", "hosts", "first_host", "kind", "name", "folded")
 
     def __init__(self, ts: float, host: str, kind: str, name: str) -> None:
@@ -325,7 +326,7 @@ class Scorer:
         self.events_learned = 0
         self.last_alert: dict[tuple, tuple[float, float]] = {}
         self.bursts: dict[str, _Burst] = {}
-        self.rollouts: dict[tuple, _Rollout] = {}
+        self.rollouts: dict[tuple, Rollout] = {}
         self._thresholds = tuple(self.settings.threshold_for(d.name) for d in DETECTORS)
         self._factor = self.settings.known_caller_factor
         self._next_prune = 0.0
@@ -928,7 +929,7 @@ class Scorer:
                     else WORKLOAD if workload else SPREAD)
             name = (f"{show_name(event.name)} {event.exe}" if upgrade is not None
                     else f"{event.namespace}/{workload}" if workload else show_name(event.name))
-            r = self.rollouts[key] = _Rollout(ts, host, kind, name)
+            r = self.rollouts[key] = Rollout(ts, host, kind, name)
             if kind == SPREAD:
                 return False  # its first host alerts as any anomaly would
             if kind == BRING_UP:

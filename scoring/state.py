@@ -8,7 +8,8 @@ summed after aligning their clocks. Version 2:
     {"format": "imdswatch-state", "version": 2, "first_ts", "last_ts", "events_learned",
      "hosts": [[name, last_seen], ...],
      "detectors": {detector: [[context, CONTEXT_STATS, [[value, ...ENTRY_STATS], ...]], ...]},
-     "suppression": [[detector, entity, last alert time, window], ...]}
+     "suppression": [[detector, entity, last alert time, window], ...],
+     "rollouts": [[caller, start, last, first host, kind, name, folded, [host, ...]], ...]}
 
     ENTRY_STATS   = n, days, day, first_seen, hosts, diversity credit
     CONTEXT_STATS = [n, days, day, first_seen, hosts, credit (0), novelty, last_novelty]
@@ -55,7 +56,7 @@ from scoring.rarity import (
     add_host,
     exact_hosts,
 )
-from scoring.scorer import Scorer
+from scoring.scorer import ROLLOUT_HOSTS, ROLLOUT_KINDS, ROLLOUTS, Rollout, Scorer
 
 FORMAT = "imdswatch-state"
 VERSION = 2
@@ -160,6 +161,8 @@ def _state_parts(scorer: Scorer, max_entities: int | None) -> tuple[dict, Iterat
         "events_learned": scorer.events_learned,
         "hosts": [[h.name, h.last_seen] for h in hosts],
         "suppression": [[*k, t, win] for k, (t, win) in scorer.last_alert.items()],
+        "rollouts": [[list(k), r.start, r.last, r.first_host, r.kind, r.name, r.folded,
+                      sorted(r.hosts)] for k, r in scorer.rollouts.items()],
     }
     tables = ((det.name, rows(table))
               for det, table in zip(DETECTORS, scorer.tables, strict=True))
@@ -295,6 +298,24 @@ class _Loaded:
                 raise ck.fail(f"suppression[{i}]", "detector and entity must be strings")
             self.suppression[(d, ent)] = (ck.number(t, f"suppression[{i}]"),
                                           ck.number(win, f"suppression[{i}]", 0.0))
+        # Rollouts in progress (absent from states written before they were kept): a
+        # restart or a scorer's failover in the middle of one folds its further hosts still.
+        self.rollouts: dict[tuple, Rollout] = {}
+        for i, r in enumerate(ck.seq(state.get("rollouts", []), "rollouts")[:ROLLOUTS]):
+            where = f"rollouts[{i}]"
+            key, start, last, first, kind, name, folded, hosts = ck.seq(r, where, 8)
+            caller = ck.key(key, where)
+            if not isinstance(caller, tuple) or not all(
+                    isinstance(x, str) for x in (first, kind, name)) or kind not in ROLLOUT_KINDS:
+                raise ck.fail(where, "not a caller, first host, kind and name")
+            names = ck.seq(hosts, f"{where} hosts")
+            if not all(isinstance(h, str) for h in names):
+                raise ck.fail(f"{where} hosts", "not a list of host names")
+            rollout = Rollout(ck.number(start, where), first, kind, name)
+            rollout.last = ck.number(last, where)
+            rollout.folded = ck.integer(folded, where)
+            rollout.hosts = set(names[:ROLLOUT_HOSTS]) | {first}
+            self.rollouts[caller] = rollout
 
     def _entry(self, ck: _Check, e: Entry, stats: list, where: str) -> None:
         n, days, day, first, hosts, credit = stats
@@ -355,6 +376,7 @@ def _install(scorer: Scorer, loaded: _Loaded) -> None:
         table.clock = scorer.clock
     scorer.tables = tuple(loaded.tables)
     scorer.last_alert = dict(loaded.suppression)
+    scorer.rollouts = loaded.rollouts
     scorer._next_maintain = None  # prune and cap what was loaded at the next event
 
 

@@ -159,6 +159,11 @@ MANGLE = {
     "context an object": lambda s: s["detectors"]["rare_process"][0].__setitem__(0, {}),
     "events_learned negative": lambda s: s.__setitem__("events_learned", -5),
     "suppression short": lambda s: s.__setitem__("suppression", [["a", "b"]]),
+    "rollouts not a list": lambda s: s.__setitem__("rollouts", {"a": 1}),
+    "rollout of an unknown kind": lambda s: s.__setitem__("rollouts", [
+        [["curl"], 1.0, 2.0, "node-0", "stampede", "curl", 0, ["node-0"]]]),
+    "rollout hosts not names": lambda s: s.__setitem__("rollouts", [
+        [["curl"], 1.0, 2.0, "node-0", "spread", "curl", 0, [7]]]),
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from helpers_events import DAY, HOUR, MINUTE, T0, Agent, ev, fleet_events, stripped
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -115,6 +116,27 @@ def test_an_attackers_one_off_in_the_middle_of_a_rollout_still_alerts():
         if a.event in one_offs:
             assert a.severity != "low" and not a.rollout
     assert len(alerts) == 2 + len(one_offs), [a.reason for a in alerts]
+
+
+@pytest.mark.parametrize("events", ["spread", "daemonset"])
+def test_a_rollout_in_progress_survives_a_saved_state(events):
+    """A restart (or a fleet scorer's failover) in the middle of a rollout: its further
+    hosts are folded into the alert made before, not alerted again."""
+    made = (spread(T, "fluent-bit", "/fluent-bit/bin/fluent-bit",
+                   image="cr.fluentbit.io/fluent/fluent-bit:3.0.4", namespace="logging",
+                   step=3 * HOUR, every=6 * HOUR, until=40 * HOUR)
+            if events == "spread" else daemonset(T))
+    made.sort(key=lambda e: e.ts)
+    cut = next(i for i, e in enumerate(made) if e.host == "node-2")
+    s = warm()
+    before = run(s, made[:cut])
+    assert len(before) == 1 and s.rollouts
+    t = Scorer()
+    model_from_bytes(t, model_to_bytes(s))
+    assert {k: (r.kind, r.name, r.hosts) for k, r in t.rollouts.items()} == {
+        k: (r.kind, r.name, r.hosts) for k, r in s.rollouts.items()}
+    after = run(t, made[cut:])
+    assert after == [], [a.reason for a in after]
 
 
 def test_versions_survive_a_saved_state():
