@@ -125,7 +125,7 @@ static __always_inline void enf_identity(struct enf_event *ev)
     __u32 dev = 0;
     imds_read_kernel(&leader, sizeof(leader), task + IMDS_OFF_TASK_GROUP_LEADER);
     if (leader)
-        imds_read_kernel(ev->comm, IMDS_COMM_LEN, leader + IMDS_OFF_TASK_COMM);
+        imds_read_comm(ev->comm, leader);
     imds_read_kernel(&mm, sizeof(mm), task + IMDS_OFF_TASK_MM);
     if (mm)
         imds_read_kernel(&file, sizeof(file), mm + IMDS_OFF_MM_EXE_FILE);

@@ -237,6 +237,12 @@ static long (*imds_read_kernel_str)(void *dst, __u32 size, const void *src) =
 #define imds_read_kernel_str bpf_probe_read_kernel_str
 #endif
 
+/* A task's name into a zeroed buffer, up to its NUL only. Before 6.x the kernel set a name
+ * with strlcpy, which leaves the bytes after the NUL as an earlier name's ("curl\0on3" after
+ * python3 -> env -> curl): compared or used as a key in full, they would make one name many. */
+#define imds_read_comm(dst, task) \
+    imds_read_kernel_str((dst), IMDS_COMM_LEN, (char *)(task) + IMDS_OFF_TASK_COMM)
+
 #include "identity.h"
 
 /* The process's identity as the kernel sees it at this moment: the thread-group leader's
@@ -253,7 +259,7 @@ static __always_inline void imds_fill_identity(struct imds_event *ev)
     char *leader = 0, *mm = 0, *file = 0, *dentry = 0, *inode = 0, *name = 0;
     imds_read_kernel(&leader, sizeof(leader), task + IMDS_OFF_TASK_GROUP_LEADER);
     if (leader)
-        imds_read_kernel(ev->leader_comm, IMDS_COMM_LEN, leader + IMDS_OFF_TASK_COMM);
+        imds_read_comm(ev->leader_comm, leader);
     else
         __builtin_memcpy(ev->leader_comm, ev->comm, IMDS_COMM_LEN);
     imds_read_kernel(&mm, sizeof(mm), task + IMDS_OFF_TASK_MM);
