@@ -154,7 +154,8 @@ def test_the_kernel_side_judges_each_message_and_forgets_closed_sockets(enforce_
     127.0.0.2 on a port of the test's own): a Python client allowed plain metadata only
     sends an instance-id request (let through), a credentials request (EACCES, and a
     record with the caller, method and path), then anything (refused: the socket had a
-    refusal). Once it closes, its socket's record is gone from the kernel's table."""
+    refusal). Once it closes, its socket's record is gone from the kernel's table. The
+    restriction comes with a reload: the first rules restrict nobody and link no sock_ops."""
     import socket
     import threading
     from ipaddress import ip_network
@@ -187,10 +188,15 @@ def test_the_kernel_side_judges_each_message_and_forgets_closed_sockets(enforce_
     records: list = []
     enf = KernelEnforcer(catalog, str(enforce_cgroup))
     try:
-        enf.start(KernelRules(allow_uid={uid}, default_deny=True,
-                              classes={uid: class_bit(METADATA)}),
-                  records.append, request_patterns())
+        # A policy that restricts no caller's classes links no sock_ops program (other
+        # connections in the cgroup run none of ours); the reload that restricts one does.
+        enf.start(KernelRules(allow_uid={uid}, default_deny=True), records.append,
+                  request_patterns())
         assert enf.requests_unavailable is None, enf.requests_unavailable
+        assert not enf.requests_linked
+        enf.set_rules(KernelRules(allow_uid={uid}, default_deny=True,
+                                  classes={uid: class_bit(METADATA)}))
+        assert enf.requests_linked and enf.requests_unavailable is None
         enf.arm(True)
         p = subprocess.run([sys.executable, "-c", _CLIENT, str(port),
                             "/latest/meta-data/instance-id",

@@ -176,6 +176,11 @@ class KernelEnforcer:
         self.scope: set[int] | None = None  # cgroup ids that may be denied; None: all
         # Why requests are not judged in the kernel (None: they are, once armed).
         self.requests_unavailable: str | None = "not started"
+        # The sock_ops program, loaded with the request programs and linked only once a
+        # policy restricts some caller's request classes: until then no connection in the
+        # cgroup runs it.
+        self._sockops_fd: int | None = None
+        self.requests_linked = False
         self.cgroup_denials: dict[int, int] = {}  # cgroup id -> namespace deny rule + 1
 
     def start(self, rules: KernelRules, on_denied: Callable[[DeniedConnect], None],
@@ -259,11 +264,23 @@ class KernelEnforcer:
             if socks < 0:
                 return "the socket map has no descriptor"
             bcc.BPF.attach_func(msg, socks, SK_MSG_VERDICT)  # type: ignore[attr-defined]
-            self.attachment.attach_link(sockops.fd, CGROUP_SOCK_OPS)
+            self._sockops_fd = sockops.fd
+            self._link_requests(self.rules)
         except Exception as exc:  # BCC raises bare Exception; CgroupError, OSError
             return f"the request programs did not load or link: {exc}"
-        self._cfg(CFG_REQUESTS, 1)
         return None
+
+    def _link_requests(self, rules: KernelRules) -> None:
+        """Link sock_ops (then let the connect hooks record restricted sockets) when `rules`
+        restrict some caller's classes; before those rules are written, so that no
+        restricted connection is established unseen. Never unlinked while running."""
+        if self.requests_linked or self._sockops_fd is None or self.attachment is None:
+            return
+        if not (rules.default_deny and rules.classes):
+            return
+        self.attachment.attach_link(self._sockops_fd, CGROUP_SOCK_OPS)
+        self._cfg(CFG_REQUESTS, 1)
+        self.requests_linked = True
 
     def _cfg(self, idx: int, value: int) -> None:
         t = self.bpf["enf_config"]  # type: ignore[index]
@@ -293,6 +310,13 @@ class KernelEnforcer:
         first and widened last."""
         b = self.bpf
         assert b is not None
+        try:
+            self._link_requests(new)
+        except (CgroupError, OSError) as exc:
+            self.requests_unavailable = f"the request programs did not link: {exc}"
+            self._sockops_fd = None
+            log.error("requests are not judged in the kernel (connects still are): %s",
+                      self.requests_unavailable)
         old = self.rules
         exe, name, uid = b["enf_allow_exe"], b["enf_allow_name"], b["enf_allow_uid"]
         deny_exe, deny_uid = b["enf_deny_exe"], b["enf_deny_uid"]
