@@ -23,7 +23,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from test_compiled import setup_list  # noqa: E402
 from test_deploy_manifests import json_patch  # noqa: E402
 
 from lab.agent_process import free_port  # noqa: E402
+from lab.cgroups import remove_cgroups  # noqa: E402
 from lab.history import warm_state  # noqa: E402
 from lab.sandbox import Sandbox as MetadataNamespace  # noqa: E402
 from lab.wait import wait_for  # noqa: E402
@@ -134,24 +134,6 @@ class Container:
 
     def remove(self) -> None:
         podman("rm", "--force", "--time=5", self.name, check_rc=False)
-
-
-def remove_cgroups(cgroups: list[Path]) -> None:
-    """The test's own cgroups, deepest first, their processes killed."""
-    for d in cgroups:
-        for _ in range(50):
-            try:
-                for pid in (d / "cgroup.procs").read_text().split():
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                d.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.1)
 
 
 def run_steps(steps: list[tuple[str, Callable[[], str]]]) -> bool:

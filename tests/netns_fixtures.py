@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from lab.agent_process import AgentProcess, free_port
+from lab.cgroups import remove_cgroups
 from lab.history import warm_state
 from lab.sandbox import V4 as DEFAULT_V4
 from lab.sandbox import V6 as DEFAULT_V6
@@ -42,8 +43,6 @@ def enforce_cgroup():
     only the test's own clients are moved into it, and it is emptied (its processes
     killed) and removed whatever happens."""
     import secrets
-    import signal
-    import time
 
     from tracer import cgroup_attach
 
@@ -52,18 +51,7 @@ def enforce_cgroup():
     try:
         yield path
     finally:
-        for _ in range(50):
-            for p in (path / "cgroup.procs").read_text().split():
-                try:
-                    os.kill(int(p), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                path.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
-        assert not path.exists(), f"could not remove the test cgroup {path}"
+        assert not remove_cgroups([path]), f"could not remove the test cgroup {path}"
 
 
 def in_cgroup(cgroup: Path):  # noqa: ANN201 - a preexec_fn

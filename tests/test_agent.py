@@ -25,6 +25,7 @@ from netns_fixtures import (
     warm_state,
 )
 
+from lab.cgroups import remove_cgroups
 from scoring.scorer import Scorer
 from scoring.state import load_state
 from tracer import kernel
@@ -196,15 +197,7 @@ def pod_cgroup(pod_uid: str, container_id: str) -> Iterator[Path]:
     try:
         yield leaf
     finally:
-        for d in (leaf, leaf.parent, leaf.parent.parent, top):
-            for _ in range(50):  # an exited member leaves the cgroup a moment later
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+        remove_cgroups((leaf, leaf.parent, leaf.parent.parent, top))
 
 
 def test_pod_names_from_the_kubernetes_api(ns, tmp_path, agent_factory):

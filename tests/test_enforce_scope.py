@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from netns_fixtures import (  # noqa: F401 - enforce_cgroup: a fixture
 )
 
 from imdswatch.config import ConfigError, parse_config
+from lab.cgroups import remove_cgroups
 from policy.kernel_rules import project
 from policy.toml_file import parse_policy
 from tracer.enforce_scope import Scope, ScopeError, ScopeTracker, parse_scope
@@ -125,20 +125,7 @@ def pods(enforce_cgroup) -> Iterator[tuple[Path, Path]]:  # noqa: F811 - a fixtu
     try:
         yield web, data
     finally:
-        for d in (web, web.parent, data, data.parent):
-            for _ in range(50):
-                try:
-                    for p in (d / "cgroup.procs").read_text().split():
-                        try:
-                            os.kill(int(p), signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.1)
+        remove_cgroups((web, web.parent, data, data.parent))
 
 
 def curl(ns: MetadataNamespace, cgroup: Path) -> tuple[int, int, str]:

@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from netns_fixtures import (  # noqa: F401 - enforce_cgroup: a fixture
     wait_for,
 )
 
+from lab.cgroups import remove_cgroups
 from tracer import cgroup_attach
 from tracer.enforcer import EnforceError, check_cgroup
 
@@ -120,15 +120,7 @@ def test_scope_and_cgroup_denials_by_cgroup_id(enforce_cgroup):  # noqa: F811
         if child is not None:
             child.kill()
             child.wait(10)
-        for d in (inside, outside):
-            for _ in range(50):  # an exited member leaves the cgroup a moment later
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.1)
+        remove_cgroups((inside, outside))
 
 
 def test_the_root_cgroup_is_refused():
