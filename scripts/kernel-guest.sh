@@ -60,24 +60,29 @@ fi
 # identity without CAP_SYSLOG). test_tracer_units.py and test_tracer_http.py never load a
 # program: `make test` runs them. A BCC compile is single-threaded and most of each test's
 # time, so two groups run at once on the VM's two CPUs; every BPF test already copes with
-# another tracer running beside it (they filter by their own netns and pids).
+# another tracer running beside it (they filter by their own netns and pids). The groups are
+# split so that both end at about the same time (each test's duration is in the kept
+# junit-*.xml; MATRIX_KEEP=1): a VM lasts as long as its longer group. A new tracer test
+# file goes to group a.
 touch "$out/default-tests"  # scripts/matrix_verdict.py then requires every mode end to end
-mapfile -t rest < <(ls tests/test_tracer_*.py | grep -v -E \
-  '/test_tracer_(bpf|cgroup|flood|units|http)\.py$')
+b_files=(tests/test_tracer_bpf.py tests/test_tracer_cgroup.py tests/test_tracer_requests.py
+         tests/test_tracer_identity.py)
+mapfile -t a_files < <(ls tests/test_tracer_*.py | grep -v -E \
+  '/test_tracer_(bpf|cgroup|requests|identity|units|http)\.py$')
 {
   imdswatch doctor > "$out/doctor.txt" 2>&1
   echo $? > "$out/doctor.rc"
-  # The agent's alert carrying the request is checked in every mode by test_agent_modes.py.
-  # Left to `make test` on the reference kernel, each a compile (half a minute here) that
-  # adds nothing kernel-specific: the forced tracked egress program (the Debian kernels'
-  # own choice, which every request test here runs), request capture turned off, and a
-  # refusal the test itself fakes.
-  group a tests/test_agent_modes.py "${rest[@]}" \
-    --deselect tests/test_tracer_requests.py::test_agent_alert_carries_the_request \
-    --deselect "tests/test_tracer_requests.py::test_tracked_egress_reads_requests[tracepoint]" \
-    --deselect "tests/test_tracer_requests.py::test_tracked_egress_reads_requests[cgroup]" \
-    --deselect tests/test_tracer_requests.py::test_request_capture_off_reports_connections \
-    --deselect tests/test_tracer_requests.py::test_request_capture_degrades_with_a_log_line
+  group a tests/test_agent_modes.py "${a_files[@]}"
 } &
-group b tests/test_tracer_bpf.py tests/test_tracer_cgroup.py tests/test_tracer_flood.py &
+# The agent's alert carrying the request is checked in every mode by test_agent_modes.py.
+# Left to `make test` on the reference kernel, each a compile (half a minute here) that adds
+# nothing kernel-specific: the forced tracked egress program (the Debian kernels' own
+# choice, which every request test here runs), request capture turned off, and a refusal
+# the test itself fakes.
+group b "${b_files[@]}" \
+  --deselect tests/test_tracer_requests.py::test_agent_alert_carries_the_request \
+  --deselect "tests/test_tracer_requests.py::test_tracked_egress_reads_requests[tracepoint]" \
+  --deselect "tests/test_tracer_requests.py::test_tracked_egress_reads_requests[cgroup]" \
+  --deselect tests/test_tracer_requests.py::test_request_capture_off_reports_connections \
+  --deselect tests/test_tracer_requests.py::test_request_capture_degrades_with_a_log_line &
 wait

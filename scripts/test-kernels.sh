@@ -29,7 +29,7 @@ labels=("$@")
 
 setup() {
   local missing=()
-  for p in qemu-system-x86 busybox-static; do
+  for p in qemu-system-x86 busybox-static kmod; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
   if [ "${#missing[@]}" -gt 0 ]; then
