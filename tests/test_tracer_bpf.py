@@ -204,16 +204,19 @@ def test_only_metadata_connections_leave_the_kernel(ns, tracer, live):
 
 def test_enrichment_of_a_running_process(ns, live):
     """A process still running when its event arrives is fully enriched from /proc."""
+    # it lives until the test has its event (stdin closed), however loaded the machine
     p = ns.popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", "-c",
-                  f"exec 3<>/dev/tcp/{IMDS}/80; sleep 1; true"])
-    (doc,) = live.wait(pid=p.pid)
-    p.wait(10)
+                  f"exec 3<>/dev/tcp/{IMDS}/80; read -r _"], stdin=subprocess.PIPE)
+    try:
+        (doc,) = live.wait(pid=p.pid)
+    finally:
+        p.communicate(b"", timeout=10)
     proc = doc["process"]
     assert proc["pid"] == p.pid
     assert os.path.basename(proc["executable"]) == "bash"
     assert proc["command_line"].startswith("bash -c exec 3<>/dev/tcp/")
-    # (`; true` keeps bash from exec'ing sleep; an exec right after the connect is flagged
-    # as exited_before_enrichment rather than attributed to the new program)
+    # (`read` is a builtin, so bash itself stays the caller: an exec right after the connect
+    # is flagged as exited_before_enrichment rather than attributed to the new program)
     assert proc["parent"]["pid"] == os.getpid()
     assert proc["parent"]["executable"] == os.path.realpath(sys.executable)
     assert doc["user"] == {"id": "65534", "name": "nobody"}
@@ -262,14 +265,17 @@ def test_container_id_from_real_cgroup(ns, live):
     try:
         # `ip netns exec` mounts its own /sys, so the test moves the child into the cgroup
         # from outside, then lets it connect.
-        p = ns.popen(["bash", "-c", f"read go; exec 3<>/dev/tcp/{IMDS}/80; sleep 0.5; true"],
+        # It then lives until the test has its event (stdin closed).
+        p = ns.popen(["bash", "-c", f"read go; exec 3<>/dev/tcp/{IMDS}/80; read -r _"],
                      stdin=subprocess.PIPE, text=True)
         with open(f"{path}/cgroup.procs", "w") as f:
             f.write(str(p.pid))
         p.stdin.write("go\n")
-        p.stdin.close()
-        (doc,) = live.wait(pid=p.pid)
-        p.wait(10)
+        p.stdin.flush()
+        try:
+            (doc,) = live.wait(pid=p.pid)
+        finally:
+            p.communicate("", timeout=10)
         assert doc["container"] == {"id": cid, "runtime": "docker"}
         assert doc["imdswatch"]["cgroup_id"] == os.stat(path).st_ino
     finally:

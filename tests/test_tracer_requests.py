@@ -13,7 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-from netns_fixtures import HERE, Collector, MetadataNamespace, require_bcc, started_tracer
+from netns_fixtures import (
+    EVENT_TIMEOUT,
+    HERE,
+    Collector,
+    MetadataNamespace,
+    require_bcc,
+    started_tracer,
+)
 
 from intake.parser import event_from_ecs
 from tracer import kernel
@@ -63,7 +70,7 @@ def _run(ns: MetadataNamespace, argv: list[str], **kw: object) -> int:
     return p.pid
 
 
-def _docs(live: Collector, pid: int, n: int = 1, timeout: float = 5.0) -> list[dict]:
+def _docs(live: Collector, pid: int, n: int = 1, timeout: float = EVENT_TIMEOUT) -> list[dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         docs = live.matching(pid=pid)
@@ -82,19 +89,34 @@ def _py(code: str) -> list[str]:
     return ["/usr/bin/python3", "-c", code]
 
 
-def _raw_client(*chunks: bytes, gap: float = 0.05, name: str | None = None) -> list[str]:
-    """python3 sending `chunks` as separate writes (TCP_NODELAY: separate segments)."""
+def _raw_client(*chunks: bytes, gap: float = 0.05, name: str | None = None,
+                hold: bool = False) -> list[str]:
+    """python3 sending `chunks` as separate writes (TCP_NODELAY: separate segments). With
+    `hold`, it then stays until its stdin closes (see `_held`)."""
     rename = "" if name is None else f"ctypes.CDLL(None).prctl(15, {name.encode()!r}, 0, 0, 0)\n"
     return _py(
-        "import ctypes, socket, time\n" + rename +
+        "import ctypes, socket, sys, time\n" + rename +
         f"s = socket.create_connection(({IMDS!r}, 80), 3)\n"
         "s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n"
         f"for c in {list(chunks)!r}:\n"
         f"    s.sendall(c); time.sleep({gap})\n"
         "s.settimeout(1)\n"
         "try:\n    s.recv(65536)\nexcept OSError:\n    pass\n"
-        "time.sleep(0.3)\n"
+        + ("sys.stdin.read()\n" if hold else "time.sleep(0.3)\n")
     )
+
+
+def _held(ns: MetadataNamespace, live: Collector, argv: list[str]) -> dict:
+    """The one event of a client that lives until the test has it: enrichment from /proc is
+    then asserted without racing the client's exit (which a loaded machine loses)."""
+    p = ns.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        docs = _docs(live, p.pid)
+    finally:
+        out, err = p.communicate(b"", timeout=30)
+    assert p.returncode == 0, (argv, out, err)
+    (d,) = docs
+    return d
 
 
 def _no_secret(docs: list[dict], secret: str) -> None:
@@ -230,9 +252,9 @@ def test_header_split_mid_line_and_request_after(ns, live):
     pid = _run(ns, _raw_client(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\nX-aws-ec2-meta",
                                b"data-token: " + TOKEN.encode() + b"\r\nUser-Agent: u\r\n\r\n",
                                b"GET /latest/user-data HTTP/1.1\r\nHost: x\r\n\r\n"))
-    reqs = _requests(_docs(live, pid, 2))
-    assert [(r["url"]["path"], r["imdswatch"]["request"]["guarded"]) for r in reqs] == [
-        ("/latest/meta-data/", True), ("/latest/user-data", False)]
+    docs = _docs(live, pid, 2)
+    assert [(r["url"]["path"], r["imdswatch"]["request"]["guarded"]) for r in _requests(docs)] == [
+        ("/latest/meta-data/", True), ("/latest/user-data", False)], [d["event"] for d in docs]
 
 
 def test_pipelined_requests_in_one_segment(ns, live):
@@ -346,8 +368,8 @@ def test_dnat_away_from_metadata_still_read(ns, live):
 # -- identity ----------------------------------------------------------------------------------
 
 def test_process_renamed_to_empty_name(ns, live):
-    pid = _run(ns, _raw_client(b"GET /latest/meta-data/ HTTP/1.1\r\n\r\n", name=""))
-    (d,) = _docs(live, pid)
+    d = _held(ns, live, _raw_client(b"GET /latest/meta-data/ HTTP/1.1\r\n\r\n", name="",
+                                    hold=True))
     assert d["process"]["name"] == ""
     assert d["process"]["executable"].endswith("python3") or "python" in \
         d["process"]["executable"]
@@ -355,8 +377,8 @@ def test_process_renamed_to_empty_name(ns, live):
 
 
 def test_name_ending_in_newline_is_enriched(ns, live):
-    pid = _run(ns, _raw_client(b"GET /latest/meta-data/ HTTP/1.1\r\n\r\n", name="evil\n"))
-    (d,) = _docs(live, pid)
+    d = _held(ns, live, _raw_client(b"GET /latest/meta-data/ HTTP/1.1\r\n\r\n", name="evil\n",
+                                    hold=True))
     assert d["process"]["name"] == "evil\n"
     assert "python" in d["process"]["executable"]
     assert "exited_before_enrichment" not in d["imdswatch"]
@@ -392,16 +414,20 @@ def test_exec_of_known_agent_after_connect_is_a_mismatch(ns, tracer, tmp_path):
     tracer.poll(0)
     p = ns.popen([str(fake), "-c", f"exec 3<>/dev/tcp/{IMDS}/80; "
                   f"printf 'GET /latest/meta-data/ HTTP/1.1\\r\\n\\r\\n' >&3; "
-                  f"exec {real} -c 'sleep 1.5; true'"])
-    # Nobody reads the buffer until the exec has happened.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and os.path.realpath(f"/proc/{p.pid}/exe") != str(real):
-        time.sleep(0.02)
+                  f"exec {real} -c 'read -r _'"], stdin=subprocess.PIPE)
     docs: list[dict] = []
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not [d for d in docs if d["process"]["pid"] == p.pid]:
-        docs += tracer.poll(100)
-    p.wait(10)
+    try:  # the second binary lives until the test has the event
+        # Nobody reads the buffer until the exec has happened.
+        deadline = time.monotonic() + EVENT_TIMEOUT
+        while (time.monotonic() < deadline
+               and os.path.realpath(f"/proc/{p.pid}/exe") != str(real)):
+            time.sleep(0.02)
+        deadline = time.monotonic() + EVENT_TIMEOUT
+        while (time.monotonic() < deadline
+               and not [d for d in docs if d["process"]["pid"] == p.pid]):
+            docs += tracer.poll(100)
+    finally:
+        p.communicate(b"", timeout=10)
     (d,) = [d for d in docs if d["process"]["pid"] == p.pid]
     kernel = d["imdswatch"]["process"]
     assert kernel["exe_mismatch"] is True
