@@ -6,6 +6,7 @@ rename themselves or exec another binary after connecting."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -78,7 +79,13 @@ def _docs(live: Collector, pid: int, n: int = 1, timeout: float = EVENT_TIMEOUT)
             time.sleep(0.1)  # nothing more should follow
             return live.matching(pid=pid)
         time.sleep(0.05)
-    return live.matching(pid=pid)
+    docs = live.matching(pid=pid)
+    # Shown with the failure: were the events lost in the kernel, or never matched?
+    logging.getLogger(__name__).warning(
+        "%d of %d events of pid %d after %.0f s; kernel counters %s; pids seen %s", len(docs),
+        n, pid, timeout, live.tracer.kernel_stats(),
+        sorted({(d["process"]["pid"], d["process"]["name"]) for d in live.matching()})[-8:])
+    return docs
 
 
 def _requests(docs: list[dict]) -> list[dict]:
