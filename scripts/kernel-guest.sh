@@ -59,8 +59,8 @@ fi
 # attach-and-trace, cgroup links and legacy attach, request capture, buffer overruns,
 # identity without CAP_SYSLOG). test_tracer_units.py and test_tracer_http.py never load a
 # program: `make test` runs them. A BCC compile is single-threaded and most of each test's
-# time, so two groups run at once on the VM's two CPUs; every BPF test already copes with
-# another tracer running beside it (they filter by their own netns and pids). The groups are
+# time, so two groups run at once on the VM's two CPUs; a BPF test copes with another
+# tracer running beside it (each filters by its own netns and pids), not with a flood. The groups are
 # split so that both end at about the same time (each test's duration is in the kept
 # junit-*.xml; MATRIX_KEEP=1): a VM lasts as long as its longer group. A new tracer test
 # file goes to group a.

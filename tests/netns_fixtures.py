@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,11 @@ class Collector:
     def wait(self, n: int = 1, timeout: float = EVENT_TIMEOUT, **want: object) -> list[dict]:
         wait_for(lambda: len(self.matching(**want)) >= n, timeout)
         return self.matching(**want)
+
+    def wait_held(self, p: subprocess.Popen, **want: object) -> list[dict]:
+        """`wait` for the events of `p`, a client that lives until its stdin closes, then
+        let it go: its enrichment from /proc never races its exit."""
+        try:
+            return self.wait(**want)
+        finally:
+            p.communicate(timeout=10)

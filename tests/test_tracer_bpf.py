@@ -204,13 +204,10 @@ def test_only_metadata_connections_leave_the_kernel(ns, tracer, live):
 
 def test_enrichment_of_a_running_process(ns, live):
     """A process still running when its event arrives is fully enriched from /proc."""
-    # it lives until the test has its event (stdin closed), however loaded the machine
+    # it lives until the test has its event (see Collector.wait_held)
     p = ns.popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", "-c",
                   f"exec 3<>/dev/tcp/{IMDS}/80; read -r _"], stdin=subprocess.PIPE)
-    try:
-        (doc,) = live.wait(pid=p.pid)
-    finally:
-        p.communicate(b"", timeout=10)
+    (doc,) = live.wait_held(p, pid=p.pid)
     proc = doc["process"]
     assert proc["pid"] == p.pid
     assert os.path.basename(proc["executable"]) == "bash"
@@ -272,10 +269,7 @@ def test_container_id_from_real_cgroup(ns, live):
             f.write(str(p.pid))
         p.stdin.write("go\n")
         p.stdin.flush()
-        try:
-            (doc,) = live.wait(pid=p.pid)
-        finally:
-            p.communicate("", timeout=10)
+        (doc,) = live.wait_held(p, pid=p.pid)
         assert doc["container"] == {"id": cid, "runtime": "docker"}
         assert doc["imdswatch"]["cgroup_id"] == os.stat(path).st_ino
     finally:

@@ -230,10 +230,7 @@ def test_port_filter_follows_the_catalog(ns, tracer, live):
 def test_enrichment_of_a_running_process(ns, live):
     p = ns.popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", "-c",
                   f"exec 3<>/dev/tcp/{IMDS}/80; read -r _"], stdin=subprocess.PIPE)
-    try:  # it lives until the test has its event
-        (doc,) = live.wait(pid=p.pid)
-    finally:
-        p.communicate(b"", timeout=10)
+    (doc,) = live.wait_held(p, pid=p.pid)
     proc = doc["process"]
     assert os.path.basename(proc["executable"]) == "bash"
     assert proc["command_line"].startswith("bash -c exec 3<>/dev/tcp/")
